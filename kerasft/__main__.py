@@ -1,0 +1,7 @@
+"""`python -m kerasft` is the `kerasft` command."""
+
+import sys
+
+from kerasft.cli import main
+
+sys.exit(main())

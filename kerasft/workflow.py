@@ -1,0 +1,163 @@
+"""The fine-tuning run, top to bottom: load -> LoRA -> data -> evaluate base -> train -> evaluate
+-> export and verify. The CLI, the quickstart and the tests all call these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from kerasft.config import RunConfig, load_config, save_config
+from kerasft.errors import KerasftError
+
+ADAPTER_DIR = "adapter"
+EXPORT_DIR = "export_hf"
+
+
+def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bool = True, overwrite: bool = False) -> dict:
+    """Runs the configured stages and returns a summary (also written to summary.json).
+
+    Args:
+        cfg: the resolved run config; everything is written under cfg.run_dir.
+        train / evaluate / export: which stages to run.
+        overwrite: replace an existing run dir instead of refusing.
+    """
+    from kerasft.data.pipeline import tokenize_examples
+    from kerasft.data.records import load_examples
+    from kerasft.data.template import chat_tokens
+    from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
+    from kerasft.models.lora import apply_lora, save_adapter
+    from kerasft.models.presets import load_model
+    from kerasft.runtime import init_backend
+    from kerasft.train.loop import planned_steps
+    from kerasft.train.loop import train as train_lora
+
+    run_dir = _fresh_run_dir(cfg.run_dir, overwrite)
+    summary: dict = {"run_dir": str(run_dir), "timings": {}}
+    clock = _stage_timer(summary["timings"])
+    try:
+        # Read every input before the slow stages, so bad data fails in seconds.
+        train_set = load_examples(cfg.data.train, cfg.data.instruction) if train else []
+        eval_set = load_examples(cfg.data.eval, cfg.data.instruction) if evaluate else []
+        if cfg.data.eval_limit and eval_set:
+            eval_set = eval_set[: cfg.data.eval_limit]
+        save_config(cfg, run_dir / "config.yaml")
+
+        init_backend(cfg.train.seed)
+        with clock("load"):
+            print(f"loading model {cfg.model.preset!r} ...", flush=True)
+            loaded = load_model(cfg.model)
+        tokens = chat_tokens(loaded.tokenizer)
+        # Adapters start with B = 0, so this model computes exactly the base model's function.
+        apply_lora(loaded.backbone, cfg.lora)
+        causal_lm = _causal_lm(loaded.backbone)
+        results = {}
+        if evaluate and cfg.eval.compare_base:
+            with clock("eval_base"):
+                print(f"evaluating the base model on {len(eval_set)} held-out questions ...", flush=True)
+                results["base"] = evaluate_qa(causal_lm, tokens, eval_set, cfg.eval, cfg.data.system)
+            write_eval(results["base"], run_dir / "eval_base.json")
+            print(f"  base: F1 {results['base']['f1']:.1f}  EM {results['base']['exact_match']:.1f}", flush=True)
+        if train:
+            data = tokenize_examples(tokens, train_set, cfg.data.sequence_length, cfg.data.system)
+            steps = planned_steps(len(data), cfg.train)
+            print(
+                f"training LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {list(cfg.lora.targets)}: "
+                f"{len(data)} examples ({data.trimmed} trimmed), {steps} steps of batch "
+                f"{cfg.train.batch_size}x{cfg.train.grad_accum}",
+                flush=True,
+            )
+            with clock("train"):
+                result = train_lora(loaded.backbone, data, cfg.train, cfg.data.sequence_length, run_dir, tokens.pad)
+            summary["train"] = {"steps": result.steps, "final_loss": result.final_loss,
+                                "tokens_per_second": round(result.tokens_per_second, 1)}
+            save_adapter(loaded.backbone, cfg.lora, run_dir / ADAPTER_DIR, base_model=cfg.model.preset)
+        if evaluate:
+            with clock("eval"):
+                print(f"evaluating the fine-tuned model on {len(eval_set)} held-out questions ...", flush=True)
+                results["tuned"] = evaluate_qa(causal_lm, tokens, eval_set, cfg.eval, cfg.data.system)
+            write_eval(results["tuned"], run_dir / "eval.json")
+            summary["eval"] = {name: {k: r[k] for k in ("f1", "exact_match", "f1_en", "exact_match_en", "count")}
+                               for name, r in results.items()}
+        if export and cfg.export.enabled:
+            with clock("export"):
+                summary["export"] = export_and_verify(loaded.backbone, loaded.tokenizer, tokens, eval_set or train_set,
+                                                      run_dir / EXPORT_DIR, cfg)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if results:
+            print("\n" + comparison_table(results))
+            (run_dir / "eval_table.txt").write_text(comparison_table(results) + "\n")
+    except BaseException:
+        (run_dir / "FAILED").write_text("this run did not finish; its outputs are incomplete\n")
+        raise
+    return summary
+
+
+def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Merged HF export, then (if cfg.export.verify) a logits check in transformers."""
+    import numpy as np
+
+    from kerasft.data.template import encode_prompt, encode_response
+    from kerasft.export.hf import export_hf, verify_hf_export
+
+    print(f"exporting merged Hugging Face model to {out_dir} ...", flush=True)
+    export_hf(backbone, tokenizer, out_dir, dtype=cfg.export.dtype, overwrite=overwrite)
+    report = {"path": str(out_dir)}
+    if cfg.export.verify and cfg.export.dtype == "float32":
+        sample = examples[0]
+        ids = (encode_prompt(tokens, sample.prompt, cfg.data.system) + encode_response(tokens, sample.response))[:96]
+        check = verify_hf_export(out_dir, backbone, np.asarray([ids]))
+        report["verify"] = check
+        verdict = "OK" if check["ok"] else "MISMATCH"
+        print(f"  transformers reload: max |logit diff| = {check['max_abs_diff']:.2e} ({verdict}, tolerance {check['atol']:g})", flush=True)
+        if not check["ok"]:
+            raise KerasftError(f"{out_dir}: transformers logits differ from Keras by {check['max_abs_diff']:.3g}")
+    return report
+
+
+def load_source(src: str, model_overrides: dict | None = None):
+    """A (LoadedModel, config-or-None) for a run dir (base + adapter) or any preset string."""
+    from kerasft.config import ModelConfig
+    from kerasft.models.lora import load_adapter
+    from kerasft.models.presets import load_model
+
+    path = Path(src)
+    if (path / ADAPTER_DIR / "adapter_config.json").is_file():
+        cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+        model_cfg = cfg.model if cfg else ModelConfig(preset=json.loads((path / ADAPTER_DIR / "adapter_config.json").read_text())["base_model"])
+        loaded = load_model(model_cfg)
+        load_adapter(loaded.backbone, path / ADAPTER_DIR)
+        return loaded, cfg
+    if (path / "summary.json").is_file() or (path / "config.yaml").is_file():
+        raise KerasftError(f"{path}: run dir has no adapter (did training finish?)")
+    return load_model(ModelConfig(preset=src, **(model_overrides or {}))), None
+
+
+def _causal_lm(backbone):
+    from kerasft.evaluate.generate import causal_lm_for
+
+    return causal_lm_for(backbone)
+
+
+def _fresh_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise KerasftError(f"{run_dir}: run dir already exists; pass --overwrite or set name=<new name>")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _stage_timer(timings: dict):
+    """`with clock("train"):` records that stage's wall time in seconds."""
+
+    @contextlib.contextmanager
+    def clock(name: str):
+        start = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - start, 1)
+
+    return clock

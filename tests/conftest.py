@@ -1,0 +1,50 @@
+"""Shared test setup: JAX backend, a throwaway cache, tiny offline presets."""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# Must run before anything imports keras: the backend is fixed at import.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+# Set at import time, before any test module imports kerasft or keras, so
+# nothing writes to the home folder (keras creates ~/.keras/keras.json on
+# import) and a developer's real cache is never touched.
+_SESSION_DIR = tempfile.mkdtemp(prefix="kerasft-tests-")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
+os.environ["KERASFT_CACHE"] = os.path.join(_SESSION_DIR, "cache")
+os.environ["KERAS_HOME"] = os.path.join(_SESSION_DIR, "keras")
+# Tests never use the network; make transformers fail fast instead of trying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tiny_models import FAMILIES, build_tiny_preset, write_tiny_spm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tmp_path_factory):
+    """Path of the tiny SentencePiece model, named `tokenizer.model`.
+
+    It sits alone in its folder, so the folder also loads as a Hugging Face
+    tokenizer directory (`GemmaTokenizer.from_pretrained(tiny_spm.parent)`).
+    """
+    return write_tiny_spm(tmp_path_factory.mktemp("tiny_spm") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_presets(tmp_path_factory):
+    """Dict family -> Path of a tiny random keras-hub preset directory.
+
+    Families are "gemma", "gemma2" and "gemma3"; pass `str(path)` to
+    keras-hub's `from_preset`.
+    """
+    root = tmp_path_factory.mktemp("tiny_presets")
+    return {family: build_tiny_preset(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tiny_presets):
+    """Path of the tiny Gemma 3 preset, the default family."""
+    return tiny_presets["gemma3"]

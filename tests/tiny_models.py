@@ -1,0 +1,234 @@
+"""Tiny random Gemma presets and a tiny SentencePiece model, built offline.
+
+Tests load these through the real keras-hub path (`from_preset` on a local
+directory), so nothing in the suite needs a model hub. The same functions back
+`scripts/make_tiny_presets.py`, which writes the presets for inspection.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+FAMILIES = ("gemma", "gemma2", "gemma3")
+
+# Ids follow the real Gemma vocabulary, which kerasft relies on (pad 0, eos 1).
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+
+# Chat-turn and image markers must be single pieces, as in Gemma's real
+# tokenizer. Gemma3Tokenizer looks up the three image tokens (a vocabulary
+# without them would load only with has_vision_tokens=False, which the HF
+# converter would then also pick), and transformers' GemmaTokenizer appends
+# `<mask>` as a new id past the vocabulary unless it is already in it.
+USER_DEFINED_SYMBOLS = (
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<img>",
+    "<unused0>",
+    "<unused1>",
+)
+
+VOCABULARY_SIZE = 512
+
+_CORPUS = (
+    "¿Cuál es la capital de España? La capital de España es Madrid.",
+    "¡Hola! ¿Cómo estás? Muy bien, gracias.",
+    "El niño comió una manzana y bebió agua fría.",
+    "La señora Núñez vive en Logroño desde 1998.",
+    "Mañana lloverá en Córdoba, según el pronóstico.",
+    "El pingüino camina sobre el hielo; la cigüeña vuela alto.",
+    "Responde en español: ¿cuántos días tiene una semana? Siete.",
+    "El año 2024 tuvo 366 días porque fue bisiesto.",
+    "Él está aquí, pero ella salió a las 9:30.",
+    "Según el artículo 14, todos somos iguales ante la ley.",
+    "La canción más famosa de la película dura 3 minutos y 45 segundos.",
+    "Contexto: Miguel de Cervantes escribió el Quijote en 1605.",
+    "Pregunta: ¿Quién escribió el Quijote? Respuesta: Miguel de Cervantes.",
+    "El río Ebro atraviesa Zaragoza; el Guadalquivir, Sevilla.",
+    "Compré 12 huevos, 2 kilos de azúcar y 1,5 litros de leche.",
+    "Resumen: el informe analiza la economía y la educación.",
+    "Traduce al inglés: «el perro duerme en el sofá».",
+    "¿Por qué el cielo es azul? Por la dispersión de la luz.",
+    "Hace años que no veo a mi abuela; la echo de menos.",
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Hello, world! How are you today? I'm fine, thanks.",
+    "In 1969, Apollo 11 landed on the Moon.",
+    "Answer the question using the context below.",
+    "Question: Who wrote Don Quixote? Answer: Miguel de Cervantes.",
+    "She bought 3 apples, 4 pears and 10 grapes for $5.25.",
+    "Please summarize the following text in one sentence.",
+    "The weather today is sunny, with a high of 25 degrees.",
+    "Translate to Spanish: \"the cat sleeps on the sofa\".",
+    "It's a long way to the top (if you want to rock & roll).",
+    "Machine learning models learn patterns from data.",
+    "The train leaves at 10:45 from platform 7.",
+    "Email me at test@example.com or call 555-0199.",
+    "user\nHola, ¿puedes ayudarme?\nmodel\nClaro que sí.",
+    "user\nWhat is 2 + 2?\nmodel\n2 + 2 = 4.",
+    "Línea uno.\nLínea dos.\n\nOtro párrafo, con tildes: á é í ó ú ü ñ Á É Í Ó Ú Ñ.",
+    "    indented code: def f(x): return x * 2",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_spm_proto() -> bytes:
+    """Trains a tiny BPE SentencePiece model with Gemma's conventions.
+
+    Returns:
+        The serialized model proto (cached: training takes about a second).
+    """
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=VOCABULARY_SIZE,
+        # Gemma's tokenizer: raw text in, bytes for anything unseen, no
+        # normalisation, leading spaces and newlines kept as written.
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=1.0,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=list(USER_DEFINED_SYMBOLS),
+        # One thread and the whole corpus keep the output byte-identical.
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def write_tiny_spm(path) -> Path:
+    """Writes the tiny SentencePiece model to `path` and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tiny_spm_proto())
+    return path
+
+
+def backbone_config(family: str, vocabulary_size: int) -> dict:
+    """Tiny constructor arguments mirroring the real preset of `family`.
+
+    gemma mirrors gemma_2b_en, gemma2 mirrors gemma2_2b_en and gemma3 mirrors
+    gemma3_270m (the flags keras-hub's HF converters set for those models).
+    """
+    common = dict(
+        vocabulary_size=vocabulary_size,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        # keras-hub's intermediate_dim is the gate and up widths together
+        # (twice HF's intermediate_size) for Gemma 1/2, one width for Gemma 3.
+        intermediate_dim=64,
+        head_dim=8,
+        dtype="float32",
+    )
+    if family == "gemma":
+        return common
+    if family == "gemma2":
+        return dict(
+            common,
+            # query_pre_attn_scalar == head_dim, as in gemma2_2b.
+            query_head_dim_normalize=True,
+            use_post_ffw_norm=True,
+            use_post_attention_norm=True,
+            attention_logit_soft_cap=50.0,
+            final_logit_soft_cap=30.0,
+            use_sliding_window_attention=True,
+            sliding_window_size=8,
+        )
+    if family == "gemma3":
+        return dict(
+            common,
+            image_size=None,
+            # Gemma3Backbone hard-codes five local layers then one global
+            # (rope 1e4 local, 1e6 global), so six layers give both kinds.
+            num_layers=6,
+            num_key_value_heads=1,
+            query_head_dim_normalize=True,
+            use_query_key_norm=True,
+            use_post_ffw_norm=True,
+            use_post_attention_norm=True,
+            attention_logit_soft_cap=None,
+            final_logit_soft_cap=None,
+            use_sliding_window_attention=True,
+            sliding_window_size=8,
+        )
+    raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def _randomize(backbone, seed: int) -> None:
+    """Overwrites every weight with seeded normals so no layer is trivial.
+
+    Norm scales get std 0.1 (keras-hub's RMSNorm multiplies by 1 + scale, so
+    zeros would skip them); matrices get std 1/sqrt(fan-in) to keep
+    activations and logits of order one.
+    """
+    rng = np.random.default_rng(seed)
+    hidden_dim = backbone.hidden_dim
+    for variable in backbone.weights:
+        shape = tuple(variable.shape)
+        if len(shape) == 1:
+            std = 0.1
+        elif "embedding" in variable.path:
+            std = 1.0 / np.sqrt(hidden_dim)
+        else:
+            std = 1.0 / np.sqrt(shape[-2])
+        variable.assign(rng.normal(0.0, std, size=shape).astype("float32"))
+
+
+def build_tiny_preset(family: str, out_dir, *, seed: int = 0) -> Path:
+    """Builds and saves a tiny random Gemma preset with its tokenizer.
+
+    Args:
+        family: "gemma", "gemma2" or "gemma3".
+        out_dir: Preset directory to write.
+        seed: Seed of the random weights.
+
+    Returns:
+        `out_dir`, loadable with keras-hub's `from_preset(str(out_dir))`.
+    """
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras_hub
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proto = tiny_spm_proto()
+    if family == "gemma3":
+        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto)
+        preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer)
+        backbone_cls = keras_hub.models.Gemma3Backbone
+    else:
+        tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+        preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer)
+        backbone_cls = keras_hub.models.GemmaBackbone
+    backbone = backbone_cls(**backbone_config(family, tokenizer.vocabulary_size()))
+    _randomize(backbone, seed)
+    backbone.save_to_preset(str(out_dir))
+    # Writes tokenizer.json and the vocabulary too. preprocessor.json is what
+    # the real presets ship; without it Gemma3CausalLM.from_preset(dir) with
+    # its default preprocessor looks for image_converter.json and fails.
+    preprocessor.save_to_preset(str(out_dir))
+    return out_dir
