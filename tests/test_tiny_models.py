@@ -74,6 +74,8 @@ def test_preset_loads_with_expected_config(family, tiny_presets):
         assert config[key] == value, key
     assert config["hidden_dim"] == 32 and config["head_dim"] == 8
     assert config["num_query_heads"] == 4
+    ffw_width = backbone.transformer_layers[0].gating_ffw.kernel.shape[-1]
+    assert ffw_width == 64
     assert config["vocabulary_size"] == VOCABULARY_SIZE
     # Random norm scales: zeros would make every RMSNorm a plain normaliser.
     scales = [w for w in backbone.weights if w.path.endswith("scale")]

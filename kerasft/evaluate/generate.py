@@ -29,6 +29,9 @@ def generate_ids(causal_lm, prompts: list[list[int]], max_new_tokens: int, batch
     Returns:
         (new token ids per prompt, in input order; timing stats).
     """
+    # keras-hub's jitted generate step, called directly: its `generate()` wrapper chokes on
+    # Gemma 3's empty image output when no preprocessor is attached.
+    generate_step = causal_lm.make_generate_function()
     order = np.argsort([len(p) for p in prompts], kind="stable")
     outputs: list[list[int]] = [[] for _ in prompts]
     started = time.perf_counter()
@@ -44,9 +47,7 @@ def generate_ids(causal_lm, prompts: list[list[int]], max_new_tokens: int, batch
         for r, ids in enumerate(rows):
             token_ids[r, : len(ids)] = ids
             padding_mask[r, : len(ids)] = True
-        result = causal_lm.generate(
-            {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=tuple(stop_ids)
-        )
+        result = generate_step({"token_ids": token_ids, "padding_mask": padding_mask}, tuple(stop_ids))
         out_ids = np.asarray(result["token_ids"])
         for r, index in enumerate(chosen):
             prompt_len = len(prompts[index])

@@ -123,8 +123,8 @@ def gemma3_config(backbone, dtype: str = "float32") -> dict:
         "rope_local_base_freq": local_base,
         "rope_scaling": None if global_factor == 1.0 else {"rope_type": "linear", "factor": global_factor},
         "rope_parameters": {
-            "sliding_attention": {"rope_type": "default" if local_factor == 1.0 else "linear", "rope_theta": local_base, "factor": local_factor},
-            "full_attention": {"rope_type": "default" if global_factor == 1.0 else "linear", "rope_theta": global_base, "factor": global_factor},
+            "sliding_attention": _rope(local_base, local_factor),
+            "full_attention": _rope(global_base, global_factor),
         },
         "attn_logit_softcapping": backbone.attention_logit_soft_cap,
         "final_logit_softcapping": backbone.final_logit_soft_cap,
@@ -139,6 +139,12 @@ def gemma3_config(backbone, dtype: str = "float32") -> dict:
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+
+
+def _rope(base: float, factor: float) -> dict:
+    if factor == 1.0:
+        return {"rope_type": "default", "rope_theta": base}
+    return {"rope_type": "linear", "rope_theta": base, "factor": factor}
 
 
 def write_tokenizer_files(tokenizer, out: Path) -> None:

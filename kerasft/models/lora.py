@@ -37,6 +37,8 @@ def apply_lora(backbone, cfg) -> list:
             f"lora.targets: unknown target {unknown[0] if unknown else '(none)'}; choose from "
             + ", ".join(LORA_TARGETS)
         )
+    # Order matters: `backbone.trainable = True` recurses into every sublayer, so it comes first.
+    backbone.trainable = True
     for layer in backbone._flatten_layers(include_self=False):
         layer.trainable = False
     wrapped = []
@@ -47,7 +49,6 @@ def apply_lora(backbone, cfg) -> list:
             wrapped.append(layer)
     if not wrapped:
         raise KerasftError(f"lora.targets {list(cfg.targets)} matched no layer of {type(backbone).__name__}")
-    backbone.trainable = True
     return wrapped
 
 
