@@ -96,6 +96,7 @@ class ExportConfig:
     enabled: bool = True
     dtype: str = "float32"
     verify: bool = True
+    atol: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,11 @@ def _coerce(hint, value, source: str, key: str):
             return value
         raise KerasftError(f"{source}: {key} must be true or false, got {value!r}")
     if hint in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KerasftError(f"{source}: {key} must be a number, got {value!r}")
         if hint is int and float(value) != int(value):

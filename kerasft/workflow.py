@@ -109,7 +109,7 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
     if cfg.export.verify and cfg.export.dtype == "float32":
         sample = examples[0]
         ids = (encode_prompt(tokens, sample.prompt, cfg.data.system) + encode_response(tokens, sample.response))[:96]
-        check = verify_hf_export(out_dir, backbone, np.asarray([ids]))
+        check = verify_hf_export(out_dir, backbone, np.asarray([ids]), atol=cfg.export.atol)
         report["verify"] = check
         verdict = "OK" if check["ok"] else "MISMATCH"
         print(f"  transformers reload: max |logit diff| = {check['max_abs_diff']:.2e} ({verdict}, tolerance {check['atol']:g})", flush=True)

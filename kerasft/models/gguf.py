@@ -408,23 +408,27 @@ def _write_preset(header, arch, backbone_kwargs, spm_proto, folder: Path):
     init_backend()
     import keras_hub
 
+    models = keras_hub.models
     if arch == "gemma3":
-        backbone = keras_hub.models.Gemma3Backbone(**backbone_kwargs)
-        tokenizer_cls = keras_hub.models.Gemma3Tokenizer
+        backbone_cls, tokenizer_cls = models.Gemma3Backbone, models.Gemma3Tokenizer
+        preprocessor_cls = models.Gemma3CausalLMPreprocessor
         tokenizer_kwargs = {"has_vision_tokens": False}  # text-only backbone
     else:
-        backbone = keras_hub.models.GemmaBackbone(**backbone_kwargs)
-        tokenizer_cls = keras_hub.models.GemmaTokenizer
+        backbone_cls, tokenizer_cls = models.GemmaBackbone, models.GemmaTokenizer
+        preprocessor_cls = models.GemmaCausalLMPreprocessor
         tokenizer_kwargs = {}
-    _assign_weights(backbone, header, arch)
     try:
         tokenizer = tokenizer_cls(proto=spm_proto, **tokenizer_kwargs)
     except ValueError as error:  # a special piece keras-hub looks up by name is missing
         raise KerasftError(f"{header.path}: the vocabulary does not fit keras-hub's "
                            f"{tokenizer_cls.__name__}: {error}") from error
+    backbone = backbone_cls(**backbone_kwargs)
+    _assign_weights(backbone, header, arch)
     folder.mkdir()
     backbone.save_to_preset(str(folder))
-    tokenizer.save_to_preset(str(folder))
+    # Saving the preprocessor (it saves its tokenizer too) lets Gemma3CausalLM.from_preset load
+    # the folder: without preprocessor.json keras-hub looks for an image_converter.json.
+    preprocessor_cls(tokenizer=tokenizer).save_to_preset(str(folder))
 
 
 def _assign_weights(backbone, header: GGUFHeader, arch: str):

@@ -1,0 +1,93 @@
+"""The kerasft command: instant help, one-line errors, and every shipped config run end to end
+on the tiny preset with the same override strings a user types."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kerasft.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_help_imports_no_heavy_framework():
+    code = (
+        "import sys\nfrom kerasft.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('keras', 'jax', 'tensorflow', 'torch', 'numpy') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "kerasft", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("kerasft ")
+
+
+def test_score_prints_squad_json(tmp_path, capsys):
+    refs = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "El río Ebro.", "qas": [
+        {"id": "a", "question": "¿Qué río?", "answers": [{"text": "Ebro", "answer_start": 7}]},
+        {"id": "b", "question": "¿Qué?", "answers": [{"text": "El río Ebro", "answer_start": 0}]}]}]}]}
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    (tmp_path / "preds.json").write_text(json.dumps({"a": "¡el Ebro!", "b": "río"}))
+    assert main(["score", str(tmp_path / "preds.json"), str(tmp_path / "refs.json")]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["exact_match"] == 50.0
+    assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "missing.yaml"], "missing.yaml: config file not found"),
+        (["score", "nope.json", "refs.json"], "nope.json"),
+        (["run", "configs/quickstart.yaml", "train.batch_sise=2"], "did you mean train.batch_size"),
+        (["run", "configs/quickstart.yaml", "data.train=absent.json", "--overwrite", "output_dir=OUT"], "absent.json: data file not found"),
+        (["import-gguf", "no.gguf", "OUT/p"], "no.gguf"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kerasft: error:") and message in err
+
+
+def test_unknown_preset_is_named(tmp_path, capsys):
+    assert main(["run", str(ROOT / "configs/quickstart.yaml"), "model.preset=gemma3_270mm", f"output_dir={tmp_path}",
+                 f"data.train={ROOT}/data/qa_es/train.json", f"data.eval={ROOT}/data/qa_es/heldout.json"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'gemma3_270mm'" in err and "did you mean gemma3_270m" in err
+    assert not any((tmp_path / "quickstart").glob("adapter*"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_shipped_config_runs_two_steps_on_tiny_preset(config, tiny_preset, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    overrides = [f"model.preset={tiny_preset}", "train.max_steps=2", "data.eval_limit=4", f"output_dir={tmp_path}",
+                 "name=t", "eval.batch_size=4", "eval.max_new_tokens=4"]
+    assert main(["run", str(config), *overrides]) == 0
+    run_dir = tmp_path / "t"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2
+    assert summary["export"]["verify"]["ok"]
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2] and all(l["loss"] > 0 for l in lines)
+    for name in ("config.yaml", "eval.json", "eval_base.json", "adapter/adapter.safetensors", "export_hf/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    out = capsys.readouterr().out
+    assert "tuned" in out and "base" in out
+
+    # The run dir is a source for generate and export, and a second run refuses to clobber it.
+    assert main(["generate", str(run_dir), "Hola", "--max-new-tokens", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompt"] == "Hola"
+    assert main(["export", str(run_dir), str(tmp_path / "again")]) == 0
+    assert main(["run", str(config), *overrides]) == 2
+    assert "already exists" in capsys.readouterr().err
