@@ -34,11 +34,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Low-rank adapters: the update added to each target kernel is (alpha / rank) * A @ B."""
+    """Low-rank adapters: the update added to each target kernel is (alpha / rank) * A @ B.
+
+    trainable_tokens: tokens whose embedding rows train alongside the adapters (PEFT's
+        trainable_token_indices). A pretrained Gemma never saw its chat tokens, so without this
+        it ends answers with look-alike untrained tokens instead of <end_of_turn>.
+    """
 
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("query", "value")
+    trainable_tokens: tuple[str, ...] = ("<start_of_turn>", "<end_of_turn>")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     from kerasft.data.records import load_examples
     from kerasft.data.template import chat_tokens
     from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
-    from kerasft.models.lora import apply_lora, save_adapter
+    from kerasft.models.lora import apply_lora, save_adapter, token_ids_for
     from kerasft.models.presets import load_model
     from kerasft.runtime import init_backend
     from kerasft.train.loop import planned_steps
@@ -70,11 +70,13 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
                 f"{cfg.train.batch_size}x{cfg.train.grad_accum}",
                 flush=True,
             )
+            token_rows = token_ids_for(loaded.tokenizer, cfg.lora.trainable_tokens)
             with clock("train"):
-                result = train_lora(loaded.backbone, data, cfg.train, cfg.data.sequence_length, run_dir, tokens.pad)
+                result = train_lora(loaded.backbone, data, cfg.train, cfg.data.sequence_length, run_dir, tokens.pad,
+                                    token_rows=token_rows or None)
             summary["train"] = {"steps": result.steps, "final_loss": result.final_loss,
                                 "tokens_per_second": round(result.tokens_per_second, 1)}
-            save_adapter(loaded.backbone, cfg.lora, run_dir / ADAPTER_DIR, base_model=cfg.model.preset)
+            save_adapter(loaded.backbone, cfg.lora, run_dir / ADAPTER_DIR, base_model=cfg.model.preset, token_ids=token_rows)
         if evaluate:
             with clock("eval"):
                 print(f"evaluating the fine-tuned model on {len(eval_set)} held-out questions ...", flush=True)

@@ -102,7 +102,7 @@ def _storage_type(name: str, layer_types):
 
 
 def write_tiny_gguf(path, arch: str = "gemma3", *, seed: int = 0, drop: tuple[str, ...] = (),
-                    override_types: dict | None = None) -> Path:
+                    override_types: dict | None = None, block_count: int | None = None) -> Path:
     """Writes a tiny random `arch` GGUF file the way llama.cpp's converter would.
 
     Args:
@@ -112,6 +112,7 @@ def write_tiny_gguf(path, arch: str = "gemma3", *, seed: int = 0, drop: tuple[st
         drop: tensor names to leave out (for error tests).
         override_types: tensor name -> GGMLQuantizationType, stored as zero bytes of that type
             (for error tests).
+        block_count: the layer count the metadata claims, if not the real one (for error tests).
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -127,7 +128,7 @@ def write_tiny_gguf(path, arch: str = "gemma3", *, seed: int = 0, drop: tuple[st
     writer.add_tags([arch, "gemma", "test"])
     writer.add_context_length(128)
     writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS[arch])
+    writer.add_block_count(block_count or LAYERS[arch])
     writer.add_feed_forward_length(FFW)
     writer.add_head_count(HEADS)
     writer.add_layer_norm_rms_eps(1e-6)

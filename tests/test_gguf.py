@@ -5,7 +5,7 @@ mapping and tokenizer builder, so agreement checks the importer's layout, norm o
 settings and SentencePiece rebuild, not just that it runs.
 """
 
-import os
+import re
 import time
 
 import numpy as np
@@ -41,8 +41,9 @@ def _transformers_model(gguf_path, arch):
     import transformers
 
     if arch != "gemma":
-        # transformers' GGUF config mapping leaves query_pre_attn_scalar at 256; llama.cpp
-        # scales queries by the head size (16 here), as the real 270M's 256 happens to be.
+        # transformers' GGUF config mapping leaves query_pre_attn_scalar at its default 256
+        # (right for the real 270M, whose head size is 256); llama.cpp scales queries by the
+        # head size, 16 here.
         return transformers.AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
             attn_implementation="eager", query_pre_attn_scalar=fixtures.HEAD_DIM).eval()
@@ -101,7 +102,7 @@ def test_header_matches_gguf_reader(tmp_path):
         expected, found = field.contents(), header.metadata[key]
         if isinstance(found, np.ndarray):
             found = found.tolist()
-        assert found == pytest.approx(expected) if isinstance(expected, float) else found == expected
+        assert found == (pytest.approx(expected) if isinstance(expected, float) else expected)
     assert set(header.metadata) == {key for key in reader.fields if not key.startswith("GGUF.")}
     for tensor in reader.tensors:
         info = header.tensors[tensor.name]
@@ -133,7 +134,7 @@ def test_tokenizer_matches_transformers(tiny_import):
 
     arch, gguf_path, preset = tiny_import
     tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(preset))
-    if arch == "gemma":  # transformers has no GGUF config for Gemma 1; its tokenizer is shared
+    if arch == "gemma":  # transformers refuses Gemma 1 GGUF files; the vocabulary is the same
         gguf_path = fixtures.write_tiny_gguf(preset.parent / "tiny-as-gemma2.gguf", "gemma2")
     reference = transformers.AutoTokenizer.from_pretrained(gguf_path.parent,
                                                            gguf_file=gguf_path.name)
@@ -150,10 +151,16 @@ def test_preset_loads_as_causal_lm(tiny_import):
     import keras_hub
 
     arch, _, preset = tiny_import
-    task_cls = keras_hub.models.Gemma3CausalLM if arch == "gemma3" else keras_hub.models.GemmaCausalLM
+    models = keras_hub.models
+    task_cls = models.Gemma3CausalLM if arch == "gemma3" else models.GemmaCausalLM
     causal_lm = task_cls.from_preset(str(preset))
     assert causal_lm.backbone.num_layers == fixtures.LAYERS[arch]
     assert causal_lm.preprocessor.tokenizer.end_token_id == fixtures.EOS_ID
+
+
+def _about(path, problem):
+    """Pattern of a KerasftError message: the file named first, then the problem."""
+    return re.escape(f"{path}: ") + problem
 
 
 def _leftovers(folder):
@@ -164,27 +171,38 @@ def _leftovers(folder):
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"this is not a gguf file at all")
-    with pytest.raises(KerasftError, match=f"{path}: not a GGUF file"):
+    with pytest.raises(KerasftError, match=_about(path, "not a GGUF file")):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     path.write_bytes(b"")
-    with pytest.raises(KerasftError, match=f"{path}: not a GGUF file"):
+    with pytest.raises(KerasftError, match=_about(path, "not a GGUF file")):
         import_gguf(path, tmp_path / "out")
-    with pytest.raises(KerasftError, match="no such file"):
+    with pytest.raises(KerasftError, match=_about(tmp_path / "missing.gguf", "no such file")):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_file(tmp_path):
+    path = fixtures.write_tiny_gguf(tmp_path / "tiny.gguf")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(KerasftError, match=_about(path, "tensor .* runs past the end of the file")):
+        import_gguf(path, tmp_path / "out")
+    path.write_bytes(path.read_bytes()[:2000])  # cut inside the vocabulary
+    with pytest.raises(KerasftError, match=_about(path, "truncated or corrupt GGUF header")):
+        import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture(tmp_path):
     path = fixtures.write_metadata_only_gguf(tmp_path / "llama.gguf", "llama")
-    with pytest.raises(KerasftError, match=f"{path}: unsupported GGUF architecture 'llama'"):
+    with pytest.raises(KerasftError, match=_about(path, "unsupported GGUF architecture 'llama'")):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_tensor_leaves_nothing(tmp_path):
     path = fixtures.write_tiny_gguf(tmp_path / "tiny.gguf", drop=("blk.1.ffn_up.weight",))
-    with pytest.raises(KerasftError, match=f"{path}: missing tensor 'blk.1.ffn_up.weight'"):
+    with pytest.raises(KerasftError, match=_about(path, "missing tensor 'blk.1.ffn_up.weight'")):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert _leftovers(tmp_path) == []
@@ -195,10 +213,20 @@ def test_unsupported_tensor_type(tmp_path):
 
     path = fixtures.write_tiny_gguf(
         tmp_path / "tiny.gguf", override_types={"blk.0.ffn_up.weight": GGMLQuantizationType.Q8_1})
-    with pytest.raises(KerasftError, match=f"{path}: tensor 'blk.0.ffn_up.weight' has type Q8_1"):
+    problem = "tensor 'blk.0.ffn_up.weight' has type Q8_1"
+    with pytest.raises(KerasftError, match=_about(path, problem)):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("arch, layers", [("gemma2", 46), ("gemma3", 62)])
+def test_27b_query_scaling_refused(tmp_path, arch, layers):
+    # llama.cpp scales 27B queries by hidden / heads, which keras-hub 0.32 ignores.
+    path = fixtures.write_tiny_gguf(tmp_path / "tiny.gguf", arch, block_count=layers)
+    with pytest.raises(KerasftError, match=_about(path, "queries scaled by 1/sqrt")):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_out_dir(tmp_path):
@@ -206,7 +234,7 @@ def test_existing_out_dir(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(KerasftError, match=f"{out}: already exists"):
+    with pytest.raises(KerasftError, match=_about(out, "already exists")):
         import_gguf(path, out)
     assert (out / "keep.txt").read_text() == "mine"
     assert _leftovers(tmp_path) == []
@@ -244,19 +272,21 @@ def test_embedded_270m_matches_transformers(tmp_path):
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
         attn_implementation="eager").eval()
     backbone = keras_hub.models.Backbone.from_preset(str(preset))
-    for text in texts:
-        token_ids = np.array([[2] + tokenizer(text).numpy().tolist()], dtype="int32")
-        found = np.asarray(backbone.token_embedding(
-            backbone({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}),
-            reverse=True))
-        expected32 = _transformers_logits(model, token_ids)
-        # float32 rounding alone moves logits of size ~30 by ~1e-4 over 18 layers (transformers
-        # float32 vs float64 differ by as much), so the 1e-4 bound is held against float64.
-        expected64 = _transformers_logits(model.double(), token_ids)
-        model.float()
-        print(f"{text[:20]!r}: max |logit| {np.abs(expected64).max():.1f}, max abs diff "
-              f"vs float64 {np.abs(found - expected64).max():.2e}, vs float32 "
-              f"{np.abs(found - expected32).max():.2e} (transformers float32 vs float64 "
-              f"{np.abs(expected32 - expected64).max():.2e})")
-        np.testing.assert_allclose(found, expected64, rtol=0, atol=1e-4)
-        np.testing.assert_allclose(found, expected32, rtol=0, atol=2e-4)
+    batches = [np.array([[fixtures.BOS_ID, *np.asarray(tokenizer(text)).tolist()]], "int32")
+               for text in texts]
+    found = [np.asarray(backbone.token_embedding(
+        backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)}), reverse=True))
+        for ids in batches]
+    expected32 = [_transformers_logits(model, ids) for ids in batches]
+    # float32 rounding alone moves logits of size ~30 by ~1e-4 over 18 layers (transformers in
+    # float32 and float64 differ by as much), so the 1e-4 bound is held against float64.
+    model.double()  # transformers refuses .float() on a GGUF model, so float32 runs first
+    expected64 = [_transformers_logits(model, ids) for ids in batches]
+    for text, keras, hf32, hf64 in zip(texts, found, expected32, expected64):
+        print(f"{text[:24]!r}: max |logit| {np.abs(hf64).max():.1f}; max abs diff vs "
+              f"transformers float64 {np.abs(keras - hf64).max():.2e}, vs float32 "
+              f"{np.abs(keras - hf32).max():.2e}; transformers float32 vs float64 "
+              f"{np.abs(hf32 - hf64).max():.2e}")
+    for keras, hf32, hf64 in zip(found, expected32, expected64):
+        np.testing.assert_allclose(keras, hf64, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(keras, hf32, rtol=0, atol=2e-4)

@@ -1,13 +1,18 @@
-"""Merged export to Hugging Face safetensors, and its check against transformers.
+"""Merged export to Hugging Face safetensors for Gemma 1, 2 and 3, and its check against transformers.
 
 LoRA is folded into the kernels as the weights are read (keras' `layer.kernel` returns
 base + (alpha/rank) * A @ B), so the export computes the fine-tuned function with no adapter.
-keras-hub's own exporter is not used: it drops unmerged LoRA silently and writes Gemma's
-bos/eos ids swapped in the Gemma 3 config.
+The tensor layouts and config keys are the exact inverse of keras-hub's importers
+(keras_hub/src/utils/transformers/convert_gemma.py and convert_gemma3.py), so
+`keras_hub.models.Backbone.from_preset(export_dir)` reloads the same model. keras-hub's own
+exporter is not used: it drops unmerged LoRA silently, writes Gemma 2 as Gemma 1, gets the
+k/v shapes wrong under grouped-query attention in Gemma 1, omits `architectures` for Gemma 1
+and swaps bos/eos in the Gemma 3 config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -16,29 +21,70 @@ from pathlib import Path
 from kerasft.data.template import HF_CHAT_TEMPLATE
 from kerasft.errors import KerasftError
 
+# family -> (transformers architecture, config model_type)
+HF_ARCHITECTURES = {
+    "gemma": ("GemmaForCausalLM", "gemma"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+}
+
+# Every Gemma vocabulary has these ids; export_hf checks the tokenizer agrees.
+SPECIAL_TOKEN_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
+
+# Kernel layouts. PER_HEAD: keras (heads, in, head_dim), HF rows ordered head by head.
+# FLAT: keras (..., out), HF (out, prod(...)): the dense MLP kernels and the attention output.
+PER_HEAD, FLAT = "per_head", "flat"
+
+# The projections of a decoder block: keras-hub layer name (what LoRA targets name), the
+# attribute path in keras-hub's decoder block, the module under HF's model.layers.N, the layout.
+PROJECTIONS = (
+    ("query", "attention.query_dense", "self_attn.q_proj", PER_HEAD),
+    ("key", "attention.key_dense", "self_attn.k_proj", PER_HEAD),
+    ("value", "attention.value_dense", "self_attn.v_proj", PER_HEAD),
+    ("attention_output", "attention.output_dense", "self_attn.o_proj", FLAT),
+    ("ffw_gating", "gating_ffw", "mlp.gate_proj", FLAT),
+    ("ffw_gating_2", "gating_ffw_2", "mlp.up_proj", FLAT),
+    ("ffw_linear", "ffw_linear", "mlp.down_proj", FLAT),
+)
+
+# Backbone settings that transformers' class for each family hard-codes (and keras-hub's importer
+# assumes), so a backbone that differs cannot be exported exactly.
+_FIXED_SETTINGS = {
+    "gemma": {
+        "query_head_dim_normalize": True,
+        "use_post_attention_norm": False,
+        "attention_logit_soft_cap": None,
+        "final_logit_soft_cap": None,
+        "use_sliding_window_attention": False,
+    },
+    "gemma2": {"use_post_attention_norm": True, "use_sliding_window_attention": True},
+    "gemma3": {
+        "use_query_key_norm": True,
+        "use_post_attention_norm": True,
+        "use_post_ffw_norm": True,
+        "use_bidirectional_attention": False,
+    },
+}
+
 
 def export_hf(backbone, tokenizer, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Writes a transformers-loadable folder: model.safetensors, config.json (with
-    `architectures`), generation_config.json, tokenizer.model and tokenizer configs.
+    """Writes a transformers-loadable folder for a Gemma 1, 2 or 3 backbone: model.safetensors,
+    config.json (with `architectures`), generation_config.json, tokenizer.model and tokenizer configs.
 
     The folder appears atomically: it is built beside the target and renamed into place.
     """
     from safetensors.numpy import save_file
 
-    from kerasft.models.presets import model_family
-
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise KerasftError(f"{out}: already exists; pass --overwrite to replace it")
-    family = model_family(backbone)
-    if family != "gemma3":
-        raise KerasftError(f"merged Hugging Face export supports Gemma 3 so far, not {family}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tensors = {name: _cast(value, dtype) for name, value in gemma3_state_dict(backbone).items()}
+    config = hf_config(backbone, dtype)  # checks the backbone before anything is written
+    for token, expected in SPECIAL_TOKEN_IDS.items():
+        if tokenizer.token_to_id(token) != expected:
+            raise KerasftError(
+                f"tokenizer maps {token} to {tokenizer.token_to_id(token)}, not {expected} as Gemma's config says"
+            )
+    with staged_dir(out, overwrite) as staging:
+        tensors = {name: _cast(value, dtype) for name, value in hf_state_dict(backbone).items()}
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        config = gemma3_config(backbone, dtype)
         _write_json(staging / "config.json", config)
         _write_json(
             staging / "generation_config.json",
@@ -46,79 +92,161 @@ def export_hf(backbone, tokenizer, out_dir: str | Path, *, dtype: str = "float32
              "pad_token_id": config["pad_token_id"], "do_sample": False},
         )
         write_tokenizer_files(tokenizer, staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
-def gemma3_state_dict(backbone) -> dict:
-    """Hugging Face Gemma3ForCausalLM tensors (numpy, float32) from a keras-hub Gemma3Backbone."""
+def hf_family(backbone) -> str:
+    """The backbone's family ("gemma", "gemma2", "gemma3"), once checked that transformers'
+    class for that family computes the same function. Raises KerasftError otherwise."""
+    from kerasft.models.presets import model_family
+
+    family = model_family(backbone)
+    if family not in HF_ARCHITECTURES:
+        raise KerasftError(f"Hugging Face export supports Gemma 1, 2 and 3, not {type(backbone).__name__}")
+    differing = [
+        f"{key}={getattr(backbone, key, None)!r}"
+        for key, wanted in _FIXED_SETTINGS[family].items()
+        if getattr(backbone, key, None) != wanted
+    ]
+    if differing:
+        raise KerasftError(
+            f"this {family} backbone cannot be written as {HF_ARCHITECTURES[family][0]} exactly: "
+            + ", ".join(differing)
+        )
+    quantized = sorted(
+        {layer.quantization_mode for layer in backbone._flatten_layers() if getattr(layer, "quantization_mode", None)}
+    )
+    if quantized:
+        raise KerasftError(
+            f"the backbone is quantized ({', '.join(quantized)}); export the float model the adapters were trained on"
+        )
+    return family
+
+
+def decoder_block(backbone, index: int):
+    """Decoder block `index` of a keras-hub Gemma backbone."""
+    return backbone.get_layer(f"decoder_block_{index}")
+
+
+def projection(block, attribute: str):
+    """The EinsumDense at a PROJECTIONS attribute path ("attention.query_dense") of a decoder block."""
+    layer = block
+    for name in attribute.split("."):
+        layer = getattr(layer, name)
+    return layer
+
+
+def hf_kernel(kernel, layout: str):
+    """The transformers (out, in) weight of a keras kernel of the given PROJECTIONS layout."""
+    if layout == PER_HEAD:  # (heads, in, head_dim) -> (heads * head_dim, in)
+        return kernel.transpose(0, 2, 1).reshape(-1, kernel.shape[1])
+    return kernel.reshape(-1, kernel.shape[-1]).T  # (..., out) -> (out, prod(...))
+
+
+def hf_state_dict(backbone) -> dict:
+    """transformers tensors (numpy, float32, LoRA merged) of a keras-hub Gemma 1, 2 or 3 backbone."""
     import numpy as np
 
-    def value(variable_or_tensor):
-        return np.asarray(variable_or_tensor, dtype=np.float32)
-
-    hidden = backbone.hidden_dim
-    state = {"model.embed_tokens.weight": value(backbone.token_embedding.embeddings)}
+    family = hf_family(backbone)
+    state = {"model.embed_tokens.weight": _numpy(backbone.token_embedding.embeddings)}
     for i in range(backbone.num_layers):
-        block = backbone.get_layer(f"decoder_block_{i}")
-        attention = block.attention
+        block = decoder_block(backbone, i)
         prefix = f"model.layers.{i}."
-        for name, dense in (("q_proj", attention.query_dense), ("k_proj", attention.key_dense), ("v_proj", attention.value_dense)):
-            kernel = value(dense.kernel)  # (heads, hidden, head_dim), LoRA merged
-            state[prefix + f"self_attn.{name}.weight"] = kernel.transpose(0, 2, 1).reshape(-1, hidden)
-        output = value(attention.output_dense.kernel)  # (heads, head_dim, hidden)
-        state[prefix + "self_attn.o_proj.weight"] = output.transpose(2, 0, 1).reshape(hidden, -1)
-        state[prefix + "self_attn.q_norm.weight"] = value(attention.query_norm.scale)
-        state[prefix + "self_attn.k_norm.weight"] = value(attention.key_norm.scale)
-        state[prefix + "mlp.gate_proj.weight"] = value(block.gating_ffw.kernel).T
-        state[prefix + "mlp.up_proj.weight"] = value(block.gating_ffw_2.kernel).T
-        state[prefix + "mlp.down_proj.weight"] = value(block.ffw_linear.kernel).T
-        # keras-hub and transformers both compute x * (1 + w) in Gemma's RMSNorm.
-        state[prefix + "input_layernorm.weight"] = value(block.pre_attention_norm.scale)
-        state[prefix + "post_attention_layernorm.weight"] = value(block.post_attention_norm.scale)
-        state[prefix + "pre_feedforward_layernorm.weight"] = value(block.pre_ffw_norm.scale)
-        state[prefix + "post_feedforward_layernorm.weight"] = value(block.post_ffw_norm.scale)
-    state["model.norm.weight"] = value(backbone.get_layer("final_normalization").scale)
+        for _, attribute, module, layout in PROJECTIONS:
+            state[prefix + module + ".weight"] = hf_kernel(_numpy(projection(block, attribute).kernel), layout)
+        for module, norm in _block_norms(family, block):
+            state[prefix + module + ".weight"] = _numpy(norm.scale)
+    state["model.norm.weight"] = _numpy(backbone.get_layer("final_normalization").scale)
     return {name: np.ascontiguousarray(array) for name, array in state.items()}
 
 
-def gemma3_config(backbone, dtype: str = "float32") -> dict:
-    """config.json for Gemma3ForCausalLM (model_type gemma3_text) matching the backbone."""
-    layer_types, local_base, global_base = [], 10_000.0, 1_000_000.0
-    for i in range(backbone.num_layers):
-        block = backbone.get_layer(f"decoder_block_{i}")
-        if block.use_sliding_window_attention:
-            layer_types.append("sliding_attention")
-            local_base = float(block.rope_wavelength)
-        else:
-            layer_types.append("full_attention")
-            global_base = float(block.rope_wavelength)
-    if backbone.query_head_dim_normalize:
-        query_scalar = backbone.head_dim
-    else:
-        query_scalar = backbone.hidden_dim // backbone.num_query_heads
-    local_factor = float(backbone.local_rope_scaling_factor or 1.0)
-    global_factor = float(backbone.global_rope_scaling_factor or 1.0)
-    return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
+def _block_norms(family: str, block) -> list:
+    """(transformers module, keras RMSNormalization) pairs of a decoder block.
+
+    keras-hub and transformers both compute x * (1 + w) in Gemma's RMSNorm, so scales copy as is.
+    """
+    if family == "gemma":  # no post norms; transformers names the pre-FFW norm post_attention_layernorm
+        return [("input_layernorm", block.pre_attention_norm), ("post_attention_layernorm", block.pre_ffw_norm)]
+    norms = [
+        ("input_layernorm", block.pre_attention_norm),
+        ("post_attention_layernorm", block.post_attention_norm),
+        ("pre_feedforward_layernorm", block.pre_ffw_norm),
+        ("post_feedforward_layernorm", block.post_ffw_norm),
+    ]
+    if family == "gemma3":
+        norms += [("self_attn.q_norm", block.attention.query_norm), ("self_attn.k_norm", block.attention.key_norm)]
+    return norms
+
+
+def hf_config(backbone, dtype: str = "float32") -> dict:
+    """config.json for the backbone's transformers class (GemmaForCausalLM, Gemma2ForCausalLM or
+    Gemma3ForCausalLM), the inverse of keras-hub's convert_backbone_config."""
+    family = hf_family(backbone)
+    architecture, model_type = HF_ARCHITECTURES[family]
+    config = {
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": backbone.vocabulary_size,
         "hidden_size": backbone.hidden_dim,
-        "intermediate_size": backbone.intermediate_dim,
+        # keras-hub's Gemma 1/2 intermediate_dim counts both gate and up projections.
+        "intermediate_size": backbone.intermediate_dim if family == "gemma3" else backbone.intermediate_dim // 2,
         "num_hidden_layers": backbone.num_layers,
         "num_attention_heads": backbone.num_query_heads,
         "num_key_value_heads": backbone.num_key_value_heads,
         "head_dim": backbone.head_dim,
-        "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": backbone.layer_norm_epsilon,
-        "query_pre_attn_scalar": query_scalar,
-        "sliding_window": backbone.sliding_window_size,
-        "layer_types": layer_types,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": True,
+        "pad_token_id": SPECIAL_TOKEN_IDS["<pad>"],
+        "eos_token_id": SPECIAL_TOKEN_IDS["<eos>"],
+        "bos_token_id": SPECIAL_TOKEN_IDS["<bos>"],
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+    if family == "gemma":
+        # keras-hub's Gemma 1 and 2 attention hard-code rope base 1e4 and scale queries by head_dim.
+        config.update(hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192, **_rope_keys(10_000.0))
+    else:
+        # keras-hub's importers set query_head_dim_normalize = (query_pre_attn_scalar == head_dim).
+        if backbone.query_head_dim_normalize:
+            query_scalar = backbone.head_dim
+        else:
+            query_scalar = backbone.hidden_dim // backbone.num_query_heads
+        config.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=query_scalar,
+            sliding_window=backbone.sliding_window_size,
+            layer_types=[
+                "sliding_attention" if decoder_block(backbone, i).use_sliding_window_attention else "full_attention"
+                for i in range(backbone.num_layers)
+            ],
+            attn_logit_softcapping=backbone.attention_logit_soft_cap,
+            final_logit_softcapping=backbone.final_logit_soft_cap,
+            use_bidirectional_attention=False,
+        )
+    if family == "gemma2":
+        config.update(max_position_embeddings=8192, **_rope_keys(10_000.0))
+    if family == "gemma3":
+        config.update(max_position_embeddings=32768, **_gemma3_rope_keys(backbone))
+    return config
+
+
+def _rope_keys(base: float) -> dict:
+    return {"rope_theta": base, "rope_parameters": _rope(base, 1.0)}
+
+
+def _gemma3_rope_keys(backbone) -> dict:
+    local_base, global_base = 10_000.0, 1_000_000.0
+    for i in range(backbone.num_layers):
+        block = decoder_block(backbone, i)
+        if block.use_sliding_window_attention:
+            local_base = float(block.rope_wavelength)
+        else:
+            global_base = float(block.rope_wavelength)
+    local_factor = float(backbone.local_rope_scaling_factor or 1.0)
+    global_factor = float(backbone.global_rope_scaling_factor or 1.0)
+    return {
         "rope_theta": global_base,
         "rope_local_base_freq": local_base,
         "rope_scaling": None if global_factor == 1.0 else {"rope_type": "linear", "factor": global_factor},
@@ -126,18 +254,6 @@ def gemma3_config(backbone, dtype: str = "float32") -> dict:
             "sliding_attention": _rope(local_base, local_factor),
             "full_attention": _rope(global_base, global_factor),
         },
-        "attn_logit_softcapping": backbone.attention_logit_soft_cap,
-        "final_logit_softcapping": backbone.final_logit_soft_cap,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "max_position_embeddings": 32768,
-        "tie_word_embeddings": True,
-        "use_bidirectional_attention": False,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "bos_token_id": 2,
-        "torch_dtype": dtype,
-        "dtype": dtype,
     }
 
 
@@ -180,8 +296,13 @@ def keras_logits(backbone, token_ids, padding_mask=None):
 def verify_hf_export(out_dir: str | Path, backbone, token_ids, *, atol: float = 1e-4) -> dict:
     """Loads the export with transformers and compares its logits with the Keras model's.
 
+    transformers runs in float64, the exact reference for a float32 Keras model: on the real
+    270M, transformers' own float32 and float64 logits differ by 1e-4, so a float32 reference
+    would mostly measure its rounding.
+
     Args:
-        token_ids: a (batch, length) integer array of unpadded sequences.
+        token_ids: a (batch, length) integer array of unpadded sequences; make them longer than
+            the sliding window so local attention is checked too.
 
     Returns:
         {"max_abs_diff", "atol", "ok"}. Raises KerasftError when transformers is missing.
@@ -193,18 +314,53 @@ def verify_hf_export(out_dir: str | Path, backbone, token_ids, *, atol: float = 
         import transformers
     except ImportError:
         raise KerasftError("checking an export needs transformers and torch: pip install 'kerasft[verify]'") from None
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+    # Eager attention: the implementation that applies Gemma 2's attention soft cap.
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out_dir), dtype=torch.float64, attn_implementation="eager"
+    )
     model.eval()
     ids = np.asarray(token_ids, dtype=np.int64)
     with torch.no_grad():
-        theirs = model(torch.from_numpy(ids)).logits.float().numpy()
+        theirs = model(torch.from_numpy(ids)).logits.numpy()
     ours = keras_logits(backbone, ids.astype(np.int32))
     diff = float(np.max(np.abs(theirs - ours)))
-    return {"max_abs_diff": diff, "atol": atol, "ok": diff <= atol}
+    return {"max_abs_diff": diff, "atol": atol, "ok": diff <= atol, "reference": "transformers float64"}
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, overwrite: bool):
+    """Yields an empty folder beside `out` that replaces `out` when the block succeeds and is
+    removed when it fails, so readers never see a half-written export.
+
+    Raises KerasftError before anything is written when `out` exists and not `overwrite`.
+    """
+    if out.exists() and not overwrite:
+        raise KerasftError(f"{out}: already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            # Move the old folder aside first: `out` is never missing for longer than two renames.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _eot_id(tokenizer) -> int:
     return int(tokenizer.token_to_id("<end_of_turn>"))
+
+
+def _numpy(variable_or_tensor):
+    import numpy as np
+
+    return np.asarray(variable_or_tensor, dtype=np.float32)
 
 
 def _cast(array, dtype: str):

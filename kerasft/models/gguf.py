@@ -30,7 +30,7 @@ _STRING, _ARRAY = 8, 9
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 # llama.cpp scales queries by 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim) only for the
-# 27B models, which it recognises by their layer count.
+# 27B models, which it recognises by their layer count (Gemma 2 27B, Gemma 3 27B).
 _QUERY_SCALED_BY_HIDDEN = {("gemma2", 46), ("gemma3", 62)}
 
 _REQUIRED = object()  # default of _metadata(): a missing key is an error
@@ -185,7 +185,23 @@ def _parse_header(path: Path, buf: memoryview) -> GGUFHeader:
     data_start = -(-pos // alignment) * alignment  # the data section starts aligned
     tensors = {name: TensorInfo(ggml_type, dims, data_start + offset)
                for name, ggml_type, dims, offset in table}
+    # A cut-off download shows here, before any conversion work starts.
+    for name, info in tensors.items():
+        if info.offset + _tensor_bytes(info) > len(buf):
+            raise KerasftError(f"{path}: tensor {name!r} runs past the end of the file "
+                               "(truncated download?)")
     return GGUFHeader(path, metadata, tensors)
+
+
+def _tensor_bytes(info: TensorInfo) -> int:
+    """Bytes the tensor occupies; 0 for a type the gguf package does not know."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+    except ValueError:
+        return 0
+    return math.prod(info.dims) // block_size * block_bytes
 
 
 def read_tensor(header: GGUFHeader, name: str):
@@ -249,14 +265,19 @@ def _backbone_kwargs(header: GGUFHeader, arch: str) -> dict:
     num_query_heads = int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", hidden_dim // num_query_heads))
     value_dim = int(key("attention.value_length", head_dim))
-    _require(header, value_dim == head_dim, f"value heads of {value_dim} != key heads of {head_dim}")
+    _require(header, value_dim == head_dim,
+             f"value heads of size {value_dim} but key heads of size {head_dim}")
     _require(header, "output.weight" not in header.tensors,
              "an output projection separate from the token embedding")
     embedding = header.tensors.get("token_embd.weight")
     if embedding is None:
         raise KerasftError(f"{header.path}: missing tensor 'token_embd.weight'")
-    query_pre_attn_scalar = (hidden_dim // num_query_heads
-                             if (arch, num_layers) in _QUERY_SCALED_BY_HIDDEN else head_dim)
+    # keras-hub 0.32's decoder blocks ignore query_head_dim_normalize and always scale queries by
+    # the head size, so a model scaled by hidden / heads cannot be represented.
+    if (arch, num_layers) in _QUERY_SCALED_BY_HIDDEN:
+        _require(header, hidden_dim // num_query_heads == head_dim,
+                 f"queries scaled by 1/sqrt(hidden / heads = {hidden_dim // num_query_heads}) "
+                 f"rather than 1/sqrt(head size {head_dim}) (llama.cpp's rule for 27B models)")
     kwargs = dict(
         vocabulary_size=int(embedding.dims[1]),
         num_layers=num_layers,
@@ -264,7 +285,6 @@ def _backbone_kwargs(header: GGUFHeader, arch: str) -> dict:
         num_key_value_heads=int(key("attention.head_count_kv", num_query_heads)),
         hidden_dim=hidden_dim,
         head_dim=head_dim,
-        query_head_dim_normalize=query_pre_attn_scalar == head_dim,
         layer_norm_epsilon=float(key("attention.layer_norm_rms_epsilon")),
         dtype="float32",
     )
@@ -278,8 +298,9 @@ def _backbone_kwargs(header: GGUFHeader, arch: str) -> dict:
         kwargs.update(
             use_post_ffw_norm=True,
             use_post_attention_norm=True,
-            attention_logit_soft_cap=_float_or_none(key("attn_logit_softcapping", None)),
-            final_logit_soft_cap=_float_or_none(key("final_logit_softcapping", None)),
+            # llama.cpp's defaults when a Gemma 2 file lacks the keys
+            attention_logit_soft_cap=_float_or_none(key("attn_logit_softcapping", 50.0)),
+            final_logit_soft_cap=_float_or_none(key("final_logit_softcapping", 30.0)),
             use_sliding_window_attention=True,
             sliding_window_size=int(key("attention.sliding_window")),
         )
@@ -340,7 +361,8 @@ def _sentencepiece_proto(header: GGUFHeader) -> bytes:
     """A serialized SentencePiece BPE model equivalent to the GGUF vocabulary.
 
     llama.cpp keeps the original pieces and scores, so the rebuilt model tokenizes as Gemma's
-    tokenizer.model does, with two changes so that text containing chat markers encodes right.
+    tokenizer.model does, after two repairs: control tokens other than bos/eos/pad/unk become
+    user-defined, and user-defined pieces get back the U+2581 that llama.cpp turned into spaces.
     """
     import numpy as np
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -435,10 +457,13 @@ def _assign_weights(backbone, header: GGUFHeader, arch: str):
     """Mirrors keras-hub's Hugging Face converters (convert_gemma.py, convert_gemma3.py)."""
     import numpy as np
 
+    def check_shape(name, found, expected):
+        if tuple(found) != tuple(expected):
+            raise KerasftError(f"{header.path}: tensor {name!r} has shape {tuple(found)}; the "
+                               f"metadata implies {tuple(expected)}")
+
     def assign(variable, name, value):
-        if tuple(variable.shape) != value.shape:
-            raise KerasftError(f"{header.path}: tensor {name!r} has shape {value.shape} after "
-                               f"conversion; keras-hub expects {tuple(variable.shape)}")
+        check_shape(name, value.shape, variable.shape)
         variable.assign(value)
 
     def assign_norm(norm_layer, name):
@@ -449,20 +474,20 @@ def _assign_weights(backbone, header: GGUFHeader, arch: str):
         # (heads * head_dim, hidden) -> keras-hub's (heads, hidden, head_dim)
         heads, hidden, head_dim = variable.shape
         weight = read_tensor(header, name)
-        if weight.shape != (heads * head_dim, hidden):
-            assign(variable, name, weight)  # raises with both shapes
+        check_shape(name, weight.shape, (heads * head_dim, hidden))
         assign(variable, name, weight.reshape(heads, head_dim, hidden).transpose(0, 2, 1))
 
     def assign_heads_out(variable, name):
         # (hidden, heads * head_dim) -> keras-hub's (heads, head_dim, hidden)
         heads, head_dim, hidden = variable.shape
         weight = read_tensor(header, name)
-        if weight.shape != (hidden, heads * head_dim):
-            assign(variable, name, weight)
+        check_shape(name, weight.shape, (hidden, heads * head_dim))
         assign(variable, name, weight.reshape(hidden, heads, head_dim).transpose(1, 2, 0))
 
     def assign_dense(variable, name):
-        assign(variable, name, np.ascontiguousarray(read_tensor(header, name).T))
+        weight = read_tensor(header, name)
+        check_shape(name, weight.shape, tuple(reversed(variable.shape)))
+        assign(variable, name, np.ascontiguousarray(weight.T))
 
     name = "token_embd.weight"
     assign(backbone.get_layer("token_embedding").embeddings, name, read_tensor(header, name))

@@ -14,6 +14,7 @@ from kerasft.errors import KerasftError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+TOKEN_ROWS = "token_embedding/embeddings/rows"
 
 # Every projection in a Gemma decoder block that LoRA can wrap (keras-hub layer names).
 LORA_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
@@ -68,13 +69,33 @@ def adapter_weights(backbone) -> dict:
     return weights
 
 
-def save_adapter(backbone, cfg, out_dir: str | Path, base_model: str) -> Path:
-    """Writes adapter.safetensors and adapter_config.json (rank, alpha, targets, base model)."""
+def token_ids_for(tokenizer, pieces) -> list[int]:
+    """Ids of the named vocabulary pieces; an unknown piece is an error naming it."""
+    ids = []
+    for piece in pieces:
+        token_id = tokenizer.token_to_id(piece)
+        if token_id is None or (piece != "<unk>" and token_id == tokenizer.token_to_id("<unk>")):
+            raise KerasftError(f"lora.trainable_tokens: {piece!r} is not in the tokenizer's vocabulary")
+        ids.append(int(token_id))
+    return ids
+
+
+def save_adapter(backbone, cfg, out_dir: str | Path, base_model: str, token_ids=()) -> Path:
+    """Writes adapter.safetensors and adapter_config.json (rank, alpha, targets, base model).
+
+    The embedding rows of `token_ids` (trained with the adapters) are saved whole under
+    TOKEN_ROWS, so loading the adapter onto the base model restores them.
+    """
+    import numpy as np
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_weights(backbone), str(out / ADAPTER_WEIGHTS))
+    weights = adapter_weights(backbone)
+    if token_ids:
+        table = np.asarray(backbone.token_embedding.embeddings.numpy(), dtype=np.float32)
+        weights[TOKEN_ROWS] = np.ascontiguousarray(table[list(token_ids)])
+    save_file(weights, str(out / ADAPTER_WEIGHTS))
     meta = {
         "format": "kerasft-lora-v1",
         "base_model": base_model,
@@ -82,6 +103,7 @@ def save_adapter(backbone, cfg, out_dir: str | Path, base_model: str) -> Path:
         "rank": cfg.rank,
         "alpha": cfg.alpha,
         "targets": list(cfg.targets),
+        "trainable_tokens": {"pieces": list(cfg.trainable_tokens), "ids": [int(i) for i in token_ids]} if token_ids else None,
         "num_layers": len(lora_layers(backbone)),
     }
     (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -114,10 +136,22 @@ def load_adapter(backbone, adapter_dir: str | Path) -> dict:
     from kerasft.config import LoraConfig
 
     meta = read_adapter_config(adapter_dir)
-    cfg = LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]))
+    cfg = LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]),
+                     trainable_tokens=tuple((meta.get("trainable_tokens") or {}).get("pieces", ())))
     if not lora_layers(backbone):
         apply_lora(backbone, cfg)
     weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    rows = weights.pop(TOKEN_ROWS, None)
+    if rows is not None:
+        ids = (meta.get("trainable_tokens") or {}).get("ids")
+        table = backbone.token_embedding.embeddings
+        if not ids or len(ids) != len(rows) or rows.shape[1] != table.shape[1] or max(ids) >= table.shape[0]:
+            raise KerasftError(f"{adapter_dir}: trained token rows do not fit this model's embedding")
+        import numpy as np
+
+        updated = np.array(table.numpy())
+        updated[ids] = rows
+        table.assign(updated)
     variables = {v.path: v for layer in lora_layers(backbone) for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
     if set(weights) != set(variables):
         missing = sorted(set(variables) - set(weights)) or sorted(set(weights) - set(variables))

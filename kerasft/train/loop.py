@@ -26,29 +26,39 @@ class TrainResult:
     tokens_per_second: float
 
 
-def make_loss_fn(backbone):
-    """Builds loss(trainable, non_trainable, batch) -> (loss, weight_sum) for a Gemma backbone."""
+def make_loss_fn(backbone, token_rows=None):
+    """Builds loss(params, non_trainable, batch) -> (loss, weight_sum) for a Gemma backbone.
+
+    params is {"lora": the backbone's trainable variables (the adapters), "token_delta": a
+    (len(token_rows), hidden) update to those embedding rows, or None}. The rows feed both the
+    input embedding and the tied output head, so the model can learn its chat tokens: in a
+    pretrained Gemma, <end_of_turn> sits among thousands of untrained rows (<unusedNN> and
+    the like) and LoRA alone ends answers with one of them instead.
+    """
     import jax
     import jax.numpy as jnp
 
     embedding = backbone.token_embedding
     soft_cap = getattr(embedding, "logit_soft_cap", None)
-    trainable_ids = [id(v) for v in backbone.trainable_variables]
     non_trainable_ids = [id(v) for v in backbone.non_trainable_variables]
-    table = embedding.embeddings
-    in_trainable = id(table) in trainable_ids
-    table_index = (trainable_ids if in_trainable else non_trainable_ids).index(id(table))
+    if id(embedding.embeddings) not in non_trainable_ids:
+        raise ValueError("the embedding table must be frozen: only LoRA adapters and token rows are trained")
+    table_index = non_trainable_ids.index(id(embedding.embeddings))
+    rows = None if token_rows is None else jnp.asarray(token_rows, dtype=jnp.int32)
 
-    def loss_fn(trainable, non_trainable, batch):
+    def loss_fn(params, non_trainable, batch):
+        table = non_trainable[table_index]
+        if rows is not None:
+            table = table.at[rows].add(params["token_delta"].astype(table.dtype))
+            non_trainable = [*non_trainable[:table_index], table, *non_trainable[table_index + 1 :]]
         hidden, _ = backbone.stateless_call(
-            trainable,
+            params["lora"],
             non_trainable,
             {"token_ids": batch["token_ids"], "padding_mask": batch["padding_mask"]},
         )
         # Only the K response positions go through the 262k-entry vocabulary projection.
         picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)
-        weights_table = (trainable if in_trainable else non_trainable)[table_index]
-        logits = jnp.einsum("bkd,vd->bkv", picked, weights_table.astype(picked.dtype)).astype(jnp.float32)
+        logits = jnp.einsum("bkd,vd->bkv", picked, table.astype(picked.dtype)).astype(jnp.float32)
         if soft_cap:
             logits = jnp.tanh(logits / soft_cap) * soft_cap
         log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -81,12 +91,12 @@ def make_optimizer(cfg, total_steps: int):
     return chain, schedule
 
 
-def make_train_step(backbone, optimizer):
-    """The jitted update: (trainable, opt_state, non_trainable, batch) -> new state and stats."""
+def make_train_step(backbone, optimizer, token_rows=None):
+    """The jitted update: (params, opt_state, non_trainable, batch) -> new state and stats."""
     import jax
     import optax
 
-    loss_fn = make_loss_fn(backbone)
+    loss_fn = make_loss_fn(backbone, token_rows)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable, opt_state, non_trainable, batch):
@@ -105,8 +115,9 @@ def planned_steps(num_examples: int, cfg) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
 
 
-def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str | Path, pad_id: int = 0) -> TrainResult:
-    """Trains the backbone's trainable variables (the LoRA adapters) in place.
+def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str | Path, pad_id: int = 0,
+          token_rows=None) -> TrainResult:
+    """Trains the LoRA adapters (and the embedding rows of `token_rows`, if given) in place.
 
     Args:
         backbone: a keras-hub backbone with LoRA enabled.
@@ -114,14 +125,20 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
         cfg: kerasft.config.TrainConfig.
         sequence_length: the longest padded batch width.
         run_dir: metrics.jsonl is appended here, one line per optimizer step.
+        token_rows: token ids whose embedding rows are trained too (see make_loss_fn).
     """
     import jax
+    import jax.numpy as jnp
 
     steps = planned_steps(len(data), cfg)
     micro_steps = steps * cfg.grad_accum
     optimizer, schedule = make_optimizer(cfg, steps)
-    step_fn = make_train_step(backbone, optimizer)
-    trainable = [v.value for v in backbone.trainable_variables]
+    step_fn = make_train_step(backbone, optimizer, token_rows)
+    table = backbone.token_embedding.embeddings
+    trainable = {
+        "lora": [v.value for v in backbone.trainable_variables],
+        "token_delta": None if token_rows is None else jnp.zeros((len(token_rows), table.shape[1]), jnp.float32),
+    }
     non_trainable = [v.value for v in backbone.non_trainable_variables]
     opt_state = optimizer.init(trainable)
     num_targets = data.num_targets
@@ -175,8 +192,11 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
 
             raise KerasftError(f"loss became {loss} at step {step}; lower train.learning_rate")
     log.close()
-    for variable, value in zip(backbone.trainable_variables, trainable):
+    for variable, value in zip(backbone.trainable_variables, trainable["lora"]):
         variable.assign(value)
+    if token_rows is not None:
+        rows = jnp.asarray(token_rows, dtype=jnp.int32)
+        table.assign(table.value.at[rows].add(trainable["token_delta"].astype(table.dtype)))
     jax.block_until_ready(trainable)
     seconds = time.perf_counter() - started
     return TrainResult(
