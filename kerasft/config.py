@@ -97,12 +97,16 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Merged Hugging Face export, checked against transformers when `verify` is on."""
+    """Merged Hugging Face export, checked against transformers when `verify` is on.
+
+    The check passes when max |keras - transformers float64| <= atol + rtol * max |logit|.
+    """
 
     enabled: bool = True
     dtype: str = "float32"
     verify: bool = True
     atol: float = 1e-4
+    rtol: float = 1e-5
 
 
 @dataclass(frozen=True)

@@ -111,10 +111,11 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
     if cfg.export.verify and cfg.export.dtype == "float32":
         sample = examples[0]
         ids = (encode_prompt(tokens, sample.prompt, cfg.data.system) + encode_response(tokens, sample.response))[:96]
-        check = verify_hf_export(out_dir, backbone, np.asarray([ids]), atol=cfg.export.atol)
+        check = verify_hf_export(out_dir, backbone, np.asarray([ids]), atol=cfg.export.atol, rtol=cfg.export.rtol)
         report["verify"] = check
         verdict = "OK" if check["ok"] else "MISMATCH"
-        print(f"  transformers reload: max |logit diff| = {check['max_abs_diff']:.2e} ({verdict}, tolerance {check['atol']:g})", flush=True)
+        print(f"  transformers reload (float64 reference): max |logit diff| = {check['max_abs_diff']:.2e} at logit "
+              f"scale {check['logit_scale']:.1f} ({verdict}, tolerance {check['tolerance']:.1e})", flush=True)
         if not check["ok"]:
             raise KerasftError(f"{out_dir}: transformers logits differ from Keras by {check['max_abs_diff']:.3g}")
     return report
