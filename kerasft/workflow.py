@@ -35,15 +35,15 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     from kerasft.train.loop import planned_steps
     from kerasft.train.loop import train as train_lora
 
+    # Read and check every input before anything is written or any slow stage starts.
+    train_set = load_examples(cfg.data.train, cfg.data.instruction) if train else []
+    eval_set = load_examples(cfg.data.eval, cfg.data.instruction) if evaluate else []
+    if cfg.data.eval_limit and eval_set:
+        eval_set = eval_set[: cfg.data.eval_limit]
     run_dir = _fresh_run_dir(cfg.run_dir, overwrite)
     summary: dict = {"run_dir": str(run_dir), "timings": {}}
     clock = _stage_timer(summary["timings"])
     try:
-        # Read every input before the slow stages, so bad data fails in seconds.
-        train_set = load_examples(cfg.data.train, cfg.data.instruction) if train else []
-        eval_set = load_examples(cfg.data.eval, cfg.data.instruction) if evaluate else []
-        if cfg.data.eval_limit and eval_set:
-            eval_set = eval_set[: cfg.data.eval_limit]
         save_config(cfg, run_dir / "config.yaml")
 
         init_backend(cfg.train.seed)

@@ -60,6 +60,14 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys, monke
     assert len(err.splitlines()) == 1 and err.startswith("kerasft: error:") and message in err
 
 
+def test_bad_data_fails_before_anything_is_written(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    assert main(["run", str(ROOT / "configs/quickstart.yaml"), f"data.train={bad}", f"output_dir={tmp_path}/runs"]) == 2
+    assert "bad.jsonl: line 2: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_preset_is_named(tmp_path, capsys):
     assert main(["run", str(ROOT / "configs/quickstart.yaml"), "model.preset=gemma3_270mm", f"output_dir={tmp_path}",
                  f"data.train={ROOT}/data/qa_es/train.json", f"data.eval={ROOT}/data/qa_es/heldout.json"]) == 2
@@ -68,10 +76,11 @@ def test_unknown_preset_is_named(tmp_path, capsys):
     assert not any((tmp_path / "quickstart").glob("adapter*"))
 
 
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_shipped_config_runs_two_steps_on_tiny_preset(config, tiny_preset, tmp_path, monkeypatch, capsys):
+def test_shipped_config_runs_two_steps_on_tiny_preset(config, family, tiny_presets, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    overrides = [f"model.preset={tiny_preset}", "train.max_steps=2", "data.eval_limit=4", f"output_dir={tmp_path}",
+    overrides = [f"model.preset={tiny_presets[family]}", "train.max_steps=2", "data.eval_limit=4", f"output_dir={tmp_path}",
                  "name=t", "eval.batch_size=4", "eval.max_new_tokens=4"]
     assert main(["run", str(config), *overrides]) == 0
     run_dir = tmp_path / "t"
@@ -91,3 +100,11 @@ def test_shipped_config_runs_two_steps_on_tiny_preset(config, tiny_preset, tmp_p
     assert main(["export", str(run_dir), str(tmp_path / "again")]) == 0
     assert main(["run", str(config), *overrides]) == 2
     assert "already exists" in capsys.readouterr().err
+
+    # `kerasft eval` re-scores the saved adapter (and the base) with the same config.
+    (run_dir / "eval.json").unlink()
+    assert main(["eval", str(config), *overrides]) == 0
+    assert json.loads((run_dir / "eval.json").read_text())["count"] == 4
+
+    # The HF export is itself a model source (a local Hugging Face folder).
+    assert main(["generate", str(run_dir / "export_hf"), "Hola", "--max-new-tokens", "2"]) == 0
