@@ -28,6 +28,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     from kerasft.data.pipeline import tokenize_examples
     from kerasft.data.records import load_examples
     from kerasft.data.template import chat_tokens
+    from kerasft.evaluate.generate import causal_lm_for
     from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
     from kerasft.models.lora import apply_lora, save_adapter, token_ids_for
     from kerasft.models.presets import load_model
@@ -53,7 +54,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         tokens = chat_tokens(loaded.tokenizer)
         # Adapters start with B = 0, so this model computes exactly the base model's function.
         apply_lora(loaded.backbone, cfg.lora)
-        causal_lm = _causal_lm(loaded.backbone)
+        causal_lm = causal_lm_for(loaded.backbone)
         results = {}
         if evaluate and cfg.eval.compare_base:
             with clock("eval_base"):
@@ -137,12 +138,6 @@ def load_source(src: str, model_overrides: dict | None = None):
     if (path / "summary.json").is_file() or (path / "config.yaml").is_file():
         raise KerasftError(f"{path}: run dir has no adapter (did training finish?)")
     return load_model(ModelConfig(preset=src, **(model_overrides or {}))), None
-
-
-def _causal_lm(backbone):
-    from kerasft.evaluate.generate import causal_lm_for
-
-    return causal_lm_for(backbone)
 
 
 def _fresh_run_dir(run_dir: Path, overwrite: bool) -> Path:
