@@ -7,7 +7,7 @@ name the file and the line or key path of the bad record. Stdlib only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kerasft.errors import KerasftError
@@ -23,6 +23,12 @@ class Example:
     context: for QA, the passage as it appears inside `prompt`, so the pipeline can trim it
         around the answer when the example is too long.
     answer_start: character offset of `response` inside `context` (-1 when unknown).
+    system: this example's system prompt; empty means the config's `data.system`.
+    history: earlier (user, assistant) exchanges of a multi-turn chat; every assistant turn in
+        it carries loss weight like `response` does.
+    meta: metadata columns (category, difficulty, ...) for stratified splits and per-group
+        metrics; values are strings.
+    origin: where the record came from ("file.jsonl:12"), for error messages and reports.
     """
 
     id: str
@@ -31,6 +37,16 @@ class Example:
     answers: tuple[str, ...] = ()
     context: str = ""
     answer_start: int = -1
+    system: str = ""
+    history: tuple[tuple[str, str], ...] = ()
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+    origin: str = ""
+
+    @property
+    def answerable(self) -> bool:
+        """False for a SQuAD v2 question with no answer in its context (its response is the
+        configured no-answer text and `answers` is empty)."""
+        return bool(self.answers)
 
 
 def qa_prompt(instruction: str, context: str, question: str) -> str:
