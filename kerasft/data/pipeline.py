@@ -139,3 +139,19 @@ def make_batch(data: TokenizedSet, indices, sequence_length: int, num_targets: i
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     """A fresh, reproducible permutation for each epoch."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def epoch_batches(data: TokenizedSet, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch as index arrays, a pure function of (data, seed, epoch).
+
+    A short last batch is filled from the start of the same epoch's order, keeping one batch
+    shape (one compilation) while every example is still seen each epoch.
+    """
+    order = epoch_order(len(data), seed, epoch)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        if len(indices) < batch_size:
+            indices = np.concatenate([indices, np.resize(order, batch_size - len(indices))])
+        batches.append(indices)
+    return batches

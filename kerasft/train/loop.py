@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasft.data.pipeline import TokenizedSet, epoch_order, make_batch
+from kerasft.data.pipeline import TokenizedSet, epoch_batches, make_batch
 
 
 @dataclass
@@ -146,7 +146,7 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     log_path = Path(run_dir) / "metrics.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("a", encoding="utf-8")
-    batches = _batch_indices(len(data), cfg.batch_size, cfg.seed)
+    batches = _batch_stream(data, cfg.batch_size, cfg.seed)
     started = time.perf_counter()
     timed_tokens, timed_seconds, window = 0, 0.0, []
     loss = float("nan")
@@ -207,19 +207,13 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     )
 
 
-def _batch_indices(num_examples: int, batch_size: int, seed: int):
-    """Endless (epoch, indices) stream, reshuffled each epoch.
-
-    A short last batch is filled from the start of the same epoch's order, keeping one batch
-    shape (one compilation) while every example is still seen each epoch.
-    """
-    epoch = 0
+def _batch_stream(data: TokenizedSet, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0):
+    """Endless (epoch, indices) stream; (epoch, batch) is the data position a resume needs."""
+    epoch = start_epoch
     while True:
-        order = epoch_order(num_examples, seed, epoch)
-        for start in range(0, num_examples, batch_size):
-            indices = order[start : start + batch_size]
-            if len(indices) < batch_size:
-                indices = np.concatenate([indices, np.resize(order, batch_size - len(indices))])
+        for position, indices in enumerate(epoch_batches(data, batch_size, seed, epoch)):
+            if epoch == start_epoch and position < start_batch:
+                continue
             yield epoch, indices
         epoch += 1
 
