@@ -1,6 +1,7 @@
 """Hand-built cases for the SQuAD v1.1 / MLQA metrics; expected values are worked out by hand."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -8,14 +9,27 @@ import pytest
 
 from kerasft.errors import KerasftError
 from kerasft.evaluate.metrics import (
+    auroc,
     best_over_golds,
     exact_match,
     f1,
+    failure_kinds,
+    guess_language,
+    is_no_answer,
+    json_scores,
+    lcs_length,
     load_predictions,
     load_squad_references,
     normalize_answer,
+    parse_json_output,
+    percentile,
+    perplexity,
+    rouge_l,
+    rouge_tokens,
     score_files,
+    short_answer_scores,
     squad_scores,
+    squad_v2_scores,
 )
 
 
@@ -303,3 +317,190 @@ def test_module_is_stdlib_only():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+# --- SQuAD v2: no-answer handling ----------------------------------------------------------
+
+NO_ANSWER = "Sin respuesta"
+
+
+def test_is_no_answer_normalises():
+    assert is_no_answer("¡Sin respuesta!", NO_ANSWER)
+    assert is_no_answer("  sin   RESPUESTA. ", NO_ANSWER)
+    assert not is_no_answer("Sin respuesta clara", NO_ANSWER)
+    assert not is_no_answer("", NO_ANSWER)
+
+
+def test_squad_v2_scores_by_hand():
+    references = {
+        "a1": ["Madrid"],  # answered right: EM 1, F1 1
+        "a2": ["río Ebro"],  # partial: "el río Ebro en Zaragoza" -> F1 2/3
+        "a3": ["1492"],  # model abstains on an answerable question: 0, 0
+        "n1": [],  # unanswerable, model abstains: 1, 1
+        "n2": [],  # unanswerable, model answers: 0, 0
+    }
+    predictions = {"a1": "madrid", "a2": "el río Ebro en Zaragoza", "a3": "Sin respuesta.", "n1": "¡Sin respuesta!",
+                   "n2": "Cervantes"}
+    scores = squad_v2_scores(predictions, references, NO_ANSWER)
+    assert scores["has_answer_exact_match"] == pytest.approx(100 / 3)
+    assert scores["has_answer_f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert scores["no_answer_exact_match"] == 50.0 and scores["no_answer_f1"] == 50.0
+    assert scores["exact_match"] == pytest.approx(100 * 2 / 5)
+    assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 5)
+    # Predicted no answer: a3 (wrong), n1 (right) -> precision 1/2; true no-answer: n1, n2 -> recall 1/2.
+    assert scores["no_answer_precision"] == 50.0 and scores["no_answer_recall"] == 50.0
+    assert (scores["count"], scores["has_answer_count"], scores["no_answer_count"], scores["predicted_no_answer"]) == (5, 3, 2, 2)
+
+
+def test_squad_v2_scores_empty_groups_are_none():
+    scores = squad_v2_scores({"a": "Madrid"}, {"a": ["Madrid"]}, NO_ANSWER)
+    assert scores["no_answer_f1"] is None and scores["no_answer_recall"] is None
+    assert scores["no_answer_precision"] is None  # nothing predicted as no answer
+    assert scores["f1"] == 100.0
+    with pytest.raises(ValueError):
+        squad_v2_scores({}, {}, NO_ANSWER)
+
+
+def test_auroc_by_hand():
+    assert auroc([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    # Positives 0.8, 0.4; negatives 0.6, 0.2: pairs won (0.8>0.6, 0.8>0.2, 0.4>0.2) = 3 of 4.
+    assert auroc([0.8, 0.6, 0.4, 0.2], [1, 0, 1, 0]) == 0.75
+    # A tie between a positive and a negative counts one half: (1 + 0.5) / 2.
+    assert auroc([0.5, 0.5, 0.9], [0, 1, 1]) == 0.75
+    assert auroc([1.0, 2.0], [1, 1]) is None
+    with pytest.raises(ValueError):
+        auroc([1.0], [1, 0])
+
+
+# --- structured output ---------------------------------------------------------------------
+
+
+def test_parse_json_output():
+    assert parse_json_output('{"a": 1}') == (True, {"a": 1})
+    assert parse_json_output('```json\n{"a": 1}\n```') == (True, {"a": 1})
+    assert parse_json_output('```\n[1, 2]\n```') == (True, [1, 2])
+    assert parse_json_output('{"a": 1') == (False, None)
+    assert parse_json_output("") == (False, None)
+    assert parse_json_output("Claro: {\"a\": 1}") == (False, None)  # prose around JSON is not JSON
+
+
+def test_json_scores_by_hand():
+    golds = {
+        "1": {"ciudad": "Madrid", "año": 1561},
+        "2": {"ciudad": "Sevilla", "año": 1248},
+        "3": {"ciudad": "Toledo", "año": 1085},
+        "4": {"ciudad": "Zaragoza", "activo": True},
+    }
+    predictions = {
+        "1": '{"año": 1561.0, "ciudad": "Madrid"}',  # exact (1561 == 1561.0 in JSON), both fields right
+        "2": '{"ciudad": "Sevilla", "año": 1249}',  # ciudad right, año wrong
+        "3": "{ciudad: Toledo}",  # does not parse
+        "4": '{"ciudad": "Zaragoza", "activo": 1}',  # 1 is not true
+    }
+    validate = lambda value: isinstance(value, dict) and "año" in value  # noqa: E731
+    scores = json_scores(predictions, golds, validate)
+    assert scores["parse_rate"] == 75.0
+    assert scores["schema_valid"] == 50.0  # 1 and 2 have "año"
+    assert scores["exact_match"] == 25.0
+    # ciudad: 1, 2, 4 right of 4; año: only 1 of 3; activo: 0 of 1.
+    assert scores["field_accuracy"] == {"ciudad": 75.0, "año": pytest.approx(100 / 3), "activo": 0.0}
+    assert json_scores(predictions, golds)["schema_valid"] is None
+
+
+# --- short answers -------------------------------------------------------------------------
+
+
+def test_short_answer_scores_by_group():
+    references = {"1": ["Madrid"], "2": ["río Ebro"], "3": ["1492"], "4": ["Cervantes"]}
+    predictions = {"1": "¡Madrid!", "2": "el Ebro", "3": "en el año 1492 de nuestra era", "4": "Lope"}
+    meta = {"1": {"difficulty": "fácil"}, "2": {"difficulty": "fácil", "category": "geo"},
+            "3": {"difficulty": "difícil"}, "4": {"difficulty": "difícil"}}
+    # F1: 1: 1; 2: "ebro" vs "río ebro": P 1, R 1/2 -> 2/3; 3: tokens en año 1492 de nuestra era (6),
+    # P 1/6 R 1 -> 2/7; 4: 0. Accuracy at 0.5: 1, 2 pass.
+    scores = short_answer_scores(predictions, references, meta, threshold=0.5)
+    assert scores["exact_match"] == 25.0
+    assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3 + 2 / 7) / 4)
+    assert scores["accuracy"] == 50.0
+    assert scores["by"]["difficulty"]["fácil"] == {"exact_match": 50.0, "f1": pytest.approx(100 * 5 / 6), "accuracy": 100.0, "count": 2}
+    assert scores["by"]["difficulty"]["difícil"]["accuracy"] == 0.0
+    assert scores["by"]["category"] == {"geo": {"exact_match": 0.0, "f1": pytest.approx(200 / 3), "accuracy": 100.0, "count": 1}}
+    assert short_answer_scores(predictions, references, meta, threshold=0.25)["accuracy"] == 75.0
+
+
+# --- ROUGE-L, perplexity, percentiles -------------------------------------------------------
+
+
+def test_lcs_length():
+    assert lcs_length("ABCBDAB", "BDCABA") == 4  # the textbook example (BCBA)
+    assert lcs_length([], [1, 2]) == 0
+    assert lcs_length([1, 2, 3], [1, 2, 3]) == 3
+
+
+def test_rouge_l_by_hand():
+    # pred: el gato duerme en el sofá (6); ref: el gato negro duerme en la cama (7).
+    # LCS: el gato duerme en (4). P 4/6, R 4/7, F = 2PR/(P+R) = 8/13.
+    score = rouge_l("El gato duerme en el sofá.", "¡El gato negro duerme en la cama!")
+    assert score["precision"] == pytest.approx(4 / 6)
+    assert score["recall"] == pytest.approx(4 / 7)
+    assert score["f1"] == pytest.approx(8 / 13)
+    assert rouge_l("¿Qué?", "qué")["f1"] == 1.0  # punctuation and case do not count
+    assert rouge_l("", "algo") == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert rouge_tokens("«Año» 2024, niño") == ["año", "2024", "niño"]
+
+
+def test_perplexity():
+    assert perplexity(0.0, 5) == 1.0
+    assert perplexity(4 * math.log(8), 4) == pytest.approx(8.0)
+    with pytest.raises(ValueError):
+        perplexity(1.0, 0)
+
+
+def test_percentile_matches_linear_interpolation():
+    values = [4.0, 1.0, 3.0, 2.0]  # sorted 1 2 3 4
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 95) == pytest.approx(3.85)  # position 2.85: 3 + 0.85
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
+    assert percentile([7.0], 95) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+# --- language guess and failure kinds --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("¿Cuál es la capital de España?", "es"),
+        ("El río pasa por la ciudad y los puentes son antiguos.", "es"),
+        ("The river flows through the city.", "en"),
+        ("It was discovered in 2009 by two amateurs.", "en"),
+        ("Madrid", "unknown"),
+        ("1492", "unknown"),
+        ("", "unknown"),
+    ],
+)
+def test_guess_language(text, expected):
+    assert guess_language(text) == expected
+
+
+CONTEXT = "El cometa fue descubierto el 14 de marzo de 2009 por dos astrónomos aficionados."
+QUESTION = "¿Cuándo fue descubierto el cometa?"
+
+
+@pytest.mark.parametrize(
+    "prediction, golds, expected",
+    [
+        ("14 de marzo de 2009", ["14 de marzo de 2009"], []),
+        ("  ", ["2009"], ["empty"]),
+        ("en 2010", ["2009"], ["not_in_context"]),
+        ("El cometa fue descubierto el 14 de marzo de 2009", ["2009"], ["too_long"]),
+        ("It was discovered in 2009 by the amateurs", ["2009"], ["not_in_context", "too_long", "wrong_language"]),
+        ("Sin respuesta", ["2009"], ["false_no_answer"]),
+        ("dos astrónomos", [], ["missed_no_answer"]),
+        ("¡Sin respuesta!", [], []),
+    ],
+)
+def test_failure_kinds(prediction, golds, expected):
+    assert failure_kinds(prediction, golds, CONTEXT, QUESTION, NO_ANSWER) == expected

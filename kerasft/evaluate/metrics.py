@@ -1,15 +1,18 @@
-"""Extractive question-answering metrics: SQuAD v1.1 / MLQA exact match and token F1.
+"""Evaluation metrics as pure functions: SQuAD v1.1 / MLQA exact match and token F1, SQuAD v2
+no-answer scores and AUROC, structured-output (JSON) scores, short-answer accuracy by group,
+ROUGE-L, perplexity, percentiles, a stopword language guess and failure kinds for error analysis.
 
-Pure functions and stdlib only: the CLI imports this module, so it must load instantly.
+Stdlib only: the CLI imports this module, so it must load instantly.
 Normalisation follows the official scripts: lang "en" is the SQuAD v1.1 evaluate script,
 lang "es" is MLQA's Spanish branch (all Unicode punctuation, Spanish articles).
 """
 
 import json
+import math
 import re
 import string
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 
 from kerasft.errors import KerasftError
 
@@ -245,3 +248,352 @@ def score_files(predictions_path, references_path, lang="es"):
     predictions = load_predictions(predictions_path)
     references = load_squad_references(references_path)
     return squad_scores(predictions, references, lang)
+
+
+# --- SQuAD v2: questions without an answer ---------------------------------------------------
+
+
+def is_no_answer(prediction, no_answer_text, lang="es"):
+    """True when the prediction is the configured no-answer text (after normalisation)."""
+    return normalize_answer(prediction, lang) == normalize_answer(no_answer_text, lang)
+
+
+def squad_v2_scores(predictions, references, no_answer_text, lang="es"):
+    """SQuAD v2 scores where "no answer" is a response text rather than an empty string.
+
+    An unanswerable question (empty gold list) scores EM = F1 = 1 when the prediction is the
+    no-answer text and 0 otherwise; an answerable one scores 0 when the prediction is the
+    no-answer text, else the usual best-over-golds EM and F1. No-answer detection treats
+    "predicted no answer" as the positive class.
+
+    Args:
+        predictions: Question id -> predicted text (a missing id counts as an empty answer).
+        references: Question id -> gold texts; an empty list marks an unanswerable question.
+        no_answer_text: The response the model was trained to give when there is no answer.
+        lang: Normalisation language.
+
+    Returns:
+        Percentages exact_match, f1 (all questions), has_answer_exact_match / has_answer_f1,
+        no_answer_exact_match / no_answer_f1 (None when that group is empty),
+        no_answer_precision / no_answer_recall (None when undefined), and the counts
+        count, has_answer_count, no_answer_count, predicted_no_answer.
+
+    Raises:
+        ValueError: If references is empty or lang is not supported.
+    """
+    _check_lang(lang)
+    if not references:
+        raise ValueError("no reference questions to score")
+    sums = {"has": [0.0, 0.0, 0], "no": [0.0, 0.0, 0]}
+    predicted_no = true_no = 0
+    for question_id, golds in references.items():
+        prediction = predictions.get(question_id, "")
+        abstained = is_no_answer(prediction, no_answer_text, lang)
+        predicted_no += abstained
+        if golds:
+            group = sums["has"]
+            em = 0.0 if abstained else best_over_golds(exact_match, prediction, golds, lang)
+            f = 0.0 if abstained else best_over_golds(f1, prediction, golds, lang)
+        else:
+            group = sums["no"]
+            em = f = float(abstained)
+            true_no += abstained
+        group[0] += em
+        group[1] += f
+        group[2] += 1
+
+    def percent(total, count):
+        return 100.0 * total / count if count else None
+
+    has_em, has_f1, has_n = sums["has"]
+    no_em, no_f1, no_n = sums["no"]
+    count = has_n + no_n
+    return {
+        "exact_match": percent(has_em + no_em, count),
+        "f1": percent(has_f1 + no_f1, count),
+        "has_answer_exact_match": percent(has_em, has_n),
+        "has_answer_f1": percent(has_f1, has_n),
+        "no_answer_exact_match": percent(no_em, no_n),
+        "no_answer_f1": percent(no_f1, no_n),
+        "no_answer_precision": percent(true_no, predicted_no),
+        "no_answer_recall": percent(true_no, no_n),
+        "count": count,
+        "has_answer_count": has_n,
+        "no_answer_count": no_n,
+        "predicted_no_answer": predicted_no,
+    }
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve: the probability that a random positive scores above a random
+    negative, ties counting one half (the Mann-Whitney U statistic).
+
+    Args:
+        scores: Higher means "more likely positive".
+        labels: Truthy for positives, same length as scores.
+
+    Returns:
+        The AUROC in [0, 1], or None when there are no positives or no negatives.
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    pairs = sorted(zip(scores, labels), key=lambda pair: pair[0])
+    positives = sum(1 for _, label in pairs if label)
+    negatives = len(pairs) - positives
+    if not positives or not negatives:
+        return None
+    # Average ranks (1-based) over tied scores, then U = rank sum of positives - n+(n+ + 1)/2.
+    rank_sum = 0.0
+    start = 0
+    while start < len(pairs):
+        end = start
+        while end + 1 < len(pairs) and pairs[end + 1][0] == pairs[start][0]:
+            end += 1
+        average_rank = (start + end) / 2 + 1
+        rank_sum += average_rank * sum(1 for _, label in pairs[start : end + 1] if label)
+        start = end + 1
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+# --- structured output (JSON) ----------------------------------------------------------------
+
+_CODE_FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+def parse_json_output(text):
+    """Parses a model's JSON answer; a surrounding ``` or ```json fence is allowed.
+
+    Returns:
+        (True, value) when the text is JSON, else (False, None).
+    """
+    text = text.strip()
+    fenced = _CODE_FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        return True, json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False, None
+
+
+def json_scores(predictions, golds, validate=None):
+    """Parse rate, schema validity, whole-object exact match and per-field accuracy.
+
+    Args:
+        predictions: Id -> generated text.
+        golds: Id -> the gold value (parsed JSON, usually an object).
+        validate: Optional callable value -> bool (e.g. a JSON-schema check); without it the
+            schema_valid rate is None.
+
+    Returns:
+        Percentages parse_rate, schema_valid, exact_match; field_accuracy: top-level key of the
+        gold objects -> percentage of examples having that key whose prediction parsed to an
+        object with an equal value there; count.
+    """
+    if not golds:
+        raise ValueError("no gold answers to score")
+    parsed = valid = exact = 0
+    field_hits, field_totals = Counter(), Counter()
+    for example_id, gold in golds.items():
+        ok, value = parse_json_output(predictions.get(example_id, ""))
+        parsed += ok
+        if ok and validate is not None:
+            valid += bool(validate(value))
+        exact += ok and _same_json(value, gold)
+        if isinstance(gold, dict):
+            for key, gold_value in gold.items():
+                field_totals[key] += 1
+                field_hits[key] += ok and isinstance(value, dict) and key in value and _same_json(value[key], gold_value)
+    count = len(golds)
+    return {
+        "parse_rate": 100.0 * parsed / count,
+        "schema_valid": 100.0 * valid / count if validate is not None else None,
+        "exact_match": 100.0 * exact / count,
+        "field_accuracy": {key: 100.0 * field_hits[key] / field_totals[key] for key in field_totals},
+        "count": count,
+    }
+
+
+def _same_json(a, b):
+    """JSON equality, recursively: 1 == 1.0, but true != 1 and [1] != {"0": 1}."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+# --- short answers ---------------------------------------------------------------------------
+
+
+def short_answer_scores(predictions, references, groups=None, threshold=0.5, lang="es"):
+    """Normalised exact match, mean token F1 and accuracy (F1 >= threshold), overall and by group.
+
+    Args:
+        predictions: Id -> predicted text (missing ids score 0).
+        references: Id -> gold texts (best over golds).
+        groups: Optional id -> {column: value} (an Example's meta); each column is broken down
+            by its values. Ids without a column are left out of that column's breakdown.
+        threshold: Token F1 at or above which an answer counts as correct.
+        lang: Normalisation language.
+
+    Returns:
+        {"exact_match", "f1", "accuracy" (percentages), "count", "by": {column: {value:
+        {"exact_match", "f1", "accuracy", "count"}}}}.
+    """
+    _check_lang(lang)
+    if not references:
+        raise ValueError("no reference answers to score")
+    per_example = {}
+    for example_id, gold in references.items():
+        prediction = predictions.get(example_id, "")
+        em = best_over_golds(exact_match, prediction, gold, lang)
+        f = best_over_golds(f1, prediction, gold, lang)
+        per_example[example_id] = (em, f, float(f >= threshold))
+
+    def summary(ids):
+        n = len(ids)
+        em, f, acc = (sum(per_example[i][k] for i in ids) for k in range(3))
+        return {"exact_match": 100.0 * em / n, "f1": 100.0 * f / n, "accuracy": 100.0 * acc / n, "count": n}
+
+    result = summary(list(per_example))
+    by = defaultdict(lambda: defaultdict(list))
+    for example_id, columns in (groups or {}).items():
+        if example_id in per_example:
+            for column, value in columns.items():
+                by[column][str(value)].append(example_id)
+    result["by"] = {column: {value: summary(ids) for value, ids in sorted(values.items())}
+                    for column, values in sorted(by.items())}
+    return result
+
+
+# --- text: ROUGE-L and perplexity ------------------------------------------------------------
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def rouge_tokens(text):
+    """Lowercased word tokens (Unicode letters and digits), as ROUGE compares them."""
+    return _WORD.findall(text.lower())
+
+
+def lcs_length(a, b):
+    """Length of the longest common subsequence of two sequences (O(len(a) * len(b)))."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F1 of one prediction against one reference: LCS precision and recall over words.
+
+    Returns:
+        {"precision", "recall", "f1"} in [0, 1]; all 0 when either side has no words.
+    """
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    lcs = lcs_length(pred, ref)
+    if not lcs:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall)}
+
+
+def perplexity(nll_sum, token_count):
+    """exp(total negative log-likelihood / number of scored tokens)."""
+    if token_count <= 0:
+        raise ValueError("perplexity needs at least one scored token")
+    return math.exp(nll_sum / token_count)
+
+
+# --- system ----------------------------------------------------------------------------------
+
+
+def percentile(values, q):
+    """The q-th percentile (0-100) with linear interpolation between order statistics, as
+    numpy's default method computes it."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0-100")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# --- error analysis --------------------------------------------------------------------------
+
+# Frequent function words that exist in one language only (no "a", "no", "me", "he", "son").
+_STOPWORDS = {
+    "es": frozenset(
+        "el la los las un una unos unas del al de que y en por para con sin se es está están son fue "
+        "era pero como más muy ya también porque cuando donde qué cuál quién cómo dónde este esta "
+        "estos estas ese esa hay su sus lo le les nos yo tú él ella ellos ellas sí ha han".split()
+    ),
+    "en": frozenset(
+        "the of and to in is are was were be been that this these those with for on at by from it "
+        "its as an or but not which who what where when how there their they he she we you has have "
+        "had will would can could do does did".split()
+    ),
+}
+
+
+def guess_language(text):
+    """"es", "en" or "unknown" from counts of language-specific stopwords.
+
+    Short answers ("Madrid", "1492") carry no stopwords and come back "unknown"; a tie is
+    "unknown" too.
+    """
+    words = rouge_tokens(text)
+    es = sum(word in _STOPWORDS["es"] for word in words)
+    en = sum(word in _STOPWORDS["en"] for word in words)
+    if es == en:
+        return "unknown"
+    return "es" if es > en else "en"
+
+
+FAILURE_KINDS = ("empty", "not_in_context", "too_long", "wrong_language", "missed_no_answer", "false_no_answer")
+
+
+def failure_kinds(prediction, golds, context="", question="", no_answer_text="", lang="es", max_ratio=3.0):
+    """Why an answer may have failed; an empty list when none of the checks fires.
+
+    Kinds: "empty" (nothing but whitespace), "not_in_context" (an extractive answer whose
+    normalised text is not inside the normalised context), "too_long" (more than max_ratio
+    times as many words as the longest gold, and at least 3 more), "wrong_language" (the
+    question is guessed Spanish and the answer English, or the reverse), "missed_no_answer"
+    (answered an unanswerable question), "false_no_answer" (said the no-answer text to an
+    answerable one).
+    """
+    kinds = []
+    if not prediction.strip():
+        return ["empty"]
+    abstained = bool(no_answer_text) and is_no_answer(prediction, no_answer_text, lang)
+    if no_answer_text and not golds and not abstained:
+        kinds.append("missed_no_answer")
+    if golds and abstained:
+        kinds.append("false_no_answer")
+    if abstained:
+        return kinds
+    if context and normalize_answer(prediction, lang) not in normalize_answer(context, lang):
+        kinds.append("not_in_context")
+    if golds:
+        words = len(prediction.split())
+        longest = max(len(gold.split()) for gold in golds)
+        if words > max_ratio * longest and words >= longest + 3:
+            kinds.append("too_long")
+    asked, answered = guess_language(question), guess_language(prediction)
+    if "unknown" not in (asked, answered) and asked != answered:
+        kinds.append("wrong_language")
+    return kinds
