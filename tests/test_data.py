@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from kerasft.data.pipeline import make_batch, tokenize_examples
-from kerasft.data.records import Example, load_examples, qa_prompt
+from kerasft.config import DataConfig
+from kerasft.data.records import Example, qa_prompt
+from kerasft.data.sources import load_examples
 from kerasft.data.template import chat_tokens, encode_prompt, encode_response, render_chat
 from kerasft.errors import KerasftError
 
@@ -46,8 +48,9 @@ def test_shipped_splits_do_not_share_passages():
 
 def test_load_squad_builds_qa_examples(tmp_path):
     ctx = "El río Ebro pasa por Zaragoza."
-    examples = load_examples(_squad(tmp_path / "a.json", ctx, "Zaragoza", ctx.index("Zaragoza")), "Instr.")
-    assert examples == [Example("q1", qa_prompt("Instr.", ctx, "¿Dónde?"), "Zaragoza", ("Zaragoza",), ctx, 21)]
+    examples = load_examples(_squad(tmp_path / "a.json", ctx, "Zaragoza", ctx.index("Zaragoza")), DataConfig(instruction="Instr."))
+    assert examples == [Example("q1", qa_prompt("Instr.", ctx, "¿Dónde?"), "Zaragoza", ("Zaragoza",), ctx, 21,
+                                origin=f"{tmp_path / 'a.json'}: data[0].paragraphs[0].qas[0]")]
 
 
 def test_wrong_answer_start_is_named(tmp_path):
@@ -66,7 +69,7 @@ def test_malformed_inputs_name_file_and_line(tmp_path):
         load_examples(bad)
     lines = tmp_path / "x.jsonl"
     lines.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
-    with pytest.raises(KerasftError, match=r"x\.jsonl: line 2: missing 'response'"):
+    with pytest.raises(KerasftError, match=r"x\.jsonl: line 2: no response field; found prompt"):
         load_examples(lines)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -1,80 +1,242 @@
 """Examples -> token ids with loss weights -> padded batches of a few static shapes.
 
-The pipeline alone owns the loss mask: weight 1 on response tokens and the closing
-`<end_of_turn>`, 0 on the prompt and padding, for every Gemma family alike. Batches carry the
-positions of the weighted tokens, so the training step computes the vocabulary projection only
-there (Gemma's 262k-entry head is most of the cost of a 270M model).
+The pipeline alone owns the loss mask: weight 1 on every assistant turn and the token that
+closes it, 0 on system and user turns, the template's own text and padding; for raw text
+(task=pretrain) weight 1 on every token. Batches carry the positions of the weighted tokens, so
+the training step computes the vocabulary projection only there (Gemma's 262k-entry head is
+most of the cost of a 270M model).
+
+Token ids live in one flat array with offsets, so a tokenised set saved in the cache is
+memory-mapped on reuse rather than read into memory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from kerasft.data.records import Example
-from kerasft.data.template import ChatTokens, encode_prompt, encode_response
+from kerasft.data.template import ChatTokens, encode_conversation, encode_text
 from kerasft.errors import KerasftError
 
 LENGTH_BUCKET = 64  # sequence lengths are padded to a multiple of this: few shapes, few compiles
 TARGET_BUCKET = 16
+SORT_WINDOW = 32  # length-grouped batching sorts within windows of this many batches
+CACHE_VERSION = 2
 
 
 @dataclass
 class TokenizedSet:
-    """Token ids and loss weights of each example (ragged), plus what was trimmed or dropped."""
+    """Token ids and 0/1 loss weights of each row, stored flat; plus what was trimmed or dropped.
 
-    ids: list[np.ndarray]
-    weights: list[np.ndarray]
+    A row is one example, or several packed ones (packing, task=pretrain).
+    """
+
+    tokens: np.ndarray  # int32, all rows concatenated
+    loss_mask: np.ndarray  # uint8, same length
+    offsets: np.ndarray  # int64, len(rows) + 1
     trimmed: int = 0
     dropped: int = 0
+    dropped_origins: list[str] = field(default_factory=list)
+    group_by_length: bool = False
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.offsets) - 1
+
+    @property
+    def ids(self):
+        return _Rows(self.tokens, self.offsets, np.int32)
+
+    @property
+    def weights(self):
+        return _Rows(self.loss_mask, self.offsets, np.float32)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
 
     @property
     def num_targets(self) -> int:
-        """The static number of loss positions per row: the most any example needs, bucketed."""
-        most = max(int(w.sum()) for w in self.weights)
-        return int(math.ceil(most / TARGET_BUCKET) * TARGET_BUCKET)
+        """The static number of loss positions per row: the most any row needs, bucketed."""
+        counts = np.add.reduceat(self.loss_mask.astype(np.int64), self.offsets[:-1]) if len(self) else [0]
+        return int(math.ceil(max(int(np.max(counts)), 1) / TARGET_BUCKET) * TARGET_BUCKET)
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[list[int], list[int]]], **info) -> "TokenizedSet":
+        lengths = [len(ids) for ids, _ in rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.fromiter((t for ids, _ in rows for t in ids), dtype=np.int32, count=int(offsets[-1]))
+        mask = np.fromiter((w for _, ws in rows for w in ws), dtype=np.uint8, count=int(offsets[-1]))
+        return cls(tokens, mask, offsets, **info)
+
+    def save(self, folder: Path) -> None:
+        """Writes the arrays and counts into `folder` (atomically: a temp folder, then rename)."""
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name in ("tokens", "loss_mask", "offsets"):
+            np.save(tmp / f"{name}.npy", getattr(self, name))
+        info = {"trimmed": self.trimmed, "dropped": self.dropped, "dropped_origins": self.dropped_origins}
+        (tmp / "info.json").write_text(json.dumps(info))
+        tmp.replace(folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> "TokenizedSet":
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("tokens", "loss_mask", "offsets")}
+        return cls(**arrays, **json.loads((folder / "info.json").read_text()))
 
 
-def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_length: int, system: str = "") -> TokenizedSet:
-    """Tokenises examples for training; QA contexts are trimmed around the answer to fit.
+class _Rows:
+    """Read-only list-like view of the rows of a flat array."""
 
-    Examples that cannot fit even with the context trimmed are dropped and counted (with a
-    warning on stderr), never silently.
+    def __init__(self, flat, offsets, dtype):
+        self.flat, self.offsets, self.dtype = flat, offsets, dtype
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return np.asarray(self.flat[self.offsets[i] : self.offsets[i + 1]], dtype=self.dtype)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_length: int, system: str = "",
+                      template: str = "gemma", packing: bool = False) -> TokenizedSet:
+    """Tokenises chat examples for training; QA contexts are trimmed around the answer to fit.
+
+    Examples that cannot fit even with the context trimmed are left out, counted and named in
+    a warning on stderr (and in `dropped_origins`), never silently.
+
+    Args:
+        system: the config's system prompt, used where an example has none of its own.
+        template: "gemma" or "plain" (see kerasft.data.template).
+        packing: concatenate short examples into rows of up to sequence_length tokens.
     """
-    out = TokenizedSet([], [])
+    encode = _batch_encoder(tokens, examples, system, template)
+    rows, out = [], TokenizedSet.from_rows([])
     for ex in examples:
-        response = encode_response(tokens, ex.response)
-        prompt = encode_prompt(tokens, ex.prompt, system)
-        if len(prompt) + len(response) > sequence_length and ex.context and ex.answer_start >= 0:
-            prompt = _trim_context(tokens, ex, system, sequence_length - len(response))
-            out.trimmed += prompt is not None
-        if prompt is None or len(prompt) + len(response) > sequence_length:
+        ex_system = ex.system or system
+        ids, weights = encode_conversation(tokens, ex.prompt, ex.response, ex_system, ex.history, template, encode)
+        if len(ids) > sequence_length and ex.context and ex.answer_start >= 0 and not ex.history:
+            trimmed = _trim_context(tokens, ex, ex_system, template, sequence_length)
+            if trimmed is not None:
+                (ids, weights), out.trimmed = trimmed, out.trimmed + 1
+        if len(ids) > sequence_length:
             out.dropped += 1
+            out.dropped_origins.append(f"{ex.origin or ex.id} ({len(ids)} tokens)")
             continue
-        ids = np.asarray(prompt + response, dtype=np.int32)
-        weights = np.zeros(len(ids), dtype=np.float32)
-        weights[len(prompt) :] = 1.0
-        out.ids.append(ids)
-        out.weights.append(weights)
+        rows.append((ids, weights))
     if out.dropped:
-        print(
-            f"warning: {out.dropped} of {len(examples)} examples are longer than sequence_length="
-            f"{sequence_length} even after trimming and were left out",
-            file=sys.stderr,
-        )
-    if not out.ids:
-        raise KerasftError(f"no example fits in sequence_length={sequence_length}")
-    return out
+        shown = "; ".join(out.dropped_origins[:3]) + (" ..." if out.dropped > 3 else "")
+        print(f"warning: {out.dropped} of {len(examples)} examples are longer than sequence_length={sequence_length} "
+              f"even after trimming and were left out: {shown}", file=sys.stderr)
+    if not rows:
+        raise KerasftError(f"no example fits in sequence_length={sequence_length}; raise data.sequence_length")
+    if packing:
+        rows = pack_rows(rows, sequence_length)
+    return TokenizedSet.from_rows(rows, trimmed=out.trimmed, dropped=out.dropped, dropped_origins=out.dropped_origins)
 
 
-def _trim_context(tokens: ChatTokens, ex: Example, system: str, budget: int) -> list[int] | None:
-    """The longest word window of the context that keeps the answer span and fits `budget`."""
+def tokenize_documents(tokens: ChatTokens, examples: list[Example], sequence_length: int) -> TokenizedSet:
+    """Raw text for continued pretraining: <bos> doc <eos> streams, concatenated and cut into
+    rows of exactly sequence_length tokens (the last row may be shorter); every token is a
+    target except each row's first and each document's <bos>."""
+    stream = []
+    texts = [ex.response for ex in examples]
+    for ids in tokens.sp.encode(texts, num_threads=0):
+        stream.extend([tokens.bos, *ids, tokens.eos])
+    rows = []
+    for start in range(0, len(stream), sequence_length):
+        ids = stream[start : start + sequence_length]
+        if len(ids) < 2:
+            continue
+        weights = [0 if (i == 0 or t == tokens.bos) else 1 for i, t in enumerate(ids)]
+        rows.append((ids, weights))
+    if not rows:
+        raise KerasftError("the text corpus is empty after tokenisation")
+    return TokenizedSet.from_rows(rows)
+
+
+def pack_rows(rows, sequence_length: int):
+    """First-fit-decreasing packing of (ids, weights) rows into rows of at most sequence_length."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    bins: list[list] = []  # [free space, ids, weights]
+    for i in order:
+        ids, weights = rows[i]
+        for b in bins:
+            if b[0] >= len(ids):
+                b[0] -= len(ids)
+                b[1].extend(ids)
+                b[2].extend(weights)
+                break
+        else:
+            bins.append([sequence_length - len(ids), list(ids), list(weights)])
+    return [(b[1], b[2]) for b in bins]
+
+
+def tokenize_cached(tokens: ChatTokens, examples: list[Example], data_cfg, cache_root: Path | None) -> tuple[TokenizedSet, bool]:
+    """tokenize_examples / tokenize_documents through an on-disk cache keyed by the examples,
+    the tokenizer, the template, the system prompt, the sequence length and packing.
+
+    Returns (the set, whether it came from the cache).
+    """
+    pretrain = data_cfg.task == "pretrain"
+
+    def compute():
+        if pretrain:
+            return tokenize_documents(tokens, examples, data_cfg.sequence_length)
+        return tokenize_examples(tokens, examples, data_cfg.sequence_length, data_cfg.system, data_cfg.template,
+                                 data_cfg.packing)
+
+    if not data_cfg.cache or cache_root is None:
+        result, hit = compute(), False
+    else:
+        digest = hashlib.sha256()
+        settings = [CACHE_VERSION, data_cfg.task, data_cfg.template, data_cfg.system, data_cfg.sequence_length,
+                    data_cfg.packing]
+        digest.update(json.dumps(settings).encode())
+        digest.update(hashlib.sha256(tokens.sp.serialized_model_proto()).digest())
+        for ex in examples:
+            digest.update(json.dumps(ex.to_json(), ensure_ascii=False, sort_keys=True).encode())
+        folder = Path(cache_root) / "tokens" / digest.hexdigest()[:32]
+        hit = (folder / "info.json").is_file()
+        if hit:
+            result = TokenizedSet.load(folder)
+        else:
+            result = compute()
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            result.save(folder)
+    result.group_by_length = data_cfg.batching == "length"
+    return result, hit
+
+
+def _batch_encoder(tokens: ChatTokens, examples: list[Example], system: str, template: str):
+    """Encodes every text piece the template will ask for in one multi-threaded SentencePiece
+    call (a dry run records them), and returns a lookup with the same signature as encode."""
+    wanted: list[str] = []
+
+    def record(text):
+        wanted.append(text)
+        return []
+
+    for ex in examples:
+        encode_conversation(tokens, ex.prompt, ex.response, ex.system or system, ex.history, template, record)
+    unique = list(dict.fromkeys(t for t in wanted if t))
+    memo = dict(zip(unique, tokens.sp.encode(unique, num_threads=0))) if unique else {}
+    return lambda text: memo[text] if text else []
+
+
+def _trim_context(tokens: ChatTokens, ex: Example, system: str, template: str, budget: int):
+    """(ids, weights) with the longest word window of the context that keeps the answer span and
+    fits `budget`, or None."""
     words = ex.context.split(" ")
     offsets, pos = [], 0
     for word in words:
@@ -84,17 +246,18 @@ def _trim_context(tokens: ChatTokens, ex: Example, system: str, budget: int) -> 
     end_char = ex.answer_start + len(ex.response)
     last = max(i for i, start in enumerate(offsets) if start < end_char)
 
-    def encode_window(extra: int) -> list[int]:
+    def encode_window(extra: int):
         lo, hi = max(0, first - extra), min(len(words), last + 1 + extra)
         window = " ".join(words[lo:hi])
-        return encode_prompt(tokens, ex.prompt.replace(ex.context, window, 1), system)
+        prompt = ex.prompt.replace(ex.context, window, 1)
+        return encode_conversation(tokens, prompt, ex.response, system, (), template)
 
     lo, hi, best = 0, len(words), None
     while lo <= hi:  # binary search on the number of words kept on each side of the answer
         mid = (lo + hi) // 2
-        ids = encode_window(mid)
+        ids, weights = encode_window(mid)
         if len(ids) <= budget:
-            best, lo = ids, mid + 1
+            best, lo = (ids, weights), mid + 1
         else:
             hi = mid - 1
     return best
@@ -106,12 +269,13 @@ def padded_length(length: int, sequence_length: int) -> int:
 
 
 def make_batch(data: TokenizedSet, indices, sequence_length: int, num_targets: int, pad_id: int = 0) -> dict:
-    """Pads the chosen examples into one batch.
+    """Pads the chosen rows into one batch.
 
     Returns numpy arrays: token_ids and padding_mask (B, S); target_positions, target_ids and
     target_weights (B, K), where position p predicts target_ids at token p + 1.
     """
-    rows = [data.ids[i] for i in indices]
+    rows_ids, rows_weights = data.ids, data.weights
+    rows = [rows_ids[i] for i in indices]
     width = padded_length(max(len(r) for r in rows), sequence_length)
     batch = len(rows)
     token_ids = np.full((batch, width), pad_id, dtype=np.int32)
@@ -119,8 +283,8 @@ def make_batch(data: TokenizedSet, indices, sequence_length: int, num_targets: i
     positions = np.zeros((batch, num_targets), dtype=np.int32)
     targets = np.zeros((batch, num_targets), dtype=np.int32)
     target_weights = np.zeros((batch, num_targets), dtype=np.float32)
-    for row, i in enumerate(indices):
-        ids, weights = data.ids[i], data.weights[i]
+    for row, (i, ids) in enumerate(zip(indices, rows)):
+        weights = rows_weights[i]
         token_ids[row, : len(ids)] = ids
         padding_mask[row, : len(ids)] = True
         where = np.flatnonzero(weights)[:num_targets]
@@ -144,14 +308,35 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 def epoch_batches(data: TokenizedSet, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The batches of one epoch as index arrays, a pure function of (data, seed, epoch).
 
+    With `data.group_by_length`, rows are sorted by length inside windows of SORT_WINDOW
+    batches and the batches then shuffled: less padding, and still a different mix each epoch.
     A short last batch is filled from the start of the same epoch's order, keeping one batch
     shape (one compilation) while every example is still seen each epoch.
     """
     order = epoch_order(len(data), seed, epoch)
+    if data.group_by_length:
+        lengths = data.lengths
+        window = batch_size * SORT_WINDOW
+        order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                                for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
     batches = []
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         if len(indices) < batch_size:
             indices = np.concatenate([indices, np.resize(order, batch_size - len(indices))])
         batches.append(indices)
+    if data.group_by_length:
+        shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+        batches = [batches[i] for i in shuffle]
     return batches
+
+
+def padding_fraction(data: TokenizedSet, batch_size: int, sequence_length: int, seed: int = 0) -> float:
+    """The share of padding in the batches of one epoch (what bucketing and packing save)."""
+    lengths = data.lengths
+    real = padded = 0
+    for indices in epoch_batches(data, batch_size, seed, 0):
+        width = padded_length(int(lengths[indices].max()), sequence_length)
+        real += int(lengths[indices].sum())
+        padded += width * len(indices)
+    return 1.0 - real / padded if padded else 0.0

@@ -1,16 +1,28 @@
-"""Every data source becomes a list of `Example` records before tokenisation.
+"""The one record type every data source becomes before tokenisation, and the mapping of raw
+rows (JSON objects, spreadsheet rows, dataset rows, chat transcripts) onto it.
 
-Sources here: SQuAD v1.1 JSON and JSONL (prompt/response, or context/question/answer). Errors
-name the file and the line or key path of the bad record. Stdlib only.
+Errors name where the bad record came from ("train.csv: row 12: response: empty"). Stdlib only.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kerasft.errors import KerasftError
+
+# Default names of each field when `data.columns` does not say; the first one present wins.
+PROMPT_KEYS = ("prompt", "instruction", "input")
+QUESTION_KEYS = ("question", "query")
+RESPONSE_KEYS = ("response", "answer", "output", "completion", "target")
+CONTEXT_KEYS = ("context", "passage", "document")
+ID_KEYS = ("id", "qid", "question_id")
+ROLES = ("system", "user", "assistant", "model")
+
+
+class RecordError(KerasftError):
+    """One bad record; with `data.on_error: skip` it is counted and listed instead of raised."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,21 @@ class Example:
         configured no-answer text and `answers` is empty)."""
         return bool(self.answers)
 
+    def to_json(self) -> dict:
+        """The record as written to a run's split files; `example_from_row` reads it back."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "response": self.response,
+            "answers": list(self.answers),
+            "context": self.context,
+            "answer_start": self.answer_start,
+            "system": self.system,
+            "history": [list(turn) for turn in self.history],
+            "meta": self.meta,
+            "origin": self.origin,
+        }
+
 
 def qa_prompt(instruction: str, context: str, question: str) -> str:
     """The user turn for extractive QA; one function so training and evaluation agree."""
@@ -55,120 +82,203 @@ def qa_prompt(instruction: str, context: str, question: str) -> str:
     return f"{head}Texto: {context}\n\nPregunta: {question}"
 
 
-def load_examples(path: str | Path, instruction: str = "") -> list[Example]:
-    """Reads SQuAD v1.1 JSON (.json) or JSONL (.jsonl) into examples; raises on any bad record."""
-    path = Path(path)
-    if not path.is_file():
-        raise KerasftError(f"{path}: data file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        examples = _load_squad(path, instruction)
-    elif suffix == ".jsonl":
-        examples = _load_jsonl(path, instruction)
-    else:
-        raise KerasftError(f"{path}: unsupported data format {suffix or '(no extension)'}; use .json (SQuAD v1.1) or .jsonl")
-    if not examples:
-        raise KerasftError(f"{path}: no examples found")
-    seen = set()
-    for ex in examples:
-        if ex.id in seen:
-            raise KerasftError(f"{path}: duplicate example id {ex.id!r}")
-        seen.add(ex.id)
-    return examples
+def squad_example(qid: str, context: str, question: str, answers: list[tuple[str, int]], origin: str,
+                  instruction: str, no_answer: str, meta: dict | None = None) -> Example:
+    """A SQuAD-style record; `answers` empty means unanswerable (SQuAD v2).
 
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise KerasftError(f"{path}: not UTF-8 text (byte {err.start})") from None
-
-
-def _load_squad(path: Path, instruction: str) -> list[Example]:
-    try:
-        doc = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise KerasftError(f"{path}: line {err.lineno} column {err.colno}: invalid JSON: {err.msg}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise KerasftError(f"{path}: not SQuAD v1.1 JSON (expected an object with a 'data' list)")
-    examples = []
-    for i, article in enumerate(doc["data"]):
-        for j, paragraph in enumerate(_field(article, "paragraphs", list, path, f"data[{i}]")):
-            where = f"data[{i}].paragraphs[{j}]"
-            context = _field(paragraph, "context", str, path, where)
-            for k, qa in enumerate(_field(paragraph, "qas", list, path, where)):
-                examples.append(_squad_example(qa, context, path, f"{where}.qas[{k}]", instruction))
-    return examples
-
-
-def _squad_example(qa, context: str, path: Path, where: str, instruction: str) -> Example:
-    qid = str(_field(qa, "id", (str, int), path, where))
-    question = _field(qa, "question", str, path, where)
-    answers = _field(qa, "answers", list, path, where)
-    if not answers:
-        raise KerasftError(f"{path}: {where} (id {qid}): no answers")
-    texts = []
-    for n, answer in enumerate(answers):
-        text = _field(answer, "text", str, path, f"{where}.answers[{n}]")
-        start = _field(answer, "answer_start", int, path, f"{where}.answers[{n}]")
-        if context[start : start + len(text)] != text:
+    Raises RecordError when an answer is not at its answer_start.
+    """
+    if not question.strip():
+        raise RecordError(f"{origin} (id {qid}): empty question")
+    for n, (text, start) in enumerate(answers):
+        if start is None or start < 0:
+            start = context.find(text)
+            if start < 0:
+                raise RecordError(f"{origin} (id {qid}): answers[{n}] {text!r} is not in the context")
+            answers[n] = (text, start)
+        elif context[start : start + len(text)] != text:
             found = context.find(text)
             hint = f"; the text occurs at {found}" if found >= 0 else "; the text is not in the context"
-            raise KerasftError(
-                f"{path}: {where}.answers[{n}] (id {qid}): answer {text!r} is not at answer_start {start}{hint}"
-            )
-        texts.append(text)
-    first = answers[0]
-    return Example(
-        id=qid,
-        prompt=qa_prompt(instruction, context, question),
-        response=texts[0],
-        answers=tuple(texts),
-        context=context,
-        answer_start=first["answer_start"],
-    )
+            raise RecordError(f"{origin}.answers[{n}] (id {qid}): answer {text!r} is not at answer_start {start}{hint}")
+    prompt = qa_prompt(instruction, context, question)
+    if not answers:
+        return Example(qid, prompt, no_answer, (), context, -1, meta=meta or {}, origin=origin)
+    return Example(qid, prompt, answers[0][0], tuple(t for t, _ in answers), context, answers[0][1],
+                   meta=meta or {}, origin=origin)
 
 
-def _load_jsonl(path: Path, instruction: str) -> list[Example]:
-    examples = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise KerasftError(f"{path}: line {lineno}: invalid JSON: {err.msg}") from None
-        where = f"line {lineno}"
-        if not isinstance(record, dict):
-            raise KerasftError(f"{path}: {where}: expected a JSON object")
-        qid = str(record.get("id", f"{path.stem}-{lineno}"))
-        if "context" in record or "question" in record:
-            context = _field(record, "context", str, path, where)
-            question = _field(record, "question", str, path, where)
-            answer = _field(record, "answer", str, path, where)
-            start = context.find(answer)
-            if start < 0:
-                raise KerasftError(f"{path}: {where}: answer {answer!r} is not in the context")
-            examples.append(
-                Example(qid, qa_prompt(instruction, context, question), answer, (answer,), context, start)
-            )
+def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
+    """Maps one record (a JSON object, a spreadsheet or dataset row) onto an Example.
+
+    Understands, in this order: chat transcripts (`messages`), SQuAD rows (`answers` with
+    texts and starts, as in SQuAD JSON and Hugging Face QA datasets), question + context rows
+    (QA prompt built from `data.instruction`), and prompt + response rows. A response that is a
+    JSON object or list (structured output) is written as compact JSON.
+
+    Args:
+        row: the record's fields by name.
+        origin: "file:line" or "file: row N", used in every error.
+        cfg: kerasft.config.DataConfig (columns, instruction, no_answer, format).
+        fallback_id: the id when the record has none.
+    """
+    if not isinstance(row, dict):
+        raise RecordError(f"{origin}: expected an object with named fields, got {type(row).__name__}")
+    cols = cfg.columns
+    _check_columns(row, origin, cols)
+    qid = _text(row, _pick(row, cols.id, ID_KEYS), origin, required=False) or fallback_id
+    meta = {key: _meta_value(row, key, origin) for key in cols.meta}
+    system = _text(row, cols.system or "system", origin, required=False)
+    if cfg.format == "chat" or ("messages" in row and not cols.prompt):
+        return _chat_example(row.get("messages"), origin, qid, meta, system)
+
+    context_key = _pick(row, cols.context, CONTEXT_KEYS)
+    question_key = cols.prompt if cols.prompt and context_key else _pick(row, "", QUESTION_KEYS)
+    if context_key and question_key and (isinstance(row.get("answers"), (dict, list)) or not cols.response):
+        if "answers" in row and not cols.response:
+            answers = _squad_answers(row["answers"], origin)
         else:
-            prompt = _field(record, "prompt", str, path, where)
-            response = _field(record, "response", str, path, where)
-            if not prompt.strip() or not response.strip():
-                raise KerasftError(f"{path}: {where}: empty prompt or response")
-            answers = tuple(record.get("answers") or (response,))
-            examples.append(Example(qid, prompt, response, answers))
-    return examples
+            answer = _text(row, _pick(row, cols.response, RESPONSE_KEYS), origin)
+            answers = [(answer, _int_or_none(row.get("answer_start")))]
+        context = _text(row, context_key, origin)
+        question = _text(row, question_key, origin)
+        ex = squad_example(qid, context, question, answers, origin, cfg.instruction, cfg.no_answer, meta)
+        return _with(ex, system=system)
+
+    prompt_key = _pick(row, cols.prompt, PROMPT_KEYS + QUESTION_KEYS)
+    response_key = _pick(row, cols.response, RESPONSE_KEYS)
+    if prompt_key is None or response_key is None:
+        missing = "prompt" if prompt_key is None else "response"
+        raise RecordError(f"{origin}: no {missing} field; found {', '.join(map(str, row)) or 'nothing'} "
+                          f"(map one with data.columns.{missing})")
+    prompt = _text(row, prompt_key, origin)
+    response = _response_text(row, response_key, origin, structured=cfg.format == "structured")
+    answers = row.get("answers")
+    answers = tuple(str(a) for a in answers) if isinstance(answers, list) and answers else (response,)
+    context = _text(row, "context", origin, required=False) if prompt_key == "prompt" else ""
+    start = _int_or_none(row.get("answer_start"))
+    if context and start is None:
+        start = context.find(response)
+    history = tuple(tuple(turn) for turn in row.get("history") or ())
+    if any(len(turn) != 2 or not all(isinstance(t, str) for t in turn) for turn in history):
+        raise RecordError(f"{origin}: history must be a list of [user, assistant] text pairs")
+    return Example(qid, prompt, response, answers, context, -1 if start is None else start, system, history,
+                   meta or dict(row.get("meta") or {}), origin)
 
 
-def _field(record, key: str, kind, path: Path, where: str):
-    if not isinstance(record, dict):
-        raise KerasftError(f"{path}: {where}: expected a JSON object")
-    if key not in record:
-        raise KerasftError(f"{path}: {where}: missing {key!r}")
-    value = record[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise KerasftError(f"{path}: {where}.{key}: expected {names}, got {type(value).__name__}")
-    return value
+def _chat_example(messages, origin: str, qid: str, meta: dict, system: str) -> Example:
+    """A chat transcript: optional system turn, then alternating user / assistant turns ending
+    with an assistant turn. Every assistant turn is a training target."""
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"{origin}: messages: expected a non-empty list of {{role, content}} objects")
+    turns = []
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RecordError(f"{origin}: messages[{n}]: expected an object with role and content")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            close = difflib.get_close_matches(str(role), ROLES, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; use one of {', '.join(ROLES)}"
+            raise RecordError(f"{origin}: messages[{n}].role: unknown role {role!r}{hint}")
+        if not isinstance(content, str):
+            raise RecordError(f"{origin}: messages[{n}].content: expected text, got {type(content).__name__}")
+        turns.append(("assistant" if role == "model" else role, content))
+    if turns[0][0] == "system":
+        system = turns.pop(0)[1]
+    if len(turns) < 2 or len(turns) % 2:
+        raise RecordError(f"{origin}: messages: expected user/assistant pairs after the system turn, got {len(turns)} turns")
+    for n, (role, content) in enumerate(turns):
+        expected = "user" if n % 2 == 0 else "assistant"
+        if role != expected:
+            raise RecordError(f"{origin}: messages: turn {n + 1} is {role!r}, expected {expected!r} (turns alternate user, assistant)")
+        if not content.strip():
+            raise RecordError(f"{origin}: messages: turn {n + 1} ({role}) is empty")
+    pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
+    (prompt, response), history = pairs[-1], tuple(pairs[:-1])
+    return Example(qid, prompt, response, (response,), system=system, history=history, meta=meta, origin=origin)
+
+
+def _check_columns(row: dict, origin: str, cols) -> None:
+    """Every column named in data.columns must exist (with the closest real name suggested)."""
+    for name in (cols.id, cols.prompt, cols.response, cols.context, cols.system, *cols.meta):
+        if name and name not in row:
+            close = difflib.get_close_matches(name, [str(k) for k in row], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {', '.join(map(str, row))}"
+            raise RecordError(f"{origin}: no column {name!r}{hint}")
+
+
+def _pick(row: dict, configured: str, defaults: tuple[str, ...]) -> str | None:
+    if configured:
+        return configured
+    return next((key for key in defaults if key in row and row[key] is not None), None)
+
+
+def _text(row: dict, key: str | None, origin: str, required: bool = True) -> str:
+    value = row.get(key) if key is not None else None
+    if value is None or (isinstance(value, float) and value != value):  # missing or NaN (empty cell)
+        if required:
+            raise RecordError(f"{origin}: {key}: missing")
+        return ""
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise RecordError(f"{origin}: {key}: expected text, got {type(value).__name__}")
+    text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    if required and not text.strip():
+        raise RecordError(f"{origin}: {key}: empty")
+    return text
+
+
+def _response_text(row: dict, key: str, origin: str, structured: bool) -> str:
+    value = row.get(key)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    text = _text(row, key, origin)
+    if structured:
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{origin}: {key}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(parsed, (dict, list)):
+            raise RecordError(f"{origin}: {key}: expected a JSON object or list")
+        return json.dumps(parsed, ensure_ascii=False)
+    return text
+
+
+def _squad_answers(answers, origin: str) -> list[tuple[str, int | None]]:
+    """SQuAD answers as a list of {text, answer_start} or a dict of parallel lists (HF, TFDS)."""
+    if isinstance(answers, dict):
+        texts, starts = answers.get("text", []), answers.get("answer_start", [])
+        texts = [t.decode() if isinstance(t, bytes) else str(t) for t in list(texts)]
+        starts = [int(s) for s in list(starts)]
+        if len(starts) != len(texts):
+            raise RecordError(f"{origin}: answers: {len(texts)} texts but {len(starts)} answer_start values")
+        return list(zip(texts, starts))
+    out = []
+    for n, answer in enumerate(answers):
+        if not isinstance(answer, dict) or not isinstance(answer.get("text"), str):
+            raise RecordError(f"{origin}: answers[{n}]: expected an object with text and answer_start")
+        start = answer.get("answer_start")
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
+            raise RecordError(f"{origin}: answers[{n}].answer_start: expected int, got {type(start).__name__}")
+        out.append((answer["text"], start))
+    return out
+
+
+def _meta_value(row: dict, key: str, origin: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _int_or_none(value):
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _with(ex: Example, **changes) -> Example:
+    from dataclasses import replace
+
+    return replace(ex, **changes)

@@ -72,28 +72,74 @@ def chat_tokens(tokenizer) -> ChatTokens:
     return ChatTokens(sp, sp.bos_id(), sp.eos_id(), max(sp.pad_id(), 0), ids[START_OF_TURN], ids[END_OF_TURN])
 
 
-def render_chat(prompt: str, response: str | None = None, system: str = "") -> str:
+TEMPLATES = ("gemma", "plain")
+PLAIN_USER = "### Instruction:\n"
+PLAIN_MODEL = "\n\n### Response:\n"
+
+
+def render_chat(prompt: str, response: str | None = None, system: str = "", history=(), template: str = "gemma") -> str:
     """The template as text (for display, the server and parity with Hugging Face)."""
-    user = f"{system}\n\n{prompt}" if system else prompt
-    text = f"<bos>{START_OF_TURN}user\n{user}{END_OF_TURN}\n{START_OF_TURN}model\n"
-    if response is not None:
-        text += f"{response}{END_OF_TURN}\n"
+    turns = [*history, (prompt, response)]
+    if template == "plain":
+        text = f"<bos>{system}\n\n" if system else "<bos>"
+        for n, (user, model) in enumerate(turns):
+            text += ("\n\n" if n else "") + f"{PLAIN_USER}{user}{PLAIN_MODEL}"
+            if model is not None:
+                text += f"{model}<eos>"
+        return text
+    text = "<bos>"
+    for n, (user, model) in enumerate(turns):
+        if n == 0 and system:
+            user = f"{system}\n\n{user}"
+        text += f"{START_OF_TURN}user\n{user}{END_OF_TURN}\n{START_OF_TURN}model\n"
+        if model is not None:
+            text += f"{model}{END_OF_TURN}\n"
     return text
 
 
-def encode_prompt(tokens: ChatTokens, prompt: str, system: str = "") -> list[int]:
-    """Token ids of the rendered prompt up to and including `<start_of_turn>model\\n`."""
-    user = f"{system}\n\n{prompt}" if system else prompt
-    return (
-        [tokens.bos, tokens.start_of_turn]
-        + tokens.encode(f"user\n{user}")
-        + [tokens.end_of_turn]
-        + tokens.encode("\n")
-        + [tokens.start_of_turn]
-        + tokens.encode("model\n")
-    )
+def encode_prompt(tokens: ChatTokens, prompt: str, system: str = "", history=(), template: str = "gemma") -> list[int]:
+    """Token ids of the rendered prompt, up to where the model's answer starts
+    (`<start_of_turn>model\\n` for Gemma); earlier turns of `history` come first."""
+    ids, _ = encode_conversation(tokens, prompt, None, system, history, template)
+    return ids
 
 
-def encode_response(tokens: ChatTokens, response: str) -> list[int]:
-    """Token ids of a response and the `<end_of_turn>` that closes it (it carries loss too)."""
-    return tokens.encode(response) + [tokens.end_of_turn]
+def encode_response(tokens: ChatTokens, response: str, template: str = "gemma") -> list[int]:
+    """Token ids of a response and the token that closes it (it carries loss too)."""
+    return tokens.encode(response) + [tokens.eos if template == "plain" else tokens.end_of_turn]
+
+
+def encode_conversation(tokens: ChatTokens, prompt: str, response: str | None, system: str = "", history=(),
+                        template: str = "gemma", encode=None) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation and their loss weights: 1 on every assistant turn and
+    the token that closes it, 0 on system and user turns and on the template's own text.
+
+    encode: text -> ids; defaults to the tokenizer (the pipeline passes a batched lookup).
+    """
+    enc = encode or tokens.encode
+    if template not in TEMPLATES:
+        raise KerasftError(f"data.template: unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    ids, weights = [tokens.bos], [0]
+
+    def add(piece, weight=0):
+        ids.extend(piece)
+        weights.extend([weight] * len(piece))
+
+    for n, (user, model) in enumerate([*history, (prompt, response)]):
+        if template == "plain":
+            head = (f"{system}\n\n" if system and n == 0 else "") + ("\n\n" if n else "")
+            add(enc(f"{head}{PLAIN_USER}{user}{PLAIN_MODEL}"))
+        else:
+            if n:
+                add(enc("\n"))
+            user = f"{system}\n\n{user}" if system and n == 0 else user
+            add([tokens.start_of_turn] + enc(f"user\n{user}") + [tokens.end_of_turn] + enc("\n")
+                + [tokens.start_of_turn] + enc("model\n"))
+        if model is not None:
+            add(enc(model) + [tokens.eos if template == "plain" else tokens.end_of_turn], weight=1)
+    return ids, weights
+
+
+def encode_text(tokens: ChatTokens, text: str) -> list[int]:
+    """A raw document for continued pretraining: <bos> text <eos>, no chat template."""
+    return [tokens.bos] + tokens.encode(text) + [tokens.eos]
