@@ -116,7 +116,7 @@ def planned_steps(num_examples: int, cfg) -> int:
 
 
 def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str | Path, pad_id: int = 0,
-          token_rows=None) -> TrainResult:
+          token_rows=None, resume: bool = False) -> TrainResult:
     """Trains the LoRA adapters (and the embedding rows of `token_rows`, if given) in place.
 
     Args:
@@ -124,74 +124,102 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
         data: tokenised training examples.
         cfg: kerasft.config.TrainConfig.
         sequence_length: the longest padded batch width.
-        run_dir: metrics.jsonl is appended here, one line per optimizer step.
+        run_dir: metrics.jsonl is appended here, one line per optimizer step; checkpoints go to
+            run_dir/checkpoints every cfg.checkpoint_every steps.
         token_rows: token ids whose embedding rows are trained too (see make_loss_fn).
+        resume: continue from the newest checkpoint in run_dir (from the start if there is none).
     """
     import jax
     import jax.numpy as jnp
 
+    from kerasft.errors import KerasftError
+    from kerasft.runtime import batch_shards, place_batch
+    from kerasft.train.checkpoint import CHECKPOINT_DIR, Checkpointer, Position
+
+    shards = batch_shards()
+    if cfg.batch_size % shards:
+        raise KerasftError(f"train.batch_size: {cfg.batch_size} does not split over the mesh's {shards}-way batch axis")
     steps = planned_steps(len(data), cfg)
     micro_steps = steps * cfg.grad_accum
     optimizer, schedule = make_optimizer(cfg, steps)
     step_fn = make_train_step(backbone, optimizer, token_rows)
     table = backbone.token_embedding.embeddings
-    trainable = {
-        "lora": [v.value for v in backbone.trainable_variables],
-        "token_delta": None if token_rows is None else jnp.zeros((len(token_rows), table.shape[1]), jnp.float32),
-    }
+    trainable = {"lora": [v.value for v in backbone.trainable_variables]}
+    if token_rows is not None:
+        trainable["token_delta"] = jnp.zeros((len(token_rows), table.shape[1]), jnp.float32)
     non_trainable = [v.value for v in backbone.non_trainable_variables]
     opt_state = optimizer.init(trainable)
     num_targets = data.num_targets
 
-    log_path = Path(run_dir) / "metrics.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # What must match for a checkpoint to continue this run bit for bit.
+    identity = {"seed": cfg.seed, "steps": steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                "examples": len(data)}
+    position = Position()
+    checkpoints = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints) if cfg.checkpoint_every or resume else None
+    if resume and checkpoints.latest_step() is not None:
+        state, position = checkpoints.restore({"trainable": trainable, "opt_state": opt_state}, identity)
+        trainable, opt_state = state["trainable"], state["opt_state"]
+        print(f"  resuming at step {position.step}/{steps} (epoch {position.epoch}, batch {position.batch})", flush=True)
+    elif resume:
+        print("  no checkpoint to resume from: starting at step 0", flush=True)
+    log_path = run_dir / "metrics.jsonl"
+    _truncate_log(log_path, position.step)
     log = log_path.open("a", encoding="utf-8")
-    batches = _batch_stream(data, cfg.batch_size, cfg.seed)
+    batches = _batch_stream(data, cfg.batch_size, cfg.seed, position.epoch, position.batch)
     started = time.perf_counter()
-    timed_tokens, timed_seconds, window = 0, 0.0, []
+    timed_tokens, timed_seconds, timed_micro, window = 0, 0.0, 0, []
     loss = float("nan")
-    for micro in range(micro_steps):
-        epoch, indices = next(batches)
-        batch = make_batch(data, indices, sequence_length, num_targets, pad_id)
-        tick = time.perf_counter()
-        trainable, opt_state, stats = step_fn(trainable, opt_state, non_trainable, batch)
-        loss = float(stats["loss"])  # device sync: the step is done after this
-        took = time.perf_counter() - tick
-        real_tokens = int(batch["padding_mask"].sum())
-        if micro > 0:  # the first step includes compilation
-            timed_tokens += real_tokens
-            timed_seconds += took
-        window.append(loss)
-        step = (micro + 1) // cfg.grad_accum
-        if (micro + 1) % cfg.grad_accum:
-            continue
-        record = {
-            "step": step,
-            "epoch": epoch,
-            "loss": float(np.mean(window)),
-            "grad_norm": float(stats["grad_norm"]),
-            "learning_rate": float(schedule(step - 1)),
-            "tokens": real_tokens,
-            "step_seconds": round(took, 4),
-        }
-        window = []
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if step % cfg.log_every == 0 or step == steps:
-            rate = timed_tokens / timed_seconds if timed_seconds else 0.0
-            per_step = timed_seconds / max(micro, 1)
-            eta = per_step * (micro_steps - micro - 1)
-            print(
-                f"  step {step:>4}/{steps}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
-                f"{rate:,.0f} tok/s  eta {_clock(eta)}",
-                flush=True,
-            )
-        if not math.isfinite(loss):
-            log.close()
-            from kerasft.errors import KerasftError
-
-            raise KerasftError(f"loss became {loss} at step {step}; lower train.learning_rate")
-    log.close()
+    first_micro = position.step * cfg.grad_accum
+    try:
+        for micro in range(first_micro, micro_steps):
+            epoch, index, indices = next(batches)
+            batch = place_batch(make_batch(data, indices, sequence_length, num_targets, pad_id))
+            tick = time.perf_counter()
+            trainable, opt_state, stats = step_fn(trainable, opt_state, non_trainable, batch)
+            loss = float(stats["loss"])  # device sync: the step is done after this
+            took = time.perf_counter() - tick
+            real_tokens = int(np.sum(batch["padding_mask"]))
+            if micro > first_micro:  # the first step includes compilation
+                timed_tokens += real_tokens
+                timed_seconds += took
+                timed_micro += 1
+            window.append(loss)
+            step = (micro + 1) // cfg.grad_accum
+            if (micro + 1) % cfg.grad_accum:
+                continue
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": float(np.mean(window)),
+                "grad_norm": float(stats["grad_norm"]),
+                "learning_rate": float(schedule(step - 1)),
+                "tokens": real_tokens,
+                "step_seconds": round(took, 4),
+            }
+            window = []
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if step % cfg.log_every == 0 or step == steps:
+                rate = timed_tokens / timed_seconds if timed_seconds else 0.0
+                eta = timed_seconds / max(timed_micro, 1) * (micro_steps - micro - 1)
+                print(
+                    f"  step {step:>4}/{steps}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+                    f"{rate:,.0f} tok/s  eta {_clock(eta)}",
+                    flush=True,
+                )
+            if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
+                kept = checkpoints.latest_step() if checkpoints else None
+                where = f"; the last good checkpoint is step {kept} in {checkpoints.directory}" if kept else ""
+                raise KerasftError(f"loss became {record['loss']} at step {step}; lower train.learning_rate{where}")
+            if checkpoints and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == steps):
+                checkpoints.save({"trainable": trainable, "opt_state": opt_state},
+                                 Position(step, *_next_position(data, cfg, epoch, index)), identity)
+    finally:
+        log.close()
+        if checkpoints:
+            checkpoints.close()
     for variable, value in zip(backbone.trainable_variables, trainable["lora"]):
         variable.assign(value)
     if token_rows is not None:
@@ -207,14 +235,31 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     )
 
 
+def _next_position(data: TokenizedSet, cfg, epoch: int, index: int) -> tuple[int, int]:
+    """The (epoch, batch) after batch `index` of `epoch`."""
+    if index + 1 < len(epoch_batches(data, cfg.batch_size, cfg.seed, epoch)):
+        return epoch, index + 1
+    return epoch + 1, 0
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drops log lines past `last_step`: a resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 def _batch_stream(data: TokenizedSet, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0):
-    """Endless (epoch, indices) stream; (epoch, batch) is the data position a resume needs."""
+    """Endless (epoch, batch index, indices) stream from a data position (epoch, batch)."""
     epoch = start_epoch
     while True:
         for position, indices in enumerate(epoch_batches(data, batch_size, seed, epoch)):
             if epoch == start_epoch and position < start_batch:
                 continue
-            yield epoch, indices
+            yield epoch, position, indices
         epoch += 1
 
 
