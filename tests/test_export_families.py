@@ -82,6 +82,40 @@ def test_merged_export_matches_lora_model_in_transformers(exported):
         assert config["query_pre_attn_scalar"] == 8
 
 
+def test_greedy_generation_matches_transformers(exported):
+    """32 greedy tokens from keras-hub's cached decoder and from transformers' generate are the
+    same ids: the export computes the same function at every decode position, not just one."""
+    import torch
+    import transformers
+
+    from kerasft.evaluate.generate import causal_lm_for, generate_ids
+
+    prompt = TOKENS[0, :6].tolist()
+    stop_ids = (1, 200)  # eos, and an arbitrary id standing in for <end_of_turn>
+    ours, _ = generate_ids(causal_lm_for(exported.backbone), [prompt], 32, 1, stop_ids)
+    model = _hf_model(exported.merged_dir)
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=0,
+            generation_config=transformers.GenerationConfig(do_sample=False),
+        )
+    theirs = output[0, len(prompt):].tolist()
+    theirs = theirs[: next((i for i, t in enumerate(theirs) if t in stop_ids), len(theirs))]
+    assert len(ours[0]) >= 16, ours  # a long enough run to cross the sliding window (8) twice
+    assert ours[0] == theirs
+
+
+def test_merged_export_ships_generation_and_tokenizer_files(exported):
+    files = sorted(p.name for p in exported.merged_dir.iterdir())
+    assert files == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                     "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+    generation = json.loads((exported.merged_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"][0] == 1 and generation["do_sample"] is False
+    special = json.loads((exported.merged_dir / "special_tokens_map.json").read_text())
+    assert (special["bos_token"], special["eos_token"], special["pad_token"]) == ("<bos>", "<eos>", "<pad>")
+    assert "Gemma Terms of Use" in (exported.merged_dir / "README.md").read_text()
+
+
 def test_merged_export_reloads_in_keras_hub(exported):
     import keras_hub
 
@@ -164,6 +198,7 @@ def test_peft_export_needs_adapters_and_refuses_to_overwrite(exported, tiny_pres
     export_peft(exported.backbone, exported.adapter_dir, base_model_name_or_path="base", overwrite=True)
     assert json.loads((exported.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
     assert sorted(p.name for p in exported.adapter_dir.parent.iterdir()) == ["adapter", "base", "merged"]
+    assert (exported.adapter_dir / "README.md").is_file()
     plain = load_model(ModelConfig(preset=str(tiny_presets[exported.family])))
     with pytest.raises(KerasftError, match="no LoRA adapters"):
         export_peft(plain.backbone, tmp_path / "adapter", base_model_name_or_path="base")

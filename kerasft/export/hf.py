@@ -28,6 +28,9 @@ HF_ARCHITECTURES = {
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 
+# transformers' own default shard size for save_pretrained.
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
 # Every Gemma vocabulary has these ids; export_hf checks the tokenizer agrees.
 SPECIAL_TOKEN_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
 
@@ -67,13 +70,31 @@ _FIXED_SETTINGS = {
 }
 
 
-def export_hf(backbone, tokenizer, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Writes a transformers-loadable folder for a Gemma 1, 2 or 3 backbone: model.safetensors,
-    config.json (with `architectures`), generation_config.json, tokenizer.model and tokenizer configs.
+def export_hf(
+    backbone,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    card: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes a transformers-loadable folder for a Gemma 1, 2 or 3 backbone: model.safetensors
+    (or shards with model.safetensors.index.json), config.json (with `architectures`),
+    generation_config.json, tokenizer.model, tokenizer configs and a model card (README.md).
 
+    An int8 backbone (keras `quantize("int8")`) is written dequantized, with LoRA merged.
     The folder appears atomically: it is built beside the target and renamed into place.
+
+    Args:
+        dtype: float32, bfloat16 or float16 tensors.
+        max_shard_bytes: above this many bytes of tensors the weights are split into shards of
+            at most this size (a larger single tensor gets a shard of its own).
+        card: README.md text (kerasft.export.card.model_card); None writes the card of the
+            backbone alone.
     """
-    from safetensors.numpy import save_file
+    from kerasft.export.card import model_card
 
     out = Path(out_dir)
     config = hf_config(backbone, dtype)  # checks the backbone before anything is written
@@ -84,7 +105,7 @@ def export_hf(backbone, tokenizer, out_dir: str | Path, *, dtype: str = "float32
             )
     with staged_dir(out, overwrite) as staging:
         tensors = {name: _cast(value, dtype) for name, value in hf_state_dict(backbone).items()}
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_sharded(tensors, staging, max_shard_bytes)
         _write_json(staging / "config.json", config)
         _write_json(
             staging / "generation_config.json",
@@ -92,7 +113,38 @@ def export_hf(backbone, tokenizer, out_dir: str | Path, *, dtype: str = "float32
              "pad_token_id": config["pad_token_id"], "do_sample": False},
         )
         write_tokenizer_files(tokenizer, staging)
+        (staging / "README.md").write_text(card if card is not None else model_card("hf", backbone), encoding="utf-8")
     return out
+
+
+def save_sharded(tensors: dict, folder: Path, max_shard_bytes: int) -> list[str]:
+    """Writes model.safetensors, or model-0000K-of-0000N.safetensors shards and the
+    model.safetensors.index.json that transformers and keras-hub follow when the tensors
+    exceed `max_shard_bytes`. Returns the file names written."""
+    from safetensors.numpy import save_file
+
+    if max_shard_bytes < 1:
+        raise KerasftError(f"export.max_shard_mb must be positive, got {max_shard_bytes} bytes")
+    total = sum(array.nbytes for array in tensors.values())
+    if total <= max_shard_bytes:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    shards, current, size = [], {}, 0
+    for name, array in tensors.items():  # greedy, in order: layers stay together
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+    shards.append(current)
+    names, weight_map = [], {}
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+        names.append(file_name)
+    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
 
 
 def hf_family(backbone) -> str:
@@ -113,12 +165,17 @@ def hf_family(backbone) -> str:
             f"this {family} backbone cannot be written as {HF_ARCHITECTURES[family][0]} exactly: "
             + ", ".join(differing)
         )
-    quantized = sorted(
-        {layer.quantization_mode for layer in backbone._flatten_layers() if getattr(layer, "quantization_mode", None)}
+    unsupported = sorted(
+        {
+            f"{layer.name} ({layer.quantization_mode})"
+            for layer in backbone._flatten_layers()
+            if getattr(layer, "quantization_mode", None) not in (None, "int8")
+        }
     )
-    if quantized:
+    if unsupported:
         raise KerasftError(
-            f"the backbone is quantized ({', '.join(quantized)}); export the float model the adapters were trained on"
+            f"the backbone is quantized in a mode kerasft cannot dequantize: {', '.join(unsupported[:3])}; "
+            "only int8 (keras quantize('int8')) is exported, as float weights"
         )
     return family
 
@@ -144,20 +201,53 @@ def hf_kernel(kernel, layout: str):
 
 
 def hf_state_dict(backbone) -> dict:
-    """transformers tensors (numpy, float32, LoRA merged) of a keras-hub Gemma 1, 2 or 3 backbone."""
+    """transformers tensors (numpy, float32, LoRA merged, int8 dequantized) of a keras-hub
+    Gemma 1, 2 or 3 backbone."""
     import numpy as np
 
     family = hf_family(backbone)
-    state = {"model.embed_tokens.weight": _numpy(backbone.token_embedding.embeddings)}
+    state = {"model.embed_tokens.weight": float_embeddings(backbone.token_embedding)}
     for i in range(backbone.num_layers):
         block = decoder_block(backbone, i)
         prefix = f"model.layers.{i}."
         for _, attribute, module, layout in PROJECTIONS:
-            state[prefix + module + ".weight"] = hf_kernel(_numpy(projection(block, attribute).kernel), layout)
+            state[prefix + module + ".weight"] = hf_kernel(float_kernel(projection(block, attribute)), layout)
         for module, norm in _block_norms(family, block):
             state[prefix + module + ".weight"] = _numpy(norm.scale)
     state["model.norm.weight"] = _numpy(backbone.get_layer("final_normalization").scale)
     return {name: np.ascontiguousarray(array) for name, array in state.items()}
+
+
+def float_kernel(layer):
+    """An EinsumDense's kernel as float32 numpy with LoRA merged; an int8 kernel is dequantized
+    first (keras stores q = round(w * scale), so w = q / scale)."""
+    import numpy as np
+
+    if getattr(layer, "quantization_mode", None) != "int8":
+        return _numpy(layer.kernel)  # keras merges LoRA in `kernel`
+    # keras' own inverse of the scale's storage layout (its LoRA merge on save uses it too).
+    scale = np.asarray(layer._adjust_scale_for_dequant(layer.kernel_scale), dtype=np.float32)
+    kernel = np.asarray(layer._kernel, dtype=np.float32) / scale
+    if getattr(layer, "lora_enabled", False):
+        lora_a = np.asarray(layer.lora_kernel_a, dtype=np.float32)
+        lora_b = np.asarray(layer.lora_kernel_b, dtype=np.float32)
+        kernel = kernel + (layer.lora_alpha / layer.lora_rank) * np.matmul(lora_a, lora_b)
+    return kernel
+
+
+def float_embeddings(layer):
+    """A (Reversible)Embedding's table as float32 numpy; int8 rows are divided by their scale."""
+    import numpy as np
+
+    if getattr(layer, "quantization_mode", None) != "int8":
+        return _numpy(layer.embeddings)
+    table = np.asarray(layer._embeddings, dtype=np.float32)
+    table = table / np.asarray(layer.embeddings_scale, dtype=np.float32)[:, None]
+    if getattr(layer, "lora_enabled", False):
+        lora_a = np.asarray(layer.lora_embeddings_a, dtype=np.float32)
+        lora_b = np.asarray(layer.lora_embeddings_b, dtype=np.float32)
+        table = table + (layer.lora_alpha / layer.lora_rank) * np.matmul(lora_a, lora_b)
+    return table
 
 
 def _block_norms(family: str, block) -> list:

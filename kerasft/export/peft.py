@@ -26,13 +26,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def export_peft(backbone, out_dir: str | Path, *, base_model_name_or_path: str, overwrite: bool = False) -> Path:
-    """Writes adapter_config.json and adapter_model.safetensors for the backbone's LoRA adapters.
+def export_peft(
+    backbone, out_dir: str | Path, *, base_model_name_or_path: str, card: str | None = None, overwrite: bool = False
+) -> Path:
+    """Writes adapter_config.json, adapter_model.safetensors and a model card (README.md) for the
+    backbone's LoRA adapters.
 
     Args:
         backbone: a keras-hub Gemma 1, 2 or 3 backbone with LoRA enabled (kerasft.models.lora).
         base_model_name_or_path: what PEFT records as the base: the hub name or folder of the
             merged export of the base model.
+        card: README.md text (kerasft.export.card.model_card); None writes the card of the
+            backbone alone.
 
     The folder appears atomically (built beside the target, then renamed).
     """
@@ -97,6 +102,11 @@ def export_peft(backbone, out_dir: str | Path, *, base_model_name_or_path: str, 
     with hf.staged_dir(out, overwrite) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if card is None:
+            from kerasft.export.card import model_card
+
+            card = model_card("peft", backbone, source=base_model_name_or_path)
+        (staging / "README.md").write_text(card, encoding="utf-8")
     return out
 
 

@@ -1,0 +1,190 @@
+"""The model card (README.md) written into every export: what the model is, how it was made, how
+well it did, the Gemma Terms of Use notice and how to load it.
+
+Run facts come from the run dir's own files (config.yaml, adapter/adapter_config.json,
+summary.json, metrics.jsonl, eval_base.json, eval.json), so a card never states more than the
+run recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+GEMMA_NOTICE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at "
+    "ai.google.dev/gemma/terms. This model is a modification of Gemma; its use is subject to the "
+    "same terms, including the Gemma Prohibited Use Policy (ai.google.dev/gemma/prohibited_use_policy)."
+)
+
+# Headline metrics of an eval JSON, in table order, with their column names.
+_METRICS = (("f1", "F1"), ("exact_match", "EM"), ("f1_en", "F1 (en)"), ("exact_match_en", "EM (en)"), ("count", "n"))
+
+_FORMAT_TITLES = {
+    "hf": "merged Hugging Face checkpoint (safetensors)",
+    "peft": "PEFT LoRA adapter",
+    "gguf": "GGUF file for llama.cpp",
+}
+
+
+def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | None = None, extra: dict | None = None) -> str:
+    """Markdown model card for an export.
+
+    Args:
+        fmt: "hf", "peft" or "gguf": decides the loading instructions.
+        backbone: the exported keras-hub backbone (its family and size are described).
+        source: what the model was loaded from (a run dir, preset, folder or .gguf file).
+        run_dir: the training run, if any: its config, adapter, step count and evaluations are
+            reported.
+        extra: format details to list ("dtype": "bfloat16", "quantization": "q8_0", "file": ...).
+    """
+    from kerasft.models.presets import model_family
+
+    run = _run_facts(Path(run_dir)) if run_dir else {}
+    base = run.get("base_model") or source or "unknown"
+    family = model_family(backbone) or type(backbone).__name__
+    params = sum(int(_size(w.shape)) for w in backbone.weights if "lora" not in w.path)
+    lines = [
+        "---",
+        "library_name: " + ("peft" if fmt == "peft" else "gguf" if fmt == "gguf" else "transformers"),
+        "license: gemma",
+        "tags: [kerasft, gemma, lora]",
+        "---",
+        "",
+        f"# {Path(str(source)).name or 'kerasft model'}: {_FORMAT_TITLES.get(fmt, fmt)}",
+        "",
+        f"Exported by kerasft from a keras-hub {family} backbone ({backbone.num_layers} layers, hidden size "
+        f"{backbone.hidden_dim}, vocabulary {backbone.vocabulary_size}, {params / 1e6:.1f}M parameters).",
+        "",
+        "## Base model and training",
+        "",
+        f"- base model: `{base}`",
+    ]
+    if source and source != base:
+        lines.append(f"- exported from: `{source}`")
+    if run:
+        lines += [f"- {fact}" for fact in run["facts"]]
+    else:
+        lines.append("- training: none recorded (exported from a preset, not a kerasft run dir)")
+    if extra:
+        lines += ["", "## Export", ""] + [f"- {key}: {value}" for key, value in extra.items()]
+    lines += ["", "## Evaluation", ""]
+    lines += _eval_table(run.get("evals", {})) or ["No evaluation results were recorded for this export."]
+    lines += ["", "## How to use", ""] + _usage(fmt, base, extra or {})
+    lines += ["", "## Terms of use", "", GEMMA_NOTICE, ""]
+    return "\n".join(lines)
+
+
+def _run_facts(run_dir: Path) -> dict:
+    import yaml
+
+    facts, base = [], ""
+    config_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    adapter_path = run_dir / "adapter" / "adapter_config.json"
+    adapter = json.loads(adapter_path.read_text()) if adapter_path.is_file() else {}
+    base = adapter.get("base_model") or cfg.get("model", {}).get("preset", "")
+    lora = cfg.get("lora") or adapter
+    if lora:
+        facts.append(
+            f"LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, targets {', '.join(lora.get('targets', []))}"
+        )
+        tokens = lora.get("trainable_tokens")
+        if isinstance(tokens, dict):
+            tokens = tokens.get("pieces")
+        if tokens:
+            facts.append(f"trained embedding rows: {', '.join(tokens)}")
+    data = cfg.get("data") or {}
+    if data.get("train"):
+        facts.append(f"training data: `{data['train']}`" + (f"; held-out data: `{data['eval']}`" if data.get("eval") else ""))
+    train = cfg.get("train") or {}
+    steps = _train_steps(run_dir)
+    if steps is not None:
+        facts.append(
+            f"training: {steps} steps, batch {train.get('batch_size')} x {train.get('grad_accum', 1)} accumulation, "
+            f"learning rate {train.get('learning_rate')}, seed {train.get('seed')}"
+        )
+    if cfg.get("model", {}).get("dtype"):
+        facts.append(f"training dtype: {cfg['model']['dtype']}")
+    evals = {}
+    for name, file_name in (("base", "eval_base.json"), ("fine-tuned", "eval.json")):
+        path = run_dir / file_name
+        if path.is_file():
+            evals[name] = json.loads(path.read_text(encoding="utf-8"))
+    return {"base_model": base, "facts": facts, "evals": evals}
+
+
+def _train_steps(run_dir: Path):
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        steps = json.loads(summary.read_text()).get("train", {}).get("steps")
+        if steps is not None:
+            return steps
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in records if "step" in r]
+        return max(steps) if steps else len(records)
+    return None
+
+
+def _eval_table(evals: dict) -> list[str]:
+    columns = [(key, title) for key, title in _METRICS if any(key in r for r in evals.values())]
+    if not columns:
+        return []
+    lines = ["| model | " + " | ".join(title for _, title in columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for name, result in evals.items():
+        cells = [_cell(result.get(key)) for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Greedy decoding on the held-out split; SQuAD-style token F1 and exact match in percent."]
+    return lines
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def _usage(fmt: str, base: str, extra: dict) -> list[str]:
+    if fmt == "peft":
+        return [
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")  # the merged export of the base model',
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+            "```",
+        ]
+    if fmt == "gguf":
+        file_name = extra.get("file", "model.gguf")
+        return [
+            "```bash",
+            f"llama-cli -m {file_name} -cnv          # llama.cpp; the chat template is in the file",
+            f"kerasft serve {file_name}              # or serve it with kerasft (OpenAI-style HTTP API)",
+            "```",
+        ]
+    return [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'messages = [{"role": "user", "content": "¿Qué río pasa por Zaragoza?"}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+        "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "keras-hub loads the same folder: `keras_hub.models.Gemma3CausalLM.from_preset(\"path/to/this/folder\")` "
+        "(GemmaCausalLM for Gemma 1 and 2); so does `kerasft serve path/to/this/folder`.",
+    ]
+
+
+def _size(shape) -> int:
+    total = 1
+    for dim in shape:
+        total *= int(dim)
+    return total

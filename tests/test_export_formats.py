@@ -1,0 +1,193 @@
+"""Merged Hugging Face export options: bfloat16 tensors, sharded safetensors, int8 backbones
+(dequantized, LoRA merged), the model card, and atomic writes. Checked in transformers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kerasft.config import LoraConfig, ModelConfig
+from kerasft.errors import KerasftError
+from kerasft.export.hf import export_hf, keras_logits
+from kerasft.models.lora import LORA_TARGETS, apply_lora, lora_layers
+from kerasft.models.presets import load_model
+
+TOKENS = np.array([[2, 5, 17, 40, 41, 99, 7, 3, 250, 12, 13, 14, 300, 301, 8, 9, 10, 11]], dtype=np.int32)
+
+
+def _randomize_lora(backbone, seed=3):
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(backbone):
+        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+            variable.assign(rng.normal(0, 0.2, size=variable.shape).astype("float32"))
+
+
+@pytest.fixture(scope="module")
+def lora_gemma3(tiny_preset):
+    loaded = load_model(ModelConfig(preset=str(tiny_preset)))
+    apply_lora(loaded.backbone, LoraConfig(rank=4, alpha=8.0, targets=("query", "value", "ffw_linear")))
+    _randomize_lora(loaded.backbone)
+    return loaded, keras_logits(loaded.backbone, TOKENS)
+
+
+def _transformers_logits(path, dtype="float32"):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=getattr(torch, dtype), attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy(), model
+
+
+def test_bfloat16_export_loads_in_transformers(lora_gemma3, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    loaded, logits = lora_gemma3
+    out = export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        assert {str(f.get_slice(name).get_dtype()) for name in f.keys()} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    theirs, model = _transformers_logits(out, "bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    # bfloat16 keeps 8 mantissa bits (relative step 2**-8 = 0.4%): weights and activations are
+    # rounded at that step, so logits move by a few percent of their scale, not more.
+    scale = np.abs(logits).max()
+    diff = np.abs(theirs - logits).max()
+    print(f"\nbfloat16 export in transformers (bf16 compute): max |logit diff| {diff:.3g} at logit scale {scale:.2f}")
+    assert diff < 0.05 * scale
+    # The same bf16 weights computed in float32 isolate the weight rounding: well inside it.
+    theirs32, _ = _transformers_logits(out, "float32")
+    diff32 = np.abs(theirs32 - logits).max()
+    print(f"bfloat16 weights computed in float32: max |logit diff| {diff32:.3g}")
+    assert diff32 < 0.02 * scale
+
+
+def test_sharded_export_reloads_in_transformers_and_keras_hub(lora_gemma3, tmp_path):
+    import keras_hub
+
+    loaded, logits = lora_gemma3
+    out = export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "sharded", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["weight_map"]["model.embed_tokens.weight"] == shards[0]
+    sizes = [p.stat().st_size for p in out.glob("model-*.safetensors")]
+    # Only the 65 kB embedding table is allowed past the limit, in a shard of its own.
+    assert sorted(sizes)[-2] < 40_000 + 1_000
+    theirs, _ = _transformers_logits(out)
+    assert np.abs(theirs - logits).max() < 1e-4
+    reloaded = keras_hub.models.Backbone.from_preset(str(out))
+    assert np.abs(keras_logits(reloaded, TOKENS) - logits).max() < 1e-4
+
+
+def test_int8_backbone_exports_dequantized_with_lora_merged(tiny_presets, tmp_path):
+    family = "gemma3"  # the embedded model's family; quantizing takes ~15 s a model on CPU
+    from keras.quantizers import Int8QuantizationConfig
+
+    loaded = load_model(ModelConfig(preset=str(tiny_presets[family])))
+    backbone = loaded.backbone
+    float_logits = keras_logits(backbone, TOKENS)
+    # Weight-only int8, the mode kerasft trains LoRA on (see DESIGN.md).
+    backbone.quantize("int8", config=Int8QuantizationConfig(activation_quantizer=None))
+    assert backbone.get_layer("decoder_block_0").attention.query_dense._kernel.dtype == "int8"
+    int8_logits = keras_logits(backbone, TOKENS)
+    apply_lora(backbone, LoraConfig(rank=4, alpha=8.0, targets=LORA_TARGETS))
+    _randomize_lora(backbone)
+    lora_logits = keras_logits(backbone, TOKENS)
+    assert np.abs(lora_logits - int8_logits).max() > 1e-2
+
+    out = export_hf(backbone, loaded.tokenizer, tmp_path / "int8")
+    theirs, _ = _transformers_logits(out)
+    diff = np.abs(theirs - lora_logits).max()
+    print(f"\n{family} int8 + LoRA export: max |logit diff| vs keras {diff:.2e}; "
+          f"int8 vs float base {np.abs(int8_logits - float_logits).max():.2e}")
+    assert diff < 1e-4
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert {str(w.dtype) for w in weights.values()} == {"float32"}
+
+
+def test_int4_backbone_is_refused(tiny_preset, tmp_path):
+    loaded = load_model(ModelConfig(preset=str(tiny_preset)))
+    # One layer is enough to be refused (a whole-model int4 quantize takes ~25 s on CPU).
+    loaded.backbone.get_layer("decoder_block_1").ffw_linear.quantize("int4")
+    with pytest.raises(KerasftError, match=r"ffw_linear \(int4\).*only int8"):
+        export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "int4")
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_write_leaves_nothing_behind(lora_gemma3, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    loaded, _ = lora_gemma3
+    calls = []
+
+    def failing_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the first shard is on disk when the second fails
+            raise OSError("disk full")
+        real_save(tensors, filename, metadata=metadata)
+
+    real_save = safetensors.numpy.save_file
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "hf", max_shard_bytes=40_000)
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []  # no target, no staging folder
+
+    def interrupted_save(tensors, filename, metadata=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", interrupted_save)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "old.txt").write_text("previous export")
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "hf", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+    assert (tmp_path / "hf" / "old.txt").read_text() == "previous export"  # the old export survives
+
+
+def test_overwrite_replaces_an_export(lora_gemma3, tmp_path):
+    loaded, _ = lora_gemma3
+    out = export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "hf")
+    (out / "stale.txt").write_text("x")
+    with pytest.raises(KerasftError, match="already exists; pass --overwrite"):
+        export_hf(loaded.backbone, loaded.tokenizer, out)
+    export_hf(loaded.backbone, loaded.tokenizer, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_model_card_reports_the_run(lora_gemma3, tmp_path):
+    import yaml
+
+    from kerasft.config import RunConfig, config_to_dict
+    from kerasft.export.card import model_card
+
+    loaded, _ = lora_gemma3
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    cfg = config_to_dict(RunConfig())
+    cfg["lora"].update(rank=4, alpha=8.0, targets=["query", "value", "ffw_linear"])
+    cfg["data"].update(train="data/qa_es/train.json", eval="data/qa_es/eval.json")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model": "embedded", "rank": 4}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    (run_dir / "eval_base.json").write_text(json.dumps({"f1": 0.6, "exact_match": 0.0, "count": 108}))
+    (run_dir / "eval.json").write_text(json.dumps({"f1": 69.04, "exact_match": 53.7, "count": 108}))
+    card = model_card("hf", loaded.backbone, source=str(run_dir), run_dir=run_dir, extra={"dtype": "float32"})
+    assert "- base model: `embedded`" in card
+    assert "LoRA: rank 4, alpha 8.0, targets query, value, ffw_linear" in card
+    assert "training data: `data/qa_es/train.json`" in card
+    assert "training: 3 steps, batch 4" in card
+    assert "| fine-tuned | 69.0 | 53.7 | 108 |" in card and "| base | 0.6 | 0.0 | 108 |" in card
+    assert "Gemma Terms of Use" in card and "AutoModelForCausalLM.from_pretrained" in card
+    out = export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "hf", card=card)
+    assert (out / "README.md").read_text() == card
+    plain = model_card("hf", loaded.backbone, source="some_preset")
+    assert "No evaluation results" in plain and "training: none recorded" in plain
