@@ -78,6 +78,8 @@ def load_model(cfg) -> LoadedModel:
     path = resolve_preset(cfg.preset, cache_dir(cfg.cache_dir))
     remote = not Path(path).is_dir()
     try:
+        # Always an explicit policy: the one saved in config.json is ignored (a preset saved under
+        # mixed_bfloat16 fails to load without one on some keras-hub versions).
         backbone = keras_hub.models.Backbone.from_preset(path, dtype=cfg.dtype)
         tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
     except KerasftError:
