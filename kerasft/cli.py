@@ -82,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out_preset")
     p.add_argument("--overwrite", action="store_true")
 
+    p = command("data", None, "look at the configured data before a run: `kerasft data inspect CONFIG`")
+    actions = p.add_subparsers(title="actions", metavar="ACTION")
+    p = actions.add_parser("inspect", help="counts, bad records, duplicates, token lengths, categories",
+                           description="Reads the config's data sources (listing bad records instead of "
+                                       "stopping), tokenises with the model's tokenizer and writes "
+                                       "inspect.json and token_lengths.png. Exit status 1 when there are errors.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--out", default="", help="report folder (default: RUN_DIR/data_inspect)")
+    p.set_defaults(func=_cmd_data_inspect)
+
     p = command("score", _cmd_score, "SQuAD F1/EM of a predictions file against SQuAD v1.1 references")
     p.add_argument("predictions", help="JSON object: question id -> answer text")
     p.add_argument("references", help="SQuAD v1.1 JSON")
@@ -177,6 +189,16 @@ def _cmd_import_gguf(args) -> int:
     out = import_gguf(_path(args.gguf_file), _path(args.out_preset), overwrite=args.overwrite)
     print(f"wrote keras-hub preset {out}")
     return 0
+
+
+def _cmd_data_inspect(args) -> int:
+    from kerasft.config import load_config
+    from kerasft.data.inspect import format_report, inspect_data
+
+    cfg = load_config(args.config, args.overrides)
+    report = inspect_data(cfg, args.out or cfg.run_dir / "data_inspect")
+    print(format_report(report))
+    return 1 if report["errors"] else 0
 
 
 def _cmd_score(args) -> int:

@@ -27,20 +27,21 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         overwrite: replace an existing run dir instead of refusing.
         resume: continue training from the run dir's newest checkpoint (its config must match).
     """
-    from kerasft.data.pipeline import tokenize_examples
-    from kerasft.data.sources import load_examples
+    from kerasft.data.pipeline import padding_fraction, tokenize_cached
+    from kerasft.data.prepare import build_datasets, write_splits
     from kerasft.data.template import chat_tokens
     from kerasft.evaluate.generate import causal_lm_for
     from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
     from kerasft.models.lora import apply_lora, save_adapter, token_ids_for
-    from kerasft.models.presets import load_model
+    from kerasft.models.presets import cache_dir, load_model
     from kerasft.runtime import init_backend, set_distribution
     from kerasft.train.loop import planned_steps
     from kerasft.train.loop import train as train_lora
 
     # Read and check every input before anything is written or any slow stage starts.
-    train_set = load_examples(cfg.data.train, cfg.data) if train else []
-    eval_set = load_examples(cfg.data.eval, cfg.data) if evaluate else []
+    evaluate = evaluate and cfg.data.task != "pretrain"  # raw text has no answers to generate
+    splits = build_datasets(cfg.data, need_train=train, need_eval=evaluate)
+    train_set, eval_set = splits.train, splits.eval
     if cfg.data.eval_limit and eval_set:
         eval_set = eval_set[: cfg.data.eval_limit]
     run_dir = _resumable_run_dir(cfg) if resume else _fresh_run_dir(cfg.run_dir, overwrite)
@@ -48,6 +49,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     clock = _stage_timer(summary["timings"])
     try:
         save_config(cfg, run_dir / "config.yaml")
+        write_splits(splits, run_dir / "data")  # the exact examples of this run, as JSONL
 
         init_backend(cfg.train.seed)
         set_distribution(cfg.runtime)
@@ -66,11 +68,15 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
             write_eval(results["base"], run_dir / "eval_base.json")
             print(f"  base: F1 {results['base']['f1']:.1f}  EM {results['base']['exact_match']:.1f}", flush=True)
         if train:
-            data = tokenize_examples(tokens, train_set, cfg.data.sequence_length, cfg.data.system)
+            data, cached = tokenize_cached(tokens, train_set, cfg.data, cache_dir(cfg.model.cache_dir))
             steps = planned_steps(len(data), cfg.train)
+            padding = padding_fraction(data, cfg.train.batch_size, cfg.data.sequence_length, cfg.train.seed)
+            summary["data"] = {"rows": len(data), "trimmed": data.trimmed, "dropped": data.dropped,
+                               "padding_fraction": round(padding, 4), "tokenized_from_cache": cached}
             print(
                 f"training LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {list(cfg.lora.targets)}: "
-                f"{len(data)} examples ({data.trimmed} trimmed), {steps} steps of batch "
+                f"{len(train_set)} examples in {len(data)} rows ({data.trimmed} trimmed, {padding:.0%} padding"
+                f"{', tokens from cache' if cached else ''}), {steps} steps of batch "
                 f"{cfg.train.batch_size}x{cfg.train.grad_accum}",
                 flush=True,
             )

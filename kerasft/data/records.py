@@ -124,16 +124,16 @@ def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
     if not isinstance(row, dict):
         raise RecordError(f"{origin}: expected an object with named fields, got {type(row).__name__}")
     cols = cfg.columns
-    _check_columns(row, origin, cols)
+    _check_columns(row, origin, cfg)
     qid = _text(row, _pick(row, cols.id, ID_KEYS), origin, required=False) or fallback_id
-    meta = {key: _meta_value(row, key, origin) for key in cols.meta}
+    meta = {key: _meta_value(row, key, origin) for key in meta_keys(cfg)}
     system = _text(row, cols.system or "system", origin, required=False)
     if cfg.format == "chat" or ("messages" in row and not cols.prompt):
         return _chat_example(row.get("messages"), origin, qid, meta, system)
 
     context_key = _pick(row, cols.context, CONTEXT_KEYS)
     question_key = cols.prompt if cols.prompt and context_key else _pick(row, "", QUESTION_KEYS)
-    if context_key and question_key and (isinstance(row.get("answers"), (dict, list)) or not cols.response):
+    if context_key and question_key:
         if "answers" in row and not cols.response:
             answers = _squad_answers(row["answers"], origin)
         else:
@@ -197,9 +197,16 @@ def _chat_example(messages, origin: str, qid: str, meta: dict, system: str) -> E
     return Example(qid, prompt, response, (response,), system=system, history=history, meta=meta, origin=origin)
 
 
-def _check_columns(row: dict, origin: str, cols) -> None:
+def meta_keys(cfg) -> tuple[str, ...]:
+    """The metadata columns to keep: data.columns.meta plus the stratification column."""
+    stratify = cfg.split.stratify
+    return cfg.columns.meta + ((stratify,) if stratify and stratify not in cfg.columns.meta else ())
+
+
+def _check_columns(row: dict, origin: str, cfg) -> None:
     """Every column named in data.columns must exist (with the closest real name suggested)."""
-    for name in (cols.id, cols.prompt, cols.response, cols.context, cols.system, *cols.meta):
+    cols = cfg.columns
+    for name in (cols.id, cols.prompt, cols.response, cols.context, cols.system, *meta_keys(cfg)):
         if name and name not in row:
             close = difflib.get_close_matches(name, [str(k) for k in row], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {', '.join(map(str, row))}"
@@ -209,7 +216,7 @@ def _check_columns(row: dict, origin: str, cols) -> None:
 def _pick(row: dict, configured: str, defaults: tuple[str, ...]) -> str | None:
     if configured:
         return configured
-    return next((key for key in defaults if key in row and row[key] is not None), None)
+    return next((key for key in defaults if key in row), None)
 
 
 def _text(row: dict, key: str | None, origin: str, required: bool = True) -> str:

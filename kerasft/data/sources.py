@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kerasft.data.records import Example, RecordError, example_from_row, squad_example
+from kerasft.data.records import Example, RecordError, example_from_row, meta_keys, squad_example
 from kerasft.errors import KerasftError
 
 EXTENSIONS = {
@@ -191,7 +191,7 @@ def _squad_qa(qa, context: str, origin: str, cfg) -> Example:
         if not isinstance(start, int) or isinstance(start, bool):
             raise RecordError(f"{origin}.answers[{n}].answer_start (id {qid}): expected int, got {type(start).__name__}")
         parsed.append((answer["text"], start))
-    meta = {key: str(qa.get(key, "")) for key in cfg.columns.meta}
+    meta = {key: str(qa.get(key, "")) for key in meta_keys(cfg)}
     return squad_example(str(qid), context, question, parsed, origin, cfg.instruction, cfg.no_answer, meta)
 
 
