@@ -104,6 +104,13 @@ def encode_prompt(tokens: ChatTokens, prompt: str, system: str = "", history=(),
     return ids
 
 
+def example_prompt_ids(tokens: ChatTokens, example, data_cfg) -> list[int]:
+    """The prompt ids of an example exactly as training renders it: its own system prompt or
+    the config's, its earlier turns, the configured template. Evaluation and serving use this."""
+    return encode_prompt(tokens, example.prompt, example.system or data_cfg.system, example.history,
+                         data_cfg.template)
+
+
 def encode_response(tokens: ChatTokens, response: str, template: str = "gemma") -> list[int]:
     """Token ids of a response and the token that closes it (it carries loss too)."""
     return tokens.encode(response) + [tokens.eos if template == "plain" else tokens.end_of_turn]
