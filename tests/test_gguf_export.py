@@ -1,0 +1,79 @@
+"""GGUF export: gguf's own GGUFReader reads the file, and our importer (kerasft.models.gguf) turns
+it back into a keras-hub model whose logits and tokenizer match the exported LoRA model."""
+
+import numpy as np
+import pytest
+
+from kerasft.config import LoraConfig, ModelConfig
+from kerasft.errors import KerasftError
+from kerasft.export.gguf import export_gguf
+from kerasft.export.hf import keras_logits
+from kerasft.models.gguf import import_gguf
+from kerasft.models.lora import apply_lora, lora_layers
+from kerasft.models.presets import load_model
+
+TOKENS = np.array([[2, 5, 17, 40, 41, 99, 7, 3, 250, 12, 13, 14, 300, 301, 8, 9, 10, 11]], dtype=np.int32)
+# Max |logit diff| after the GGUF round trip, as a fraction of the largest |logit|. Measured on
+# the tiny random models (logit scale about 4): f32 exactly 0; f16 6e-4 to 1.7e-3 of the scale
+# (11 mantissa bits per weight); q8_0 1.3e-2 to 7e-2 (8-bit blocks of 32 weights sharing an f16
+# scale, compounded over 2-6 random layers whose rows are a single block). A layout or norm
+# mistake moves logits by the order of the scale itself, and so does dropping LoRA.
+TOLERANCE = {"f32": ("abs", 1e-4), "f16": ("rel", 3e-3), "q8_0": ("rel", 0.1)}
+TEXTS = ["¿Cuál es la capital de España?", "Hello, world! 2024\n\n  indented", "<start_of_turn>user\nhola<end_of_turn>\n"]
+
+
+@pytest.fixture(scope="module", params=["gemma", "gemma2", "gemma3"])
+def lora_model(request, tiny_presets):
+    loaded = load_model(ModelConfig(preset=str(tiny_presets[request.param])))
+    base_logits = keras_logits(loaded.backbone, TOKENS)
+    apply_lora(loaded.backbone, LoraConfig(rank=4, alpha=8.0, targets=("query", "value", "ffw_gating")))
+    rng = np.random.default_rng(5)
+    for layer in lora_layers(loaded.backbone):
+        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+            variable.assign(rng.normal(0, 0.2, size=variable.shape).astype("float32"))
+    return request.param, loaded, base_logits, keras_logits(loaded.backbone, TOKENS)
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_gguf_round_trip_matches_the_lora_model(lora_model, quant, tmp_path):
+    import gguf
+    import keras_hub
+
+    family, loaded, base_logits, lora_logits = lora_model
+    path = export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "gguf", quant=quant)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["README.md", f"model-{quant}.gguf"]
+
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == family
+    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == 2
+    assert "<start_of_turn>" in reader.fields["tokenizer.chat_template"].contents()
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[quant]
+    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    expected_norm = np.asarray(loaded.backbone.get_layer("final_normalization").scale) + 1.0
+    np.testing.assert_allclose(np.asarray(norm.data), expected_norm, rtol=1e-6)  # stored as 1 + w
+
+    preset = import_gguf(path, tmp_path / "preset")
+    reimported = keras_hub.models.Backbone.from_preset(str(preset))
+    found = keras_logits(reimported, TOKENS)
+    diff, scale = np.abs(found - lora_logits).max(), np.abs(lora_logits).max()
+    lora_effect = np.abs(lora_logits - base_logits).max()
+    print(f"\n{family} {quant}: max |logit diff| {diff:.2e} at logit scale {scale:.2f} (LoRA moves logits by {lora_effect:.2f})")
+    kind, bound = TOLERANCE[quant]
+    assert diff <= (bound if kind == "abs" else bound * scale)
+    assert diff < 0.25 * lora_effect  # LoRA was merged into the file
+
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(preset))
+    for text in TEXTS:
+        assert np.asarray(tokenizer(text)).tolist() == np.asarray(loaded.tokenizer(text)).tolist(), text
+
+
+def test_gguf_export_refuses_bad_quant_and_existing_dir(lora_model, tmp_path):
+    _, loaded, _, _ = lora_model
+    with pytest.raises(KerasftError, match="must be one of f32, f16, q8_0"):
+        export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "g", quant="q4_k")
+    (tmp_path / "g").mkdir()
+    with pytest.raises(KerasftError, match="already exists"):
+        export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "g")
+    assert [p.name for p in tmp_path.iterdir()] == ["g"] and not list((tmp_path / "g").iterdir())
