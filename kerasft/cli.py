@@ -64,12 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
-    p = command("export", _cmd_export, "merge LoRA and write Hugging Face safetensors (checked in transformers)")
+    p = command("export", _cmd_export, "merge LoRA and export: Hugging Face safetensors, a PEFT adapter or GGUF, "
+                                       "with a model card, checked in the consumer")
     p.add_argument("src", help="a run dir, a keras-hub preset dir, a .gguf file or any preset string")
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-verify", action="store_true", help="skip the transformers logits check")
+    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
+                   help="hf: merged safetensors (default); peft: LoRA adapter; gguf: llama.cpp file")
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF matrix type (--format gguf)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="safetensors dtype (--format hf)")
+    p.add_argument("--max-shard-mb", type=float, default=5000.0,
+                   help="split hf weights above this size into shards with model.safetensors.index.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-verify", action="store_true", help="skip the logits check of the export")
 
     p = command("generate", _cmd_generate, "greedy generation from a run dir or preset")
     p.add_argument("src", help="a run dir or a preset (embedded, a folder, a .gguf file, ...)")
@@ -152,7 +159,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from kerasft.config import ExportConfig, RunConfig
+    from kerasft.config import ExportConfig, ModelConfig, RunConfig
     from kerasft.data.records import Example
     from kerasft.data.template import chat_tokens
     from kerasft.runtime import init_backend
@@ -160,10 +167,15 @@ def _cmd_export(args) -> int:
 
     init_backend()
     loaded, run_cfg = load_source(args.src)
-    cfg = run_cfg or RunConfig()
-    cfg = RunConfig(**{**cfg.__dict__, "export": ExportConfig(dtype=args.dtype, verify=not args.no_verify)})
+    run_dir = _path(args.src) if (_path(args.src) / "adapter" / "adapter_config.json").is_file() else None
+    cfg = run_cfg or RunConfig(model=ModelConfig(preset=loaded.source))
+    export_cfg = ExportConfig(format=args.format, quant=args.quant, dtype=args.dtype, max_shard_mb=args.max_shard_mb,
+                              verify=not args.no_verify, atol=cfg.export.atol, rtol=cfg.export.rtol)
+    cfg = RunConfig(**{**cfg.__dict__, "export": export_cfg})
     sample = [Example("check", "¿Qué río pasa por Zaragoza? Responde en una palabra.", "El Ebro.")]
-    export_and_verify(loaded.backbone, loaded.tokenizer, chat_tokens(loaded.tokenizer), sample, _path(args.out), cfg, overwrite=args.overwrite)
+    report = export_and_verify(loaded.backbone, loaded.tokenizer, chat_tokens(loaded.tokenizer), sample, _path(args.out),
+                               cfg, overwrite=args.overwrite, run_dir=run_dir, source=args.src)
+    print(f"wrote {report.get('file', report['path'])}")
     return 0
 
 

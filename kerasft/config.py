@@ -248,13 +248,22 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Merged Hugging Face export, checked against transformers when `verify` is on.
+    """The run's export, checked against its consumer when `verify` is on.
 
-    The check passes when max |keras - transformers float64| <= atol + rtol * max |logit|.
+    format: hf (merged safetensors, reloaded in transformers), peft (LoRA adapter for the merged
+        base model) or gguf (llama.cpp file, read back by kerasft's GGUF importer).
+    dtype: tensor dtype of the hf format: float32 | bfloat16 | float16.
+    quant: matrix type of the gguf format: f32 | f16 | q8_0.
+    max_shard_mb: hf weights above this size are split into shards with an index file.
+    The check passes when max |keras - reference| <= atol + rtol * max |logit| (hf in float32
+    and gguf f32; other dtypes report the difference without failing).
     """
 
     enabled: bool = True
+    format: str = "hf"
     dtype: str = "float32"
+    quant: str = "f16"
+    max_shard_mb: float = 5000.0
     verify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-5

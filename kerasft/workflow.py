@@ -15,6 +15,7 @@ from kerasft.errors import KerasftError
 
 ADAPTER_DIR = "adapter"
 EXPORT_DIR = "export_hf"
+EXPORT_FORMATS = ("hf", "peft", "gguf")
 
 
 def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bool = True, overwrite: bool = False,
@@ -96,8 +97,9 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
                                for name, r in results.items()}
         if export and cfg.export.enabled:
             with clock("export"):
+                export_dir = run_dir / (EXPORT_DIR if cfg.export.format == "hf" else f"export_{cfg.export.format}")
                 summary["export"] = export_and_verify(loaded.backbone, loaded.tokenizer, tokens, eval_set or train_set,
-                                                      run_dir / EXPORT_DIR, cfg)
+                                                      export_dir, cfg, run_dir=run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if results:
             print("\n" + comparison_table(results))
@@ -108,27 +110,105 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     return summary
 
 
-def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg: RunConfig, overwrite: bool = False) -> dict:
-    """Merged HF export, then (if cfg.export.verify) a logits check in transformers."""
+def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg: RunConfig, overwrite: bool = False,
+                      *, run_dir: Path | None = None, source: str = "") -> dict:
+    """Exports in cfg.export.format (hf, peft or gguf) with a model card, then (if
+    cfg.export.verify) checks the export in its consumer: hf in transformers, gguf through
+    kerasft's GGUF importer; peft is checked by the test suite only (it needs the base export).
+
+    Args:
+        run_dir: the training run the model comes from, for the model card.
+        source: what the model was loaded from, for the model card.
+    """
     import numpy as np
 
     from kerasft.data.template import encode_prompt, encode_response
+    from kerasft.export.card import model_card
+    from kerasft.export.gguf import QUANTS
+
+    fmt, export_cfg = cfg.export.format, cfg.export
+    if fmt not in EXPORT_FORMATS:
+        raise KerasftError(f"export.format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if fmt == "gguf" and export_cfg.quant not in QUANTS:
+        raise KerasftError(f"export.quant must be one of {', '.join(QUANTS)}, got {export_cfg.quant!r}")
+    details = {"hf": {"dtype": export_cfg.dtype}, "peft": {}, "gguf": {"file": f"model-{export_cfg.quant}.gguf",
+                                                                      "quantization": export_cfg.quant}}[fmt]
+    card = model_card(fmt, backbone, source=source or cfg.model.preset, run_dir=run_dir, extra=details)
+    report = {"path": str(out_dir), "format": fmt}
+    sample = examples[0]
+    ids = np.asarray([(encode_prompt(tokens, sample.prompt, cfg.data.system) + encode_response(tokens, sample.response))[:96]])
+    if fmt == "peft":
+        from kerasft.export.peft import export_peft
+
+        trained_rows = _trained_token_rows(run_dir)
+        if trained_rows:
+            raise KerasftError(
+                f"{run_dir}: the run also trained the embedding rows of {', '.join(trained_rows)} "
+                "(lora.trainable_tokens), which a PEFT LoRA adapter does not carry; use --format hf or gguf"
+            )
+        print(f"exporting the PEFT LoRA adapter to {out_dir} ...", flush=True)
+        export_peft(backbone, out_dir, base_model_name_or_path=cfg.model.preset, card=card, overwrite=overwrite)
+        return report
+    if fmt == "gguf":
+        from kerasft.export.gguf import export_gguf
+
+        print(f"exporting GGUF ({export_cfg.quant}) to {out_dir} ...", flush=True)
+        path = export_gguf(backbone, tokenizer, out_dir, quant=export_cfg.quant, card=card, overwrite=overwrite)
+        report["file"] = str(path)
+        if export_cfg.verify:
+            report["verify"] = _check(verify_gguf_export(path, backbone, ids, atol=export_cfg.atol, rtol=export_cfg.rtol),
+                                      path, "GGUF re-import (kerasft importer)", strict=export_cfg.quant == "f32")
+        return report
+
     from kerasft.export.hf import export_hf, verify_hf_export
 
     print(f"exporting merged Hugging Face model to {out_dir} ...", flush=True)
-    export_hf(backbone, tokenizer, out_dir, dtype=cfg.export.dtype, overwrite=overwrite)
-    report = {"path": str(out_dir)}
-    if cfg.export.verify and cfg.export.dtype == "float32":
-        sample = examples[0]
-        ids = (encode_prompt(tokens, sample.prompt, cfg.data.system) + encode_response(tokens, sample.response))[:96]
-        check = verify_hf_export(out_dir, backbone, np.asarray([ids]), atol=cfg.export.atol, rtol=cfg.export.rtol)
-        report["verify"] = check
-        verdict = "OK" if check["ok"] else "MISMATCH"
-        print(f"  transformers reload (float64 reference): max |logit diff| = {check['max_abs_diff']:.2e} at logit "
-              f"scale {check['logit_scale']:.1f} ({verdict}, tolerance {check['tolerance']:.1e})", flush=True)
-        if not check["ok"]:
-            raise KerasftError(f"{out_dir}: transformers logits differ from Keras by {check['max_abs_diff']:.3g}")
+    export_hf(backbone, tokenizer, out_dir, dtype=export_cfg.dtype, max_shard_bytes=int(export_cfg.max_shard_mb * 1e6),
+              card=card, overwrite=overwrite)
+    if export_cfg.verify and export_cfg.dtype == "float32":
+        check = verify_hf_export(out_dir, backbone, ids, atol=export_cfg.atol, rtol=export_cfg.rtol)
+        report["verify"] = _check(check, out_dir, "transformers reload (float64 reference)", strict=True)
     return report
+
+
+def verify_gguf_export(gguf_path: Path, backbone, token_ids, *, atol: float = 1e-4, rtol: float = 1e-5) -> dict:
+    """Imports a GGUF export with kerasft's importer (into a temporary folder) and compares its
+    logits with the Keras model's; the same report as kerasft.export.hf.verify_hf_export."""
+    import tempfile
+
+    import keras_hub
+    import numpy as np
+
+    from kerasft.export.hf import keras_logits
+    from kerasft.models.gguf import import_gguf
+
+    with tempfile.TemporaryDirectory(prefix="kerasft-gguf-check-") as folder:
+        preset = import_gguf(gguf_path, Path(folder) / "preset")
+        theirs = keras_logits(keras_hub.models.Backbone.from_preset(str(preset)), token_ids)
+    ours = keras_logits(backbone, token_ids)
+    diff, scale = float(np.max(np.abs(theirs - ours))), float(np.max(np.abs(ours)))
+    tolerance = atol + rtol * scale
+    return {"max_abs_diff": diff, "tolerance": tolerance, "logit_scale": scale, "ok": diff <= tolerance,
+            "reference": "kerasft GGUF import"}
+
+
+def _check(check: dict, path: Path, what: str, strict: bool) -> dict:
+    """Prints a verification line; raises on a mismatch when `strict` (a lossless export)."""
+    verdict = ("OK" if check["ok"] else "MISMATCH") if strict else "lossy format, not checked against the tolerance"
+    print(f"  {what}: max |logit diff| = {check['max_abs_diff']:.2e} at logit scale {check['logit_scale']:.1f} "
+          f"({verdict}, tolerance {check['tolerance']:.1e})", flush=True)
+    if strict and not check["ok"]:
+        raise KerasftError(f"{path}: exported logits differ from Keras by {check['max_abs_diff']:.3g}")
+    return check
+
+
+def _trained_token_rows(run_dir: Path | None) -> list[str]:
+    """Pieces whose embedding rows a run trained (saved with its adapter), if any."""
+    path = Path(run_dir) / ADAPTER_DIR / "adapter_config.json" if run_dir else None
+    if not path or not path.is_file():
+        return []
+    rows = json.loads(path.read_text()).get("trainable_tokens") or {}
+    return list(rows.get("pieces", [])) if rows.get("ids") else []
 
 
 def load_source(src: str, model_overrides: dict | None = None):

@@ -191,3 +191,23 @@ def test_model_card_reports_the_run(lora_gemma3, tmp_path):
     assert (out / "README.md").read_text() == card
     plain = model_card("hf", loaded.backbone, source="some_preset")
     assert "No evaluation results" in plain and "training: none recorded" in plain
+
+
+def test_cli_export_formats(tiny_preset, tmp_path, capsys):
+    from kerasft.cli import main
+
+    assert main(["export", str(tiny_preset), str(tmp_path / "gguf"), "--format", "gguf", "--quant", "f32"]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF re-import (kerasft importer): max |logit diff| = 0.00e+00" in out and "(OK," in out
+    assert (tmp_path / "gguf" / "model-f32.gguf").is_file()
+    assert f"- base model: `{tiny_preset}`" in (tmp_path / "gguf" / "README.md").read_text()
+
+    assert main(["export", str(tiny_preset), str(tmp_path / "hf"), "--max-shard-mb", "0.04"]) == 0
+    assert "transformers reload (float64 reference)" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert main(["export", str(tiny_preset), str(tmp_path / "hf")]) == 2  # exists, no --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+    assert main(["export", str(tiny_preset), str(tmp_path / "peft"), "--format", "peft"]) == 2
+    assert "no LoRA adapters to export" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf", "hf"]
