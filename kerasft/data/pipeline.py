@@ -72,8 +72,10 @@ class TokenizedSet:
         lengths = [len(ids) for ids, _ in rows]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter((t for ids, _ in rows for t in ids), dtype=np.int32, count=int(offsets[-1]))
-        mask = np.fromiter((w for _, ws in rows for w in ws), dtype=np.uint8, count=int(offsets[-1]))
+        if not rows:
+            return cls(np.zeros(0, np.int32), np.zeros(0, np.uint8), offsets, **info)
+        tokens = np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in rows])
+        mask = np.concatenate([np.asarray(ws, dtype=np.uint8) for _, ws in rows])
         return cls(tokens, mask, offsets, **info)
 
     def save(self, folder: Path) -> None:
