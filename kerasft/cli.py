@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check of the export")
 
+    p = command("serve", _cmd_serve, "OpenAI-style HTTP server (/v1/completions, /v1/chat/completions) with "
+                                     "batched greedy generation")
+    p.add_argument("src", help="a run dir, a keras-hub preset dir, a Hugging Face export dir, a .gguf file or a preset")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--batch-window-ms", type=float, default=20.0,
+                   help="how long to wait for more requests before decoding a batch")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--context-length", type=int, default=0,
+                   help="longest prompt + max_tokens accepted (default: the model family's)")
+
     p = command("generate", _cmd_generate, "greedy generation from a run dir or preset")
     p.add_argument("src", help="a run dir or a preset (embedded, a folder, a .gguf file, ...)")
     p.add_argument("prompt", nargs="+", help="user message(s); each is answered separately")
@@ -176,6 +188,14 @@ def _cmd_export(args) -> int:
     report = export_and_verify(loaded.backbone, loaded.tokenizer, chat_tokens(loaded.tokenizer), sample, _path(args.out),
                                cfg, overwrite=args.overwrite, run_dir=run_dir, source=args.src)
     print(f"wrote {report.get('file', report['path'])}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from kerasft.serve import serve
+
+    serve(args.src, args.host, args.port, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+          max_tokens_limit=args.max_tokens, context_length=args.context_length or None)
     return 0
 
 
