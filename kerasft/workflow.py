@@ -45,6 +45,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     train_set, eval_set = splits.train, splits.eval
     if cfg.data.eval_limit and eval_set:
         eval_set = eval_set[: cfg.data.eval_limit]
+    set_distribution(cfg.runtime)  # checks runtime.mesh against the devices; before the model loads
     run_dir = _resumable_run_dir(cfg) if resume else _fresh_run_dir(cfg.run_dir, overwrite)
     summary: dict = {"run_dir": str(run_dir), "timings": {}}
     clock = _stage_timer(summary["timings"])
@@ -53,7 +54,6 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         write_splits(splits, run_dir / "data")  # the exact examples of this run, as JSONL
 
         init_backend(cfg.train.seed)
-        set_distribution(cfg.runtime)
         with clock("load"):
             print(f"loading model {cfg.model.preset!r} ...", flush=True)
             loaded = load_model(cfg.model)
