@@ -321,3 +321,19 @@ def test_split_examples_rounds_every_example_into_one_split():
     examples = [Example(str(i), "p", "r", meta={"c": "ab"[i % 2]}) for i in range(7)]
     parts = split_examples(examples, (0.5, 0.25, 0.25), "c", seed=3)
     assert sorted(e.id for part in parts for e in part) == sorted(e.id for e in examples)
+
+
+def test_prompt_template_and_labels_for_classification_sets(tmp_path):
+    """PAWS-X style rows: two sentences and an integer label."""
+    rows = [{"id": "p1", "sentence1": "Llueve en Huesca.", "sentence2": "En Huesca está lloviendo.", "label": 1},
+            {"id": "p2", "sentence1": "El tren sale a las ocho.", "sentence2": "El tren llega a las ocho.", "label": 0}]
+    path = _write(tmp_path / "pawsx.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    cfg = DataConfig(prompt_template="¿Dicen lo mismo?\n1: {sentence1}\n2: {sentence2}", labels=("no", "sí"))
+    a, b = load_examples(path, cfg)
+    assert a.prompt == "¿Dicen lo mismo?\n1: Llueve en Huesca.\n2: En Huesca está lloviendo." and a.response == "sí"
+    assert b.response == "no"
+    with pytest.raises(KerasftError, match=r"line 1: data.prompt_template uses \{sentense1\} .*did you mean 'sentence1'"):
+        load_examples(path, replace(cfg, prompt_template="{sentense1}"))
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"sentence1": "a", "sentence2": "b", "label": 2}))
+    with pytest.raises(KerasftError, match=r"bad\.jsonl: line 1: label: label '2' is not an index into data.labels \(0..1\)"):
+        load_examples(bad, cfg)

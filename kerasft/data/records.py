@@ -144,6 +144,8 @@ def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
         ex = squad_example(qid, context, question, answers, origin, cfg.instruction, cfg.no_answer, meta)
         return _with(ex, system=system)
 
+    if cfg.prompt_template:
+        return _templated_example(row, origin, cfg, qid, meta, system)
     prompt_key = _pick(row, cols.prompt, PROMPT_KEYS + QUESTION_KEYS)
     response_key = _pick(row, cols.response, RESPONSE_KEYS)
     if prompt_key is None or response_key is None:
@@ -163,6 +165,31 @@ def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
         raise RecordError(f"{origin}: history must be a list of [user, assistant] text pairs")
     return Example(qid, prompt, response, answers, context, -1 if start is None else start, system, history,
                    meta or dict(row.get("meta") or {}), origin)
+
+
+def _templated_example(row: dict, origin: str, cfg, qid: str, meta: dict, system: str) -> Example:
+    """A prompt built from several columns with data.prompt_template; integer labels in the
+    response column become texts through data.labels (classification sets such as PAWS-X)."""
+    import string
+
+    fields = {name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name}
+    for name in sorted(fields):
+        if name not in row:
+            close = difflib.get_close_matches(name, [str(k) for k in row], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {', '.join(map(str, row))}"
+            raise RecordError(f"{origin}: data.prompt_template uses {{{name}}} but the record has no such column{hint}")
+    prompt = cfg.prompt_template.format(**{name: _text(row, name, origin) for name in fields})
+    response_key = _pick(row, cfg.columns.response, RESPONSE_KEYS + ("label",))
+    if response_key is None:
+        raise RecordError(f"{origin}: no response field; found {', '.join(map(str, row))} (map one with data.columns.response)")
+    response = _text(row, response_key, origin)
+    if cfg.labels:
+        label = _int_or_none(response)
+        if label is None or not 0 <= label < len(cfg.labels):
+            raise RecordError(f"{origin}: {response_key}: label {response!r} is not an index into data.labels "
+                              f"(0..{len(cfg.labels) - 1})")
+        response = cfg.labels[label]
+    return Example(qid, prompt, response, (response,), system=system, meta=meta, origin=origin)
 
 
 def _chat_example(messages, origin: str, qid: str, meta: dict, system: str) -> Example:
