@@ -125,6 +125,10 @@ class DataConfig:
         and generation, so the model sees one prompt format).
     system: the system prompt, defined once and used in training, evaluation and inference.
     no_answer: the response for unanswerable SQuAD v2 questions.
+    prompt_template: builds the prompt from several columns, e.g. "¿Dicen lo mismo?\\n1: {sentence1}
+        \\n2: {sentence2}" (PAWS-X); overrides columns.prompt.
+    labels: texts for integer labels in the response column (label 0 -> labels[0]), for
+        classification sets.
     text_unit: for text files: line | paragraph | separator (split on `separator`).
     sequence_length: longest token sequence; QA contexts are trimmed around the answer to fit.
     packing: pack several short examples into one row (they can attend to each other: keras-hub's
@@ -146,6 +150,8 @@ class DataConfig:
     system: str = ""
     no_answer: str = "Sin respuesta"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    prompt_template: str = ""
+    labels: tuple[str, ...] = ()
     delimiter: str = ""
     sheet: str = ""
     encoding: str = "utf-8"
