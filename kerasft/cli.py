@@ -60,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the run dir's newest checkpoint (train.checkpoint_every)")
-    p = command("eval", _cmd_eval, "evaluate a run's adapter (and the base model) on the held-out split")
+    p = command("eval", _cmd_eval, "evaluate a run's adapter, or eval.source (a preset, run dir or Hugging Face "
+                "folder), on the held-out split; compare=base adds the base model; writes RUN_DIR/report.md")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, or compare=base")
 
     p = command("export", _cmd_export, "merge LoRA and export: Hugging Face safetensors, a PEFT adapter or GGUF, "
                                        "with a model card, checked in the consumer")
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a run dir or a preset (embedded, a folder, a .gguf file, ...)")
     p.add_argument("prompt", nargs="+", help="user message(s); each is answered separately")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--system", default="")
+    p.add_argument("--system", default=None, help="system prompt (default: the run's data.system, else none)")
 
     p = command("import-gguf", _cmd_import_gguf, "convert a Gemma GGUF file into a keras-hub preset folder")
     p.add_argument("gguf_file")
@@ -141,32 +142,49 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from kerasft.config import load_config
-    from kerasft.data.sources import load_examples
-    from kerasft.data.template import chat_tokens
-    from kerasft.evaluate.generate import causal_lm_for
-    from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
+    from kerasft.data.prepare import build_datasets
+    from kerasft.evaluate.evaluator import check_eval_config, comparison_table, evaluate, open_model, write_eval
+    from kerasft.evaluate.generate import KerasModel
+    from kerasft.evaluate.report import write_report
     from kerasft.models.lora import load_adapter
     from kerasft.models.presets import load_model
     from kerasft.runtime import init_backend
 
-    cfg = load_config(args.config, args.overrides)
-    examples = load_examples(cfg.data.eval, cfg.data)
+    # `compare=base` is the command's own switch, the same as eval.compare_base=true.
+    compare = [item for item in args.overrides if item.partition("=")[0].strip() == "compare"]
+    for item in compare:
+        if item.partition("=")[2].strip() != "base":
+            raise KerasftError(f"{item}: the only comparison is compare=base")
+    overrides = [item for item in args.overrides if item not in compare] + (["eval.compare_base=true"] if compare else [])
+    cfg = load_config(args.config, overrides)
+    check_eval_config(cfg.eval)
+    examples = build_datasets(cfg.data, need_train=False, need_eval=True).eval
     if cfg.data.eval_limit:
         examples = examples[: cfg.data.eval_limit]
+    source = cfg.eval.source or str(cfg.run_dir)
     adapter = cfg.run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise KerasftError(f"{cfg.run_dir}: no trained adapter; run `kerasft train {args.config}` first")
+    if not cfg.eval.source and not (adapter / "adapter_config.json").is_file():
+        raise KerasftError(f"{cfg.run_dir}: no trained adapter; run `kerasft train {args.config}` first "
+                           "or set eval.source")
     init_backend(cfg.train.seed)
-    loaded = load_model(cfg.model)
-    tokens = chat_tokens(loaded.tokenizer)
     results = {}
+    tuned = None
     if cfg.eval.compare_base:
-        results["base"] = evaluate_qa(causal_lm_for(loaded.backbone), tokens, examples, cfg.eval, cfg.data.system)
+        loaded = load_model(cfg.model)
+        results["base"] = evaluate(KerasModel(loaded.backbone, loaded.tokenizer, name=cfg.model.preset), examples,
+                                   cfg.eval, cfg.data)
+        if not cfg.eval.source:  # the run's own adapter goes on the base already in memory
+            load_adapter(loaded.backbone, adapter)
+            tuned = KerasModel(loaded.backbone, loaded.tokenizer, name=f"{cfg.model.preset} + {adapter}")
+    tuned = tuned or open_model(source, name=source if cfg.eval.source else f"{cfg.model.preset} + {adapter}")
+    results["tuned"] = evaluate(tuned, examples, cfg.eval, cfg.data)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if "base" in results:
         write_eval(results["base"], cfg.run_dir / "eval_base.json")
-    load_adapter(loaded.backbone, adapter)
-    results["tuned"] = evaluate_qa(causal_lm_for(loaded.backbone), tokens, examples, cfg.eval, cfg.data.system)
     write_eval(results["tuned"], cfg.run_dir / "eval.json")
+    write_report(cfg.run_dir, results, cfg.run_dir / "metrics.jsonl", cfg.eval.worst, cfg.eval.plots)
     print(comparison_table(results))
+    print(f"report: {cfg.run_dir / 'report.md'}")
     return 0
 
 
@@ -206,9 +224,12 @@ def _cmd_generate(args) -> int:
     from kerasft.workflow import load_source
 
     init_backend()
-    loaded, _ = load_source(args.src)
+    loaded, run_cfg = load_source(args.src)
     tokens = chat_tokens(loaded.tokenizer)
-    prompts = [encode_prompt(tokens, text, args.system) for text in args.prompt]
+    # A run dir renders prompts exactly as its training did: same system prompt and template.
+    system = args.system if args.system is not None else (run_cfg.data.system if run_cfg else "")
+    template = run_cfg.data.template if run_cfg else "gemma"
+    prompts = [encode_prompt(tokens, text, system, template=template) for text in args.prompt]
     outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids, tokens.pad)
     for text, ids in zip(args.prompt, outputs):
         print(json.dumps({"prompt": text, "response": tokens.decode(ids)}, ensure_ascii=False))

@@ -244,12 +244,54 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Greedy generation on the held-out split and SQuAD F1/EM."""
+    """Generation on the held-out split, the task's metrics, and a report (see kerasft.evaluate).
 
+    task: qa (SQuAD F1/EM, no-answer scores, answerability AUROC) | json (parse rate, schema
+        validity, exact match, per-field accuracy) | short_answer (exact match, F1 >= threshold,
+        by metadata column) | text (perplexity, BLEU, chrF, ROUGE-L).
+    metrics: which of the task's metric groups to compute; empty means all of them.
+    source: what `kerasft eval` scores as the tuned model: empty means RUN_DIR's adapter, else
+        a run dir, a preset, or a Hugging Face folder (run in transformers).
+    compare_base: also evaluate the base model (model.preset) on the same split.
+    schema: JSON-schema file for the json task. threshold: token F1 that counts as correct.
+    temperature / top_k / top_p / seed: sampling; temperature 0 is greedy.
+    worst: how many of the worst examples the report lists. plots: PNG plots in the report.
+    """
+
+    task: str = "qa"
+    metrics: tuple[str, ...] = ()
+    source: str = ""
     batch_size: int = 16
     max_new_tokens: int = 32
     lang: str = "es"
     compare_base: bool = True
+    schema: str = ""
+    threshold: float = 0.5
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    worst: int = 10
+    plots: bool = True
+
+    def __post_init__(self):
+        from kerasft.evaluate.metrics import LANGUAGES, TASK_METRICS
+
+        if self.task not in TASK_METRICS:
+            raise KerasftError(f"eval.task: {self.task!r} is not one of {', '.join(TASK_METRICS)}")
+        for name in self.metrics:
+            if name not in TASK_METRICS[self.task]:
+                raise KerasftError(f"eval.metrics: {name!r} is not a metric of task {self.task}; "
+                                   f"use {', '.join(TASK_METRICS[self.task])}")
+        if self.lang not in LANGUAGES:
+            raise KerasftError(f"eval.lang: {self.lang!r} is not one of {', '.join(LANGUAGES)}")
+        for key in ("batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise KerasftError(f"eval.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.worst < 0:
+            raise KerasftError("eval: temperature, top_k and worst must be >= 0 and top_p in (0, 1]")
+        if not 0 <= self.threshold <= 1:
+            raise KerasftError(f"eval.threshold: {self.threshold} must be between 0 and 1")
 
 
 @dataclass(frozen=True)

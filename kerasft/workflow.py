@@ -31,8 +31,10 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     from kerasft.data.pipeline import padding_fraction, tokenize_cached
     from kerasft.data.prepare import build_datasets, write_splits
     from kerasft.data.template import chat_tokens
-    from kerasft.evaluate.generate import causal_lm_for
-    from kerasft.evaluate.qa import comparison_table, evaluate_qa, write_eval
+    from kerasft.evaluate.evaluator import check_eval_config, comparison_table, headline, write_eval
+    from kerasft.evaluate.evaluator import evaluate as evaluate_model
+    from kerasft.evaluate.generate import KerasModel
+    from kerasft.evaluate.report import write_report
     from kerasft.models.lora import apply_lora, save_adapter, token_ids_for
     from kerasft.models.presets import cache_dir, load_model
     from kerasft.runtime import init_backend, set_distribution
@@ -45,6 +47,8 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     train_set, eval_set = splits.train, splits.eval
     if cfg.data.eval_limit and eval_set:
         eval_set = eval_set[: cfg.data.eval_limit]
+    if evaluate:
+        check_eval_config(cfg.eval)
     set_distribution(cfg.runtime)  # checks runtime.mesh against the devices; before the model loads
     run_dir = _resumable_run_dir(cfg) if resume else _fresh_run_dir(cfg.run_dir, overwrite)
     summary: dict = {"run_dir": str(run_dir), "timings": {}}
@@ -60,14 +64,14 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         tokens = chat_tokens(loaded.tokenizer)
         # Adapters start with B = 0, so this model computes exactly the base model's function.
         apply_lora(loaded.backbone, cfg.lora)
-        causal_lm = causal_lm_for(loaded.backbone)
+        eval_model = KerasModel(loaded.backbone, loaded.tokenizer, name=cfg.model.preset)
         results = {}
         if evaluate and cfg.eval.compare_base:
             with clock("eval_base"):
                 print(f"evaluating the base model on {len(eval_set)} held-out questions ...", flush=True)
-                results["base"] = evaluate_qa(causal_lm, tokens, eval_set, cfg.eval, cfg.data.system)
+                results["base"] = evaluate_model(eval_model, eval_set, cfg.eval, cfg.data)
             write_eval(results["base"], run_dir / "eval_base.json")
-            print(f"  base: F1 {results['base']['f1']:.1f}  EM {results['base']['exact_match']:.1f}", flush=True)
+            print("  base: " + "  ".join(f"{k} {v:.1f}" for k, v in list(headline(results["base"]).items())[:3]), flush=True)
         if train:
             data, cached = tokenize_cached(tokens, train_set, cfg.data, cache_dir(cfg.model.cache_dir))
             steps = planned_steps(len(data), cfg.train)
@@ -91,10 +95,10 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         if evaluate:
             with clock("eval"):
                 print(f"evaluating the fine-tuned model on {len(eval_set)} held-out questions ...", flush=True)
-                results["tuned"] = evaluate_qa(causal_lm, tokens, eval_set, cfg.eval, cfg.data.system)
+                eval_model.name = f"{cfg.model.preset} + {run_dir / ADAPTER_DIR}" if train else cfg.model.preset
+                results["tuned"] = evaluate_model(eval_model, eval_set, cfg.eval, cfg.data)
             write_eval(results["tuned"], run_dir / "eval.json")
-            summary["eval"] = {name: {k: r[k] for k in ("f1", "exact_match", "f1_en", "exact_match_en", "count")}
-                               for name, r in results.items()}
+            summary["eval"] = {name: {**headline(r), "count": r["count"]} for name, r in results.items()}
         if export and cfg.export.enabled:
             with clock("export"):
                 export_dir = run_dir / (EXPORT_DIR if cfg.export.format == "hf" else f"export_{cfg.export.format}")
@@ -104,6 +108,8 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         if results:
             print("\n" + comparison_table(results))
             (run_dir / "eval_table.txt").write_text(comparison_table(results) + "\n")
+            write_report(run_dir, results, run_dir / "metrics.jsonl", cfg.eval.worst, cfg.eval.plots)
+            print(f"report: {run_dir / 'report.md'}", flush=True)
     except BaseException:
         (run_dir / "FAILED").write_text("this run did not finish; its outputs are incomplete\n")
         raise

@@ -233,6 +233,7 @@ class KerasModel:
         from kerasft.data.template import chat_tokens
 
         self.backbone = backbone
+        self.tokenizer = tokenizer
         self.tokens = chat_tokens(tokenizer)
         self.name = name
         self._causal_lm = None
@@ -314,12 +315,11 @@ class HFModel:
         self.stop_ids = (end_of_turn, self.tokenizer.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def encode_prompt(self, prompt: str, system: str = "") -> list[int]:
-        from kerasft.data.template import render_chat
-
-        # The rendered template holds <bos> and the turn markers as text; the tokenizer maps
-        # them to their single ids, as the export's chat_template does.
-        return self.tokenizer(render_chat(prompt, system=system), add_special_tokens=False)["input_ids"]
+    def encode_prompt_text(self, rendered: str) -> list[int]:
+        """Ids of a prompt rendered by kerasft.data.template.render_chat: it holds <bos> and the
+        turn markers as text, which the tokenizer maps to their single ids, as the export's
+        chat_template does."""
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

@@ -1,0 +1,192 @@
+"""The evaluation report: report.md, report.json and PNG plots, base next to fine-tuned.
+
+Plots (matplotlib, the `eval` extra, Agg backend): the training loss curve from
+RUN_DIR/metrics.jsonl (and eval loss when logged), headline metrics base vs tuned, and per-group
+bars for any breakdown (metadata column, JSON field). Error analysis lists the worst examples
+with prompt, gold and prediction, and counts failure kinds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kerasft.evaluate.evaluator import headline
+
+PROMPT_CHARS = 300  # prompts in report.md are cut to this many characters (report.json keeps them whole)
+
+
+def read_training_log(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file that carry a step; [] when there is no file.
+
+    Lines that are not JSON objects are skipped: a run cut mid-write leaves a partial last line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+    return records
+
+
+def write_report(out_dir: str | Path, results: dict[str, dict], training_log: str | Path | None = None,
+                 worst: int = 10, plots: bool = True) -> dict:
+    """Writes report.md, report.json and plots/*.png into out_dir and returns the report.
+
+    Args:
+        results: model name ("base", "tuned", ...) -> an evaluate() result.
+        training_log: a metrics.jsonl with {"step", "loss"[, "eval_loss"]} lines, if any.
+        worst: how many of the lowest-scoring examples (of the last model) to list.
+        plots: draw PNGs (skipped with a note when matplotlib is missing).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(results)
+    last = results[names[-1]]
+    log = read_training_log(training_log) if training_log else []
+    report = {
+        "task": last["task"],
+        "count": last["count"],
+        "models": {name: {"source": r.get("model", ""), **headline(r), "system": r.get("system", {}),
+                          "failures": r.get("failures", {}), "by": r.get("by", {})} for name, r in results.items()},
+        "worst": sorted(last["examples"], key=lambda row: row["score"])[:worst],
+        "training": {"steps": len(log), "final_loss": log[-1].get("loss") if log else None},
+        "plots": [],
+    }
+    if plots:
+        try:
+            report["plots"] = _draw_plots(out_dir / "plots", results, log)
+        except ImportError:
+            report["plots_skipped"] = "matplotlib is not installed: pip install 'kerasft[eval]'"
+            print(f"  report: plots skipped ({report['plots_skipped']})", flush=True)
+    (out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "report.md").write_text(_markdown(report), encoding="utf-8")
+    return report
+
+
+def _markdown(report: dict) -> str:
+    models = report["models"]
+    names = list(models)
+    columns = list(dict.fromkeys(key for m in models.values() for key in m
+                                 if key not in ("source", "system", "failures", "by")))
+    lines = [f"# Evaluation report ({report['task']}, {report['count']} examples)", ""]
+    lines += ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_cell(models[name].get(c)) for c in columns) + " |")
+    lines += ["", "Rates are percentages; perplexity and eval_loss are per token.", ""]
+    sources = [f"- {name}: `{m['source']}`" for name, m in models.items() if m["source"]]
+    if sources:
+        lines += ["Models:", *sources, ""]
+    system_keys = list(dict.fromkeys(k for m in models.values() for k in m["system"]))
+    if system_keys:
+        lines += ["## System", "", "| model | " + " | ".join(system_keys) + " |", "| --- |" + " --- |" * len(system_keys)]
+        for name in names:
+            lines.append(f"| {name} | " + " | ".join(_cell(models[name]["system"].get(k), 3) for k in system_keys) + " |")
+        lines.append("")
+    for column in dict.fromkeys(c for m in models.values() for c in m["by"]):
+        lines += [f"## By {column}", ""]
+        values = list(dict.fromkeys(v for m in models.values() for v in m["by"].get(column, {})))
+        keys = list(dict.fromkeys(k for m in models.values() for v in m["by"].get(column, {}).values() for k in v))
+        lines += ["| model | " + column + " | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
+        for name in names:
+            for value in values:
+                row = models[name]["by"].get(column, {}).get(value, {})
+                lines.append(f"| {name} | {value} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
+        lines.append("")
+    kinds = list(dict.fromkeys(k for m in models.values() for k in m["failures"]))
+    lines += ["## Failure kinds", ""]
+    if kinds:
+        lines += ["| model | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+        for name in names:
+            lines.append(f"| {name} | " + " | ".join(str(models[name]["failures"].get(k, 0)) for k in kinds) + " |")
+    else:
+        lines.append("No failure kind was detected.")
+    lines += ["", f"## Worst {len(report['worst'])} examples ({names[-1]})", ""]
+    for row in report["worst"]:
+        prompt = row["prompt"] if len(row["prompt"]) <= PROMPT_CHARS else row["prompt"][:PROMPT_CHARS] + " [...]"
+        lines += [f"### {row['id']} (score {row['score']:.2f}; {', '.join(row['failures']) or 'no failure kind'})", "",
+                  "Prompt:", "", *_quoted(prompt), "", f"Gold: `{row['gold']}`", "",
+                  f"Prediction: `{row['prediction']}`", ""]
+    if report["plots"]:
+        lines += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in report["plots"]], ""]
+    elif report.get("plots_skipped"):
+        lines += [f"Plots skipped: {report['plots_skipped']}.", ""]
+    return "\n".join(lines)
+
+
+def _quoted(text: str) -> list[str]:
+    return ["> " + line for line in text.splitlines()] or ["> "]
+
+
+def _cell(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _draw_plots(folder: Path, results: dict[str, dict], log: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        written.append(f"plots/{name}")
+
+    if log:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps = [r["step"] for r in log if "loss" in r]
+        ax.plot(steps, [r["loss"] for r in log if "loss" in r], label="train loss")
+        evals = [r for r in log if "eval_loss" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        save(fig, "loss.png")
+    names = list(results)
+    scalars = [key for key in dict.fromkeys(k for r in results.values() for k in headline(r))
+               if key not in ("perplexity", "eval_loss")]  # the rest are percentages on one axis
+    if scalars:
+        save(_bars(plt, scalars, {n: [headline(results[n]).get(k) for k in scalars] for n in names}, "score"), "metrics.png")
+    for column in dict.fromkeys(c for r in results.values() for c in r.get("by", {})):
+        values = list(dict.fromkeys(v for r in results.values() for v in r["by"].get(column, {})))
+        key = next((k for k in ("accuracy", "f1", "exact_match")
+                    if any(k in row for r in results.values() for row in r["by"].get(column, {}).values())), None)
+        if key is None or not values:
+            continue
+        heights = {n: [results[n].get("by", {}).get(column, {}).get(v, {}).get(key) for v in values] for n in names}
+        fig = _bars(plt, values, heights, f"{key} by {column}")
+        save(fig, f"by_{_file_safe(column)}.png")
+    return written
+
+
+def _bars(plt, labels, heights: dict, ylabel: str):
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(labels) * len(heights)), 3.5))
+    width = 0.8 / len(heights)
+    for n, (name, values) in enumerate(heights.items()):
+        positions = [i + n * width for i in range(len(labels))]
+        ax.bar(positions, [v if v is not None else 0 for v in values], width, label=name)
+    ax.set_xticks([i + width * (len(heights) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return fig
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "group"
