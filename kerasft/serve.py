@@ -200,6 +200,25 @@ class Engine:
             pieces = kept
         return {"ids": new_ids, "pieces": pieces, "text": text, "finish_reason": finish}
 
+    def warm_up(self, prompts: list[list[int]], max_tokens: int) -> float:
+        """Compiles the generate program of every batch size the worker can form (powers of two
+        up to max_batch) for each prompt-length bucket among `prompts`; returns the seconds."""
+        from kerasft.evaluate.generate import PROMPT_BUCKET
+
+        started = time.perf_counter()
+        by_bucket = {-(-len(ids) // PROMPT_BUCKET): ids for ids in prompts}
+        for prompt_ids in by_bucket.values():
+            rows = 1
+            while True:
+                jobs = [_Job(prompt_ids, max_tokens) for _ in range(rows)]
+                self._decode(jobs)
+                if jobs[0].error is not None:
+                    raise jobs[0].error
+                if rows >= self.max_batch:
+                    break
+                rows *= 2
+        return time.perf_counter() - started
+
     def close(self) -> None:
         self._queue.put(None)
         self._worker.join(timeout=60)
