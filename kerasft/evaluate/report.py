@@ -88,7 +88,8 @@ def _markdown(report: dict) -> str:
         lines += ["## System", "", "| model | " + " | ".join(system_keys) + " |", "| --- |" + " --- |" * len(system_keys)]
         for name in names:
             lines.append(f"| {name} | " + " | ".join(_cell(models[name]["system"].get(k), 3) for k in system_keys) + " |")
-        lines.append("")
+        lines += ["", "Latency is the wall time of an example's batch, XLA compilation of each new batch shape "
+                  "included; prefill is timed as a separate forward pass, decode is the rest.", ""]
     for column in dict.fromkeys(c for m in models.values() for c in m["by"]):
         lines += [f"## By {column}", ""]
         values = list(dict.fromkeys(v for m in models.values() for v in m["by"].get(column, {})))
@@ -111,8 +112,8 @@ def _markdown(report: dict) -> str:
     for row in report["worst"]:
         prompt = row["prompt"] if len(row["prompt"]) <= PROMPT_CHARS else row["prompt"][:PROMPT_CHARS] + " [...]"
         lines += [f"### {row['id']} (score {row['score']:.2f}; {', '.join(row['failures']) or 'no failure kind'})", "",
-                  "Prompt:", "", *_quoted(prompt), "", f"Gold: `{row['gold']}`", "",
-                  f"Prediction: `{row['prediction']}`", ""]
+                  "Prompt:", "", *_quoted(prompt), "", "Gold:", "", *_quoted(row["gold"]), "",
+                  "Prediction:", "", *_quoted(row["prediction"]), ""]
     if report["plots"]:
         lines += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in report["plots"]], ""]
     elif report.get("plots_skipped"):
