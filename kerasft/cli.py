@@ -60,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the run dir's newest checkpoint (train.checkpoint_every)")
+    p = command("plan", _cmd_plan, "per-device memory of the training step on a target, and the largest batch that fits")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--target", required=True, choices=["4090", "t4", "a100-40g", "a100-80g", "h100", "tpu-v3-8",
+                                                       "tpu-v5e-8", "cpu"])
+    p.add_argument("--targets", type=int, default=0, metavar="K",
+                   help="loss positions per row (response tokens); default the whole sequence, the worst case")
+    p.add_argument("--no-search", action="store_true", help="compile only the configured batch size")
+    p.add_argument("--measure", action="store_true",
+                   help="also run one real step on this machine and compare its measured peak with the plan")
+
     p = command("eval", _cmd_eval, "evaluate a run's adapter, or eval.source (a preset, run dir or Hugging Face "
                 "folder), on the held-out split; compare=base adds the base model; writes RUN_DIR/report.md")
     p.add_argument("config")
@@ -114,6 +125,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="report folder (default: RUN_DIR/data_inspect)")
     p.set_defaults(func=_cmd_data_inspect)
 
+    p = command("vocab", None, "vocabulary expansion: `kerasft vocab check` and `kerasft vocab add`")
+    actions = p.add_subparsers(title="actions", metavar="ACTION")
+    p = actions.add_parser("check", help="tokens per word and per character, most fragmented words, before and "
+                           "after adding pieces", description="How the model's tokenizer splits a word list or a "
+                           "corpus, and (with --add) how a proposed expansion would split it.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("source", help="a YAML config (its model.preset) or a preset string")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--words", help="word list, one word per line")
+    group.add_argument("--corpus", help="text file; every word in it counts")
+    p.add_argument("--add", help="word list of the proposed expansion")
+    p.add_argument("--type", default="user_defined", choices=["user_defined", "normal"], help="piece type to add")
+    p.add_argument("--top", type=int, default=10, help="how many of the most fragmented words to list")
+    p.add_argument("--json", default="", help="also write the report as JSON to this file")
+    p.set_defaults(func=_cmd_vocab_check)
+    p = actions.add_parser("add", help="add words as single pieces and grow the embedding: a new keras-hub preset",
+                           description="Adds each word as one SentencePiece piece, resizes the tied embedding "
+                                       "(new rows: the mean embedding or the mean of the word's old sub-tokens) "
+                                       "and writes a new keras-hub preset with kerasft_vocab.json.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--preset", required=True, help="the model to expand (any preset string)")
+    p.add_argument("--words", required=True, help="word list, one word per line")
+    p.add_argument("--out", required=True, help="the new preset folder")
+    p.add_argument("--init", default="mean", choices=["mean", "subtokens"], help="how new rows start")
+    p.add_argument("--type", default="user_defined", choices=["user_defined", "normal"], help="piece type to add")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_vocab_add)
+
     p = command("score", _cmd_score, "SQuAD F1/EM of a predictions file against SQuAD v1.1 references")
     p.add_argument("predictions", help="JSON object: question id -> answer text")
     p.add_argument("references", help="SQuAD v1.1 JSON")
@@ -138,6 +177,29 @@ def _cmd_train(args) -> int:
     run(load_config(args.config, args.overrides), evaluate=False, export=False, overwrite=args.overwrite,
         resume=args.resume)
     return 0
+
+
+def _cmd_plan(args) -> int:
+    import os
+
+    from kerasft.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    devices = {"tpu-v3-8": 8, "tpu-v5e-8": 8}.get(args.target, 1)
+    if devices > 1 and "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # Without TPUs, plan the 8-device layout on 8 simulated CPU devices (fixed when jax loads).
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    from kerasft.train.plan import format_plan, measure_step, plan_step
+
+    plan = plan_step(cfg, args.target, args.targets or None, search=not args.no_search)
+    print(format_plan(plan, args.target))
+    if args.measure:
+        measured = measure_step(cfg, args.targets or None)
+        ratio = plan.step.peak / measured["measured_peak"]
+        print(f"measured on this machine: peak {measured['measured_peak'] / 2**20:.1f} MiB (arguments "
+              f"{measured['arguments'] / 2**20:.1f} MiB + RSS rise {measured['peak_rise'] / 2**20:.1f} MiB); "
+              f"planned {plan.step.peak / 2**20:.1f} MiB; planned/measured = {ratio:.2f}")
+    return 0 if plan.fits else 1
 
 
 def _cmd_eval(args) -> int:
@@ -252,6 +314,27 @@ def _cmd_data_inspect(args) -> int:
     report = inspect_data(cfg, args.out or cfg.run_dir / "data_inspect")
     print(format_report(report))
     return 1 if report["errors"] else 0
+
+
+def _cmd_vocab_check(args) -> int:
+    from kerasft.models.vocab import check, format_check
+
+    report = check(args.source, words_file=args.words, corpus_file=args.corpus, add_file=args.add,
+                   piece_type=args.type, top=args.top)
+    print(format_check(report))
+    if args.json:
+        _path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+def _cmd_vocab_add(args) -> int:
+    from kerasft.models.vocab import add_words
+
+    record = add_words(args.preset, args.words, _path(args.out), init=args.init, piece_type=args.type,
+                       overwrite=args.overwrite)
+    print(f"added {len(record['added'])} pieces for {len(record['words'])} words: vocabulary "
+          f"{record['old_vocabulary_size']} -> {record['vocabulary_size']}; wrote keras-hub preset {args.out}")
+    return 0
 
 
 def _cmd_score(args) -> int:

@@ -1,0 +1,423 @@
+"""Memory plan: will this training step fit on a target device, and with what batch size?
+
+The backbone is built inside `jax.eval_shape` (every variable's shape, nothing allocated), the
+training step of loop.py is lowered on ShapeDtypeStructs (sharded as runtime.mesh says) and
+compiled, and XLA's memory analysis gives the per-device peak: arguments + outputs - donated
+aliases + temporaries. What is planned is the step that runs.
+
+The compile happens on this machine's backend: on a GPU machine it is the GPU compiler; on CPU
+the compiler upcasts bfloat16 matmuls to float32, so CPU figures overstate GPU/TPU memory for
+bfloat16 models (the report says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kerasft.errors import KerasftError
+
+GIB = 1024**3
+HEADROOM = 0.9  # runtimes and fragmentation take a share of device memory; plan to 90 %
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    bytes_per_device: int
+    devices: int
+    kind: str  # gpu | tpu | cpu
+
+
+TARGETS = {
+    "4090": Target("RTX 4090 (24 GiB)", 24 * GIB, 1, "gpu"),
+    "t4": Target("T4 (16 GiB, 15 usable)", 15 * GIB, 1, "gpu"),
+    "a100-40g": Target("A100 40 GB", 40 * 10**9, 1, "gpu"),
+    "a100-80g": Target("A100 80 GB", 80 * 10**9, 1, "gpu"),
+    "h100": Target("H100 80 GB", 80 * 10**9, 1, "gpu"),
+    "tpu-v3-8": Target("TPU v3-8 (8 cores x 16 GiB)", 16 * GIB, 8, "tpu"),
+    "tpu-v5e-8": Target("TPU v5e-8 (8 chips x 16 GiB)", 16 * GIB, 8, "tpu"),
+    "cpu": Target("this machine's free memory", 0, 1, "cpu"),
+}
+
+# Backbone constructor arguments of keras-hub presets, so plans need no download. From the
+# published checkpoints' configs (HF config.json); keras-hub's Gemma 1/2 intermediate_dim is
+# twice HF's intermediate_size, Gemma 3's equals it. tests/test_plan.py checks each against the
+# parameter count in keras-hub's preset metadata.
+_GEMMA2 = dict(query_head_dim_normalize=True, use_post_ffw_norm=True, use_post_attention_norm=True,
+               attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0, use_sliding_window_attention=True,
+               sliding_window_size=4096)
+_GEMMA3 = dict(query_head_dim_normalize=True, use_query_key_norm=True, use_post_ffw_norm=True,
+               use_post_attention_norm=True, attention_logit_soft_cap=None, final_logit_soft_cap=None,
+               use_sliding_window_attention=True, sliding_window_size=512, image_size=None)
+KNOWN_ARCHITECTURES = {
+    "gemma_2b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=18, num_query_heads=8,
+                                          num_key_value_heads=1, hidden_dim=2048, intermediate_dim=32768, head_dim=256)),
+    "gemma_7b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=28, num_query_heads=16,
+                                          num_key_value_heads=16, hidden_dim=3072, intermediate_dim=49152, head_dim=256)),
+    "gemma2_2b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=26, num_query_heads=8,
+                                           num_key_value_heads=4, hidden_dim=2304, intermediate_dim=18432, head_dim=256,
+                                           **_GEMMA2)),
+    "gemma2_9b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=42, num_query_heads=16,
+                                           num_key_value_heads=8, hidden_dim=3584, intermediate_dim=28672, head_dim=256,
+                                           **_GEMMA2)),
+    "gemma3_270m": ("Gemma3Backbone", dict(vocabulary_size=262144, num_layers=18, num_query_heads=4,
+                                           num_key_value_heads=1, hidden_dim=640, intermediate_dim=2048, head_dim=256,
+                                           **_GEMMA3)),
+    "gemma3_1b": ("Gemma3Backbone", dict(vocabulary_size=262144, num_layers=26, num_query_heads=4,
+                                         num_key_value_heads=1, hidden_dim=1152, intermediate_dim=6912, head_dim=256,
+                                         **_GEMMA3)),
+}
+# Instruction-tuned presets share their base model's architecture.
+for _name in list(KNOWN_ARCHITECTURES):
+    KNOWN_ARCHITECTURES[_name.replace("_", "_instruct_", 1)] = KNOWN_ARCHITECTURES[_name]
+KNOWN_ARCHITECTURES["embedded"] = KNOWN_ARCHITECTURES["gemma3_270m"]
+
+
+@dataclass
+class StepMemory:
+    """Per-device bytes of one compiled training step."""
+
+    batch_size: int
+    peak: int
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    weights: int
+    trainable_and_optimizer: int
+    logits: int
+
+
+@dataclass
+class Plan:
+    target: Target
+    usable: int
+    compiler: str
+    devices: int
+    mesh: str
+    sequence_length: int
+    targets_per_row: int
+    parameters: int
+    trainable_parameters: int
+    step: StepMemory
+    largest_batch: int | None = None
+    tried: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.step.peak <= self.usable
+
+
+def backbone_spec(model_cfg) -> tuple[str, dict]:
+    """(keras-hub backbone class name, constructor kwargs) for a ModelConfig's preset, offline.
+
+    Known keras-hub preset names and `embedded` come from KNOWN_ARCHITECTURES; a local
+    keras-hub preset folder from its config.json.
+    """
+    preset = model_cfg.preset or "embedded"
+    if preset in KNOWN_ARCHITECTURES:
+        class_name, kwargs = KNOWN_ARCHITECTURES[preset]
+        return class_name, dict(kwargs)
+    config_path = Path(preset).expanduser() / "config.json"
+    if not config_path.is_file():
+        raise KerasftError(
+            f"model.preset: cannot plan {preset!r} offline; use a local keras-hub preset folder or one of "
+            + ", ".join(sorted(k for k in KNOWN_ARCHITECTURES if "instruct" not in k))
+        )
+    try:
+        config = json.loads(config_path.read_text())
+        class_name, kwargs = config["class_name"], dict(config["config"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise KerasftError(f"{config_path}: not a keras-hub preset config (Hugging Face folders cannot be planned)") from None
+    for key in ("name", "trainable", "dtype"):
+        kwargs.pop(key, None)
+    return class_name, kwargs
+
+
+def abstract_backbone(model_cfg, lora_cfg):
+    """Builds the backbone with LoRA inside jax.eval_shape: real variables' shapes, no memory."""
+    import jax
+    import keras_hub
+
+    from kerasft.models.lora import apply_lora
+
+    class_name, kwargs = backbone_spec(model_cfg)
+    if class_name not in ("GemmaBackbone", "Gemma3Backbone"):
+        raise KerasftError(f"model.preset: {class_name} is not a Gemma backbone")
+    built = {}
+
+    def build():
+        backbone = getattr(keras_hub.models, class_name)(**kwargs, dtype=model_cfg.dtype)
+        apply_lora(backbone, lora_cfg)
+        built["backbone"] = backbone
+        return [v.value for v in backbone.weights]
+
+    jax.eval_shape(build)
+    return built["backbone"]
+
+
+def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search: bool = True) -> Plan:
+    """Plans the training step of a RunConfig on a target and searches the largest batch that fits.
+
+    Args:
+        cfg: kerasft.config.RunConfig (model, lora, data.sequence_length, train, runtime).
+        target_name: a key of TARGETS.
+        targets_per_row: loss positions per row (the response length); default sequence_length,
+            the worst case.
+        search: compile more batch sizes to find the largest that fits.
+    """
+    import jax
+
+    from kerasft.runtime import set_distribution
+
+    if target_name not in TARGETS:
+        raise KerasftError(f"--target: {target_name!r} is not one of {', '.join(TARGETS)}")
+    target = TARGETS[target_name]
+    usable = int((target.bytes_per_device or _available_memory()) * HEADROOM)
+    distribution = set_distribution(cfg.runtime)
+    backbone = abstract_backbone(cfg.model, cfg.lora)
+    sequence_length = cfg.data.sequence_length
+    k = min(targets_per_row or sequence_length, sequence_length)
+    shards = _batch_shards(distribution)
+    notes = []
+    backend = jax.default_backend()
+    if backend != target.kind:
+        notes.append(f"compiled with the {backend} compiler, not {target.kind}'s"
+                     + ("; it upcasts bfloat16 matmuls to float32, so bfloat16 plans overstate memory"
+                        if backend == "cpu" and "bfloat16" in cfg.model.dtype else ""))
+    if target.kind == "tpu" and backend != "tpu":
+        notes.append("exact TPU plans need the TPU compiler on abstract TPU devices (pip install 'jax[tpu]'); "
+                     "not done here")
+    if len(jax.devices()) != target.devices:
+        notes.append(f"planned on {len(jax.devices())} device(s); {target.name} has {target.devices}")
+    if distribution is None and target.devices > 1:
+        notes.append("runtime.mesh is none: one device holds everything; try runtime.mesh=model")
+
+    def measure(batch_size: int) -> StepMemory:
+        return _compile_step(backbone, cfg, distribution, batch_size, sequence_length, k)
+
+    step = measure(cfg.train.batch_size)
+    plan = Plan(target=target, usable=usable, compiler=backend, devices=len(jax.devices()),
+                mesh=f"{cfg.runtime.mesh} {cfg.runtime.mesh_shape}", sequence_length=sequence_length, targets_per_row=k,
+                parameters=sum(_size(v) for v in backbone.weights),
+                trainable_parameters=sum(_size(v) for v in backbone.trainable_variables), step=step, notes=notes)
+    plan.tried.append((step.batch_size, step.peak))
+    if search:
+        plan.largest_batch = _largest_batch(measure, plan, shards)
+    return plan
+
+
+def _largest_batch(measure, plan: Plan, shards: int, max_compiles: int = 6) -> int | None:
+    """Doubles the batch until it does not fit, then bisects; at most `max_compiles` compiles."""
+    fits = {b: p <= plan.usable for b, p in plan.tried}
+    start = plan.step.batch_size
+    good = start if fits[start] else None
+    bad = None if fits[start] else start
+    compiles = 0
+    while compiles < max_compiles:
+        if bad is None:
+            candidate = good * 2
+        elif good is None:
+            candidate = max(shards, (bad // 2) // shards * shards)
+            if candidate >= bad:
+                break
+        else:
+            candidate = (good + bad) // 2 // shards * shards
+            if candidate <= good:
+                break
+        memory = measure(candidate)
+        compiles += 1
+        plan.tried.append((candidate, memory.peak))
+        if memory.peak <= plan.usable:
+            good = candidate
+        else:
+            bad = candidate
+        if good is None and candidate == shards and bad == candidate:
+            break
+    return good
+
+
+def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length: int, k: int) -> StepMemory:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kerasft.train.loop import make_optimizer, make_train_step
+
+    optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
+    token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
+    step_fn = make_train_step(backbone, optimizer, token_rows)
+
+    def abstract(variable):
+        sharding = None
+        if distribution is not None:
+            sharding = distribution.get_variable_layout(variable).backend_layout
+        return jax.ShapeDtypeStruct(tuple(variable.shape), variable.dtype, sharding=sharding)
+
+    trainable = {"lora": [abstract(v) for v in backbone.trainable_variables]}
+    hidden = backbone.token_embedding.embeddings.shape[1]
+    replicated = None if distribution is None else _replicated(distribution)
+    if token_rows:
+        trainable["token_delta"] = jax.ShapeDtypeStruct((len(token_rows), hidden), jnp.float32, sharding=replicated)
+    non_trainable = [abstract(v) for v in backbone.non_trainable_variables]
+    opt_shapes = jax.eval_shape(optimizer.init, trainable)
+    opt_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), opt_shapes)
+
+    def data(shape, dtype):
+        sharding = None if distribution is None else distribution.get_data_layout(shape).backend_layout
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    batch = {
+        "token_ids": data((batch_size, sequence_length), jnp.int32),
+        "padding_mask": data((batch_size, sequence_length), jnp.bool_),
+        "target_positions": data((batch_size, k), jnp.int32),
+        "target_ids": data((batch_size, k), jnp.int32),
+        "target_weights": data((batch_size, k), jnp.float32),
+    }
+    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch).compile()
+    analysis = compiled.memory_analysis()
+    peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes)
+    vocabulary = backbone.token_embedding.embeddings.shape[0]
+    per_device_rows = batch_size // _batch_shards(distribution)
+    return StepMemory(
+        batch_size=batch_size,
+        peak=int(peak),
+        arguments=int(analysis.argument_size_in_bytes),
+        outputs=int(analysis.output_size_in_bytes),
+        aliased=int(analysis.alias_size_in_bytes),
+        temporaries=int(analysis.temp_size_in_bytes),
+        weights=sum(_device_bytes(s) for s in non_trainable),
+        trainable_and_optimizer=sum(_device_bytes(s) for s in jax.tree.leaves([trainable, opt_state])),
+        # float32 logits at the loss positions (the step never forms the full-sequence logits)
+        logits=int(per_device_rows * k * vocabulary * np.dtype("float32").itemsize),
+    )
+
+
+def measure_step(cfg, targets_per_row: int | None = None) -> dict:
+    """Runs one real training step of the configured model on this host and measures its peak.
+
+    Measured = resident bytes of the step's arguments + the rise of the process's peak RSS
+    (VmHWM, reset just before the step) over its RSS before it. Linux only.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kerasft.models.lora import apply_lora
+    from kerasft.models.presets import load_model
+    from kerasft.train.loop import make_optimizer, make_train_step
+
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        raise KerasftError("--measure needs Linux (/proc/self/clear_refs)")
+    loaded = load_model(cfg.model)
+    backbone = loaded.backbone
+    apply_lora(backbone, cfg.lora)
+    optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
+    token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
+    step_fn = make_train_step(backbone, optimizer, token_rows)
+    trainable = {"lora": [v.value for v in backbone.trainable_variables]}
+    if token_rows:
+        trainable["token_delta"] = jnp.zeros((len(token_rows), backbone.hidden_dim), jnp.float32)
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+    opt_state = optimizer.init(trainable)
+    b, s = cfg.train.batch_size, cfg.data.sequence_length
+    k = min(targets_per_row or s, s)
+    rng = np.random.default_rng(0)
+    vocabulary = backbone.token_embedding.embeddings.shape[0]
+    batch = {
+        "token_ids": jnp.asarray(rng.integers(4, vocabulary, (b, s)), jnp.int32),
+        "padding_mask": jnp.ones((b, s), bool),
+        "target_positions": jnp.asarray(np.tile(np.arange(s - k, s) - 1, (b, 1)).clip(0), jnp.int32),
+        "target_ids": jnp.asarray(rng.integers(4, vocabulary, (b, k)), jnp.int32),
+        "target_weights": jnp.ones((b, k), jnp.float32),
+    }
+    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch).compile()
+    arguments = sum(x.nbytes for x in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
+    jax.block_until_ready([trainable, opt_state, non_trainable, batch])
+    before = _proc_status("VmRSS")
+    clear_refs.write_text("5")  # resets VmHWM to the current RSS
+    out = compiled(trainable, opt_state, non_trainable, batch)
+    jax.block_until_ready(out)
+    peak_rise = _proc_status("VmHWM") - before
+    return {"arguments": arguments, "peak_rise": peak_rise, "measured_peak": arguments + peak_rise}
+
+
+def format_plan(plan: Plan, target_key: str) -> str:
+    """The plan as the lines `kerasft plan` prints."""
+    step = plan.step
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines = [
+        f"target {target_key}: {plan.target.name}; usable {_gib(plan.usable)} per device "
+        f"({int(HEADROOM * 100)} % of {_gib(plan.usable / HEADROOM)})",
+        f"model: {_count(plan.parameters)} parameters, {_count(plan.trainable_parameters)} trainable (LoRA); "
+        f"compiled for {plan.compiler} on {plan.devices} device(s), mesh {plan.mesh}",
+        f"step: batch {step.batch_size} x sequence {plan.sequence_length}, {plan.targets_per_row} loss positions a row",
+        "per device:",
+        f"  weights (frozen)               {_gib(step.weights):>11}",
+        f"  trainable + optimizer state    {_gib(step.trainable_and_optimizer):>11}",
+        f"  activations and temporaries    {_gib(step.temporaries):>11}  (float32 logits alone: {_gib(step.logits)})",
+        f"  peak                           {_gib(step.peak):>11}  (arguments + outputs - donated + temporaries) -> {verdict}",
+    ]
+    if plan.largest_batch is not None or len(plan.tried) > 1:
+        tried = ", ".join(f"{b}: {_gib(p)}" for b, p in sorted(plan.tried))
+        best = plan.largest_batch if plan.largest_batch is not None else "none (even the smallest batch does not fit)"
+        lines.append(f"largest batch that fits: {best}  (compiled {tried})")
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+def _replicated(distribution):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = distribution.get_data_layout((1,)).backend_layout.mesh
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _batch_shards(distribution) -> int:
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    return mesh.shape[mesh.axis_names.index(distribution.batch_dim_name)]
+
+
+def _device_bytes(struct) -> int:
+    import numpy as np
+
+    shape = struct.shape if struct.sharding is None else struct.sharding.shard_shape(struct.shape)
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(struct.dtype).itemsize
+
+
+def _size(variable) -> int:
+    import numpy as np
+
+    return int(np.prod(variable.shape, dtype=np.int64))
+
+
+def _available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KerasftError(f"/proc/self/status has no {key}")
+
+
+def _gib(value: float) -> str:
+    if value >= GIB:
+        return f"{value / GIB:.2f} GiB"
+    return f"{value / 2**20:.1f} MiB"
+
+
+def _count(value: int) -> str:
+    return f"{value / 1e9:.2f} B" if value >= 1e8 else f"{value / 1e6:.3f} M"

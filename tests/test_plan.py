@@ -1,0 +1,63 @@
+"""Memory plan: the offline architecture table matches keras-hub's presets, the plan compiles
+the real step, and its peak agrees with a measured step on this CPU."""
+
+from pathlib import Path
+
+import pytest
+
+from kerasft.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["gemma_2b_en", "gemma_7b_en", "gemma2_2b_en", "gemma2_9b_en", "gemma3_1b", "gemma3_270m"])
+def test_architecture_table_matches_keras_hub_parameter_counts(name):
+    import jax
+    import keras_hub
+
+    from kerasft.config import ModelConfig
+    from kerasft.train.plan import backbone_spec
+
+    class_name, kwargs = backbone_spec(ModelConfig(preset=name))
+    built = {}
+
+    def build():
+        built["backbone"] = getattr(keras_hub.models, class_name)(**kwargs)
+        return [v.value for v in built["backbone"].weights]
+
+    jax.eval_shape(build)
+    assert built["backbone"].count_params() == keras_hub.models.Backbone.presets[name]["metadata"]["params"]
+
+
+def test_plan_fits_and_predicts_the_measured_peak(tiny_preset, capsys):
+    from kerasft.config import load_config
+    from kerasft.train.plan import measure_step, plan_step
+
+    # Large enough activations (attention scores 8x4x512x512 floats a layer) to rise above RSS noise.
+    cfg = load_config(ROOT / "configs/quickstart.yaml", [f"model.preset={tiny_preset}", "data.sequence_length=512",
+                                                         "train.batch_size=8"])
+    plan = plan_step(cfg, "cpu", search=False)
+    assert plan.fits and plan.step.batch_size == 8
+    assert plan.parameters > plan.trainable_parameters > 0
+    assert plan.step.temporaries > 100 * 2**20
+    measured = measure_step(cfg)
+    ratio = plan.step.peak / measured["measured_peak"]
+    print(f"planned {plan.step.peak} measured {measured['measured_peak']} ratio {ratio:.2f}")
+    assert 0.7 < ratio < 1.5, (plan.step, measured)
+
+
+def test_plan_command_reports_and_searches(tiny_preset, capsys):
+    argv = ["plan", str(ROOT / "configs/quickstart.yaml"), f"model.preset={tiny_preset}", "--target", "t4",
+            "data.sequence_length=128", "train.batch_size=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trainable + optimizer state" in out and "-> FITS" in out
+    # The tiny model fits any batch the search reaches: it doubles six times from 2.
+    assert "largest batch that fits: 128" in out
+    assert "compiled with the cpu compiler, not gpu's" in out
+
+
+def test_plan_refuses_what_it_cannot_know(tmp_path, capsys):
+    argv = ["plan", str(ROOT / "configs/quickstart.yaml"), "model.preset=gemma_99b", "--target", "h100"]
+    assert main(argv) == 2
+    assert "model.preset: cannot plan 'gemma_99b' offline" in capsys.readouterr().err
