@@ -80,7 +80,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
                                "padding_fraction": round(padding, 4), "tokenized_from_cache": cached}
             print(
                 f"training LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {list(cfg.lora.targets)}: "
-                f"{len(train_set)} examples in {len(data)} rows ({data.trimmed} trimmed, {padding:.0%} padding"
+                f"{len(train_set) if isinstance(train_set, list) else train_set.spec} in {len(data)} rows ({data.trimmed} trimmed, {padding:.0%} padding"
                 f"{', tokens from cache' if cached else ''}), {steps} steps of batch "
                 f"{cfg.train.batch_size}x{cfg.train.grad_accum}",
                 flush=True,
@@ -141,7 +141,7 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
                                                                       "quantization": export_cfg.quant}}[fmt]
     card = model_card(fmt, backbone, source=source or cfg.model.preset, run_dir=run_dir, extra=details)
     report = {"path": str(out_dir), "format": fmt}
-    sample = examples[0]
+    sample = next(iter(examples))
     ids = np.asarray([(encode_prompt(tokens, sample.prompt, cfg.data.system) + encode_response(tokens, sample.response))[:96]])
     if fmt == "peft":
         from kerasft.export.peft import export_peft

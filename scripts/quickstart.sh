@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e ".[verify]" "torch==2.13.0"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[verify,eval]" "torch==2.13.0"
 exec .venv/bin/kerasft run configs/quickstart.yaml --overwrite "$@"

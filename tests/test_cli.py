@@ -94,7 +94,9 @@ def test_shipped_config_runs_two_steps_on_tiny_preset(config, family, tiny_prese
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2] and all(l["loss"] > 0 for l in lines)
     evaluates = load_config(config).data.task != "pretrain"
-    expected = ["config.yaml", "data/train.jsonl", "adapter/adapter.safetensors", "export_hf/model.safetensors"]
+    # the exact training data: the examples as JSONL, or for a streamed corpus its source and fingerprint
+    expected = ["config.yaml", "data/train.jsonl" if evaluates else "data/train.source.json",
+                "adapter/adapter.safetensors", "export_hf/model.safetensors"]
     for name in expected + (["eval.json", "eval_base.json"] if evaluates else []):
         assert (run_dir / name).is_file(), name
     out = capsys.readouterr().out

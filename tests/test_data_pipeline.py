@@ -180,3 +180,29 @@ def test_data_inspect_cli_reports_errors_apart_from_warnings(tiny_preset, tmp_pa
     assert "errors (2):" in proc.stdout and "warnings (" in proc.stdout
     if report["plot"]:
         assert (out / "token_lengths.png").stat().st_size > 1000
+
+
+def test_pretrain_corpus_streams_into_the_cache(tokens, tmp_path):
+    """A raw-text corpus is read lazily and tokenised chunk by chunk straight into cache files;
+    the result equals the in-memory tokenisation and is memory-mapped."""
+    from kerasft.data.prepare import Corpus, build_datasets
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Párrafo {i}: el cierzo sopla fuerte en el valle." for i in range(50)) + "\n")
+    cfg = load_config(None, [f"data.train={corpus}", "data.task=pretrain", "data.text_unit=paragraph",
+                             "data.sequence_length=32"]).data
+    splits = build_datasets(cfg, need_eval=False)
+    assert isinstance(splits.train, Corpus)
+    streamed, hit = tokenize_cached(tokens, splits.train, cfg, tmp_path / "cache")
+    assert not hit and isinstance(streamed.tokens, np.memmap) and splits.train.count == 50
+    in_memory = tokenize_documents(tokens, list(splits.train), 32, chunk=7)
+    assert np.array_equal(streamed.tokens[: streamed.offsets[-1]], in_memory.tokens)
+    assert np.array_equal(streamed.loss_mask[: streamed.offsets[-1]], in_memory.loss_mask)
+    assert np.array_equal(streamed.offsets, in_memory.offsets)
+    again, hit = tokenize_cached(tokens, build_datasets(cfg, need_eval=False).train, cfg, tmp_path / "cache")
+    assert hit and np.array_equal(again.offsets, streamed.offsets)
+    corpus.write_text(corpus.read_text() + "\nOtro párrafo más.\n")  # a changed file is a new key
+    _, hit = tokenize_cached(tokens, build_datasets(cfg, need_eval=False).train, cfg, tmp_path / "cache")
+    assert not hit
+    with pytest.raises(Exception, match="not available for task=pretrain"):
+        build_datasets(replace(cfg, clean=replace(cfg.clean, dedup="exact")), need_eval=False)

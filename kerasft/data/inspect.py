@@ -45,6 +45,8 @@ def inspect_data(cfg, out_dir: str | Path) -> dict:
         examples = getattr(splits, name)
         if not examples:
             continue
+        examples = list(examples)  # a streamed corpus is read once here
+        report["errors"] += [item["error"] for item in getattr(getattr(splits, name), "skipped", [])]
         stats, lengths = _split_stats(examples, tokens, cfg.data)
         report["splits"][name] = stats
         lengths_by_split[name] = lengths

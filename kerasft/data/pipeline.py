@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,11 @@ class TokenizedSet:
         tmp = folder.with_name(folder.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         for name in ("tokens", "loss_mask", "offsets"):
-            np.save(tmp / f"{name}.npy", getattr(self, name))
+            array = getattr(self, name)
+            if isinstance(array, np.memmap) and Path(array.filename) == (tmp / f"{name}.npy").resolve():
+                array.flush()  # streamed straight into this folder already
+                continue
+            np.save(tmp / f"{name}.npy", array)
         info = {"trimmed": self.trimmed, "dropped": self.dropped, "dropped_origins": self.dropped_origins}
         (tmp / "info.json").write_text(json.dumps(info))
         tmp.replace(folder)
@@ -147,24 +152,79 @@ def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_leng
     return TokenizedSet.from_rows(rows, trimmed=out.trimmed, dropped=out.dropped, dropped_origins=out.dropped_origins)
 
 
-def tokenize_documents(tokens: ChatTokens, examples: list[Example], sequence_length: int) -> TokenizedSet:
+def tokenize_documents(tokens: ChatTokens, documents, sequence_length: int, folder: Path | None = None,
+                       chunk: int = 1024) -> TokenizedSet:
     """Raw text for continued pretraining: <bos> doc <eos> streams, concatenated and cut into
     rows of exactly sequence_length tokens (the last row may be shorter); every token is a
-    target except each row's first and each document's <bos>."""
-    stream = []
-    texts = [ex.response for ex in examples]
-    for ids in tokens.sp.encode(texts, num_threads=0):
-        stream.extend([tokens.bos, *ids, tokens.eos])
-    rows = []
-    for start in range(0, len(stream), sequence_length):
-        ids = stream[start : start + sequence_length]
-        if len(ids) < 2:
-            continue
-        weights = [0 if (i == 0 or t == tokens.bos) else 1 for i, t in enumerate(ids)]
-        rows.append((ids, weights))
-    if not rows:
+    target except each row's first and each document's <bos>.
+
+    Args:
+        documents: any iterable of Examples (their `response` is the text); read once, in
+            chunks, so a corpus larger than memory streams through.
+        folder: when given, the token stream goes straight to files there and the result is
+            memory-mapped from them (this is how the cache stores a corpus); else in memory.
+    """
+    sink = _TokenSink(folder)
+    batch: list[str] = []
+    for ex in documents:
+        batch.append(ex.response)
+        if len(batch) == chunk:
+            sink.extend(tokens, batch)
+            batch = []
+    if batch:
+        sink.extend(tokens, batch)
+    stream = sink.finish()
+    total = len(stream)
+    starts = np.arange(0, total, sequence_length, dtype=np.int64)
+    if total and total - starts[-1] < 2:  # a last row of one token has nothing to predict
+        total, starts = int(starts[-1]), starts[:-1]
+    if not len(starts):
         raise KerasftError("the text corpus is empty after tokenisation")
-    return TokenizedSet.from_rows(rows)
+    offsets = np.append(starts, total)
+    mask = sink.mask_array(total)
+    for lo in range(0, total, 1 << 22):  # in slices: never a second full-size temporary
+        hi = min(total, lo + (1 << 22))
+        mask[lo:hi] = stream[lo:hi] != tokens.bos
+    mask[starts] = 0
+    return TokenizedSet(stream[:total], mask, offsets)
+
+
+class _TokenSink:
+    """Collects token ids in memory or appends them to a file, for tokenize_documents."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self.parts, self.count = folder, [], 0
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.raw = (folder / "tokens.bin").open("wb")
+
+    def extend(self, tokens: ChatTokens, texts: list[str]) -> None:
+        pieces = [[tokens.bos, *ids, tokens.eos] for ids in tokens.sp.encode(texts, num_threads=0)]
+        array = np.fromiter((t for ids in pieces for t in ids), dtype=np.int32, count=sum(map(len, pieces)))
+        self.count += len(array)
+        if self.folder is None:
+            self.parts.append(array)
+        else:
+            array.tofile(self.raw)
+
+    def finish(self) -> np.ndarray:
+        if self.folder is None:
+            return np.concatenate(self.parts) if self.parts else np.zeros(0, np.int32)
+        self.raw.close()
+        if not self.count:
+            return np.zeros(0, np.int32)
+        out = np.lib.format.open_memmap(self.folder / "tokens.npy", mode="w+", dtype=np.int32, shape=(self.count,))
+        raw = np.memmap(self.folder / "tokens.bin", dtype=np.int32, mode="r", shape=(self.count,))
+        for lo in range(0, self.count, 1 << 22):
+            out[lo : lo + (1 << 22)] = raw[lo : lo + (1 << 22)]
+        del raw
+        (self.folder / "tokens.bin").unlink()
+        return out
+
+    def mask_array(self, total: int) -> np.ndarray:
+        if self.folder is None:
+            return np.zeros(total, np.uint8)
+        return np.lib.format.open_memmap(self.folder / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(total,))
 
 
 def pack_rows(rows, sequence_length: int):
@@ -184,37 +244,40 @@ def pack_rows(rows, sequence_length: int):
     return [(b[1], b[2]) for b in bins]
 
 
-def tokenize_cached(tokens: ChatTokens, examples: list[Example], data_cfg, cache_root: Path | None) -> tuple[TokenizedSet, bool]:
-    """tokenize_examples / tokenize_documents through an on-disk cache keyed by the examples,
-    the tokenizer, the template, the system prompt, the sequence length and packing.
+def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | None) -> tuple[TokenizedSet, bool]:
+    """tokenize_examples / tokenize_documents through an on-disk cache keyed by the examples
+    (for a streamed corpus: the source's path, size and mtime), the tokenizer, the template,
+    the system prompt, the sequence length and packing.
 
     Returns (the set, whether it came from the cache).
     """
     pretrain = data_cfg.task == "pretrain"
-
-    def compute():
-        if pretrain:
-            return tokenize_documents(tokens, examples, data_cfg.sequence_length)
-        return tokenize_examples(tokens, examples, data_cfg.sequence_length, data_cfg.system, data_cfg.template,
-                                 data_cfg.packing)
-
-    if not data_cfg.cache or cache_root is None:
-        result, hit = compute(), False
+    digest = hashlib.sha256()
+    settings = [CACHE_VERSION, data_cfg.task, data_cfg.template, data_cfg.system, data_cfg.sequence_length,
+                data_cfg.packing]
+    digest.update(json.dumps(settings).encode())
+    digest.update(hashlib.sha256(tokens.sp.serialized_model_proto()).digest())
+    identity = getattr(examples, "identity", None)  # a streamed corpus: keyed without reading it
+    if identity is not None:
+        digest.update(identity.encode())
     else:
-        digest = hashlib.sha256()
-        settings = [CACHE_VERSION, data_cfg.task, data_cfg.template, data_cfg.system, data_cfg.sequence_length,
-                    data_cfg.packing]
-        digest.update(json.dumps(settings).encode())
-        digest.update(hashlib.sha256(tokens.sp.serialized_model_proto()).digest())
         for ex in examples:
             digest.update(json.dumps(ex.to_json(), ensure_ascii=False, sort_keys=True).encode())
-        folder = Path(cache_root) / "tokens" / digest.hexdigest()[:32]
-        hit = (folder / "info.json").is_file()
-        if hit:
+    folder = None if not data_cfg.cache or cache_root is None else Path(cache_root) / "tokens" / digest.hexdigest()[:32]
+    if folder is not None and (folder / "info.json").is_file():
+        result, hit = TokenizedSet.load(folder), True
+    elif pretrain:
+        tmp = None if folder is None else folder.with_name(folder.name + ".tmp")
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp)
+        result, hit = tokenize_documents(tokens, examples, data_cfg.sequence_length, tmp), False
+        if folder is not None:
+            result.save(folder)
             result = TokenizedSet.load(folder)
-        else:
-            result = compute()
-            folder.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        result, hit = tokenize_examples(tokens, examples, data_cfg.sequence_length, data_cfg.system,
+                                        data_cfg.template, data_cfg.packing), False
+        if folder is not None:
             result.save(folder)
     result.group_by_length = data_cfg.batching == "length"
     return result, hit

@@ -57,6 +57,15 @@ def build_datasets(cfg, *, need_train: bool = True, need_eval: bool = True) -> D
         raise KerasftError("data.eval: no held-out data configured (set data.eval or data.split.ratios)")
     report: dict = {"sources": {}, "skipped": [], "cleaning": {}, "duplicates_removed": [], "augmented": 0}
     splits = DataSplits(report=report)
+    if cfg.task == "pretrain":
+        unsupported = [name for name, on in (("split.ratios", splitting), ("clean.dedup", cfg.clean.dedup != "none"),
+                                            ("augment.enabled", cfg.augment.enabled)) if on]
+        if unsupported:
+            raise KerasftError(f"data.{unsupported[0]}: not available for task=pretrain, whose corpus is streamed "
+                               f"once; split or de-duplicate the text files beforehand")
+        if cfg.train and need_train:
+            splits.train = Corpus(cfg.train, cfg)
+            report["sources"]["train"] = {"source": cfg.train, "streamed": True}
 
     def read(role: str, spec: str) -> list[Example]:
         result: SourceResult = read_source(spec, cfg)
@@ -65,7 +74,7 @@ def build_datasets(cfg, *, need_train: bool = True, need_eval: bool = True) -> D
         report["skipped"].extend({"source": spec, **item} for item in result.skipped)
         return clean_examples(result.examples, cfg.clean, report)
 
-    if cfg.train and (need_train or splitting):
+    if cfg.train and (need_train or splitting) and cfg.task != "pretrain":
         train = dedup(read("train", cfg.train), cfg.clean.dedup, report)
         if splitting:
             parts = split_examples(train, cfg.split.ratios, cfg.split.stratify, cfg.split.seed)
@@ -83,7 +92,8 @@ def build_datasets(cfg, *, need_train: bool = True, need_eval: bool = True) -> D
         added = augment_examples(splits.train, cfg.augment)
         report["augmented"] = len(added)
         splits.train = splits.train + added
-    report["counts"] = {name: len(getattr(splits, name)) for name in SPLITS}
+    report["counts"] = {name: len(getattr(splits, name)) for name in SPLITS
+                        if not isinstance(getattr(splits, name), Corpus)}
     if report["skipped"]:
         import sys
 
@@ -98,10 +108,47 @@ def write_splits(splits: DataSplits, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         examples = getattr(splits, name)
-        if examples:
+        if isinstance(examples, Corpus):  # a streamed corpus is named, not copied
+            (folder / f"{name}.source.json").write_text(json.dumps(
+                {"source": examples.spec, "identity": examples.identity}) + "\n")
+        elif examples:
             lines = (json.dumps(ex.to_json(), ensure_ascii=False) for ex in examples)
             (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (folder / "report.json").write_text(json.dumps(splits.report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+class Corpus:
+    """A raw-text source for task=pretrain, read lazily document by document each time it is
+    iterated (cleaned; bad records raised or skipped per data.on_error), so it never has to
+    fit in memory. `count` and `skipped` describe the last complete pass."""
+
+    def __init__(self, spec: str, cfg):
+        from kerasft.data.sources import source_identity
+
+        self.spec, self.cfg = spec, cfg
+        self.identity = source_identity(spec) + json.dumps([cfg.text_unit, cfg.separator, cfg.encoding,
+                                                             cfg.clean.strip_html, cfg.clean.unicode_nfc,
+                                                             cfg.clean.whitespace])
+        self.count, self.skipped = 0, []
+
+    def __iter__(self):
+        from kerasft.data.sources import iter_source
+
+        count, skipped = 0, []
+        for item in iter_source(self.spec, self.cfg):
+            if isinstance(item, RecordError):
+                if self.cfg.on_error != "skip":
+                    raise item
+                skipped.append({"source": self.spec, "error": str(item)})
+                continue
+            count += 1
+            yield replace(item, response=clean_text(item.response, self.cfg.clean))
+        if not count:
+            raise KerasftError(f"{self.spec}: no documents found")
+        self.count, self.skipped = count, skipped
+
+    def __bool__(self) -> bool:
+        return True
 
 
 # --- cleaning -------------------------------------------------------------------------------

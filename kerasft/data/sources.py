@@ -37,28 +37,41 @@ class SourceResult:
 
 def read_source(spec: str, cfg) -> SourceResult:
     """Reads one source (see the module doc) with the settings of `cfg` (a DataConfig)."""
+    return _collect(iter_source(spec, cfg), cfg, spec)
+
+
+def iter_source(spec: str, cfg):
+    """Streams one source as Examples, and RecordErrors for records that do not map (the caller
+    applies data.on_error). Files are read record by record, so a text corpus larger than
+    memory can be tokenised in one pass."""
     spec = str(spec)
     if spec.startswith("hf:"):
-        rows = _hf_rows(spec[3:])
-        label = spec
-    elif spec.startswith("tfds:"):
-        rows = _tfds_rows(spec[5:])
-        label = spec
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise KerasftError(f"{path}: data file not found")
-        if path.stat().st_size == 0:
-            raise KerasftError(f"{path}: file is empty")
-        kind = _file_kind(path, cfg)
-        if kind == "squad":
-            return _collect(_squad_file(path, cfg), cfg, path)
-        if kind == "text":
-            return _collect(_text_examples(path, cfg), cfg, path)
-        rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "tsv": _csv_rows, "excel": _excel_rows,
-                "parquet": _parquet_rows}[kind](path, cfg)
-        label = str(path)
-    return _collect(_rows_to_examples(rows, cfg, label), cfg, label)
+        return _rows_to_examples(_hf_rows(spec[3:]), cfg, spec)
+    if spec.startswith("tfds:"):
+        return _rows_to_examples(_tfds_rows(spec[5:]), cfg, spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise KerasftError(f"{path}: data file not found")
+    if path.stat().st_size == 0:
+        raise KerasftError(f"{path}: file is empty")
+    kind = _file_kind(path, cfg)
+    if kind == "squad":
+        return _squad_file(path, cfg)
+    if kind == "text":
+        return _text_examples(path, cfg)
+    rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "tsv": _csv_rows, "excel": _excel_rows,
+            "parquet": _parquet_rows}[kind](path, cfg)
+    return _rows_to_examples(rows, cfg, str(path))
+
+
+def source_identity(spec: str) -> str:
+    """What a cache key needs to know about a source without reading it: a file's resolved
+    path, size and modification time; a dataset's name, config and split."""
+    path = Path(str(spec))
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return str(spec)
 
 
 def load_examples(spec, cfg=None) -> list[Example]:
@@ -331,19 +344,47 @@ def _decode(value):
     return value
 
 
-def text_units(path: Path, cfg) -> list[tuple[str, str]]:
+def text_units(path: Path, cfg):
     """(origin, text) for each unit of a text file: a line, a paragraph (blank-line separated)
-    or a piece between separators, per data.text_unit. Empty units are ignored."""
-    text = read_text(path, cfg.encoding).replace("\r\n", "\n")
-    if cfg.text_unit == "line":
-        pieces = [(f"{path}: line {n}", line) for n, line in enumerate(text.split("\n"), start=1)]
-    else:
-        sep = "\n\n" if cfg.text_unit == "paragraph" else cfg.separator.replace("\\n", "\n")
-        pieces, line = [], 1
-        for chunk in text.split(sep):
-            pieces.append((f"{path}: line {line + (len(chunk) - len(chunk.lstrip(chr(10))))}", chunk.strip("\n")))
-            line += chunk.count("\n") + sep.count("\n")
-    return [(origin, piece) for origin, piece in pieces if piece.strip()]
+    or a piece between separators, per data.text_unit. Empty units are skipped. Streams the
+    file line by line (a separator piece is held in memory until its end)."""
+    sep = cfg.separator.replace("\\n", "\n").replace("\\t", "\t")
+    unit: list[str] = []
+    start = 1
+    with path.open("rb") as handle:
+        pending = ""
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode(cfg.encoding)
+            except UnicodeDecodeError:
+                raise KerasftError(f"{path}: line {lineno}: not valid {cfg.encoding}; set data.encoding") from None
+            if lineno == 1:
+                line = line.lstrip("\ufeff")
+            line = line.replace("\r\n", "\n")
+            if cfg.text_unit == "line":
+                if line.strip():
+                    yield f"{path}: line {lineno}", line.rstrip("\n")
+            elif cfg.text_unit == "paragraph":
+                if line.strip():
+                    if not unit:
+                        start = lineno
+                    unit.append(line)
+                elif unit:
+                    yield f"{path}: line {start}", "".join(unit).strip("\n")
+                    unit = []
+            else:
+                if not pending:
+                    start = lineno
+                pending += line
+                while sep in pending:
+                    piece, pending = pending.split(sep, 1)
+                    if piece.strip():
+                        yield f"{path}: line {start}", piece.strip("\n")
+                    start = lineno
+        if unit:
+            yield f"{path}: line {start}", "".join(unit).strip("\n")
+        if cfg.text_unit == "separator" and pending.strip():
+            yield f"{path}: line {start}", pending.strip("\n")
 
 
 def _text_examples(path: Path, cfg):
