@@ -356,6 +356,8 @@ def _rope(base: float, factor: float) -> dict:
 def write_tokenizer_files(tokenizer, out: Path) -> None:
     """tokenizer.model (the SentencePiece proto), tokenizer_config.json with the chat template,
     and special_tokens_map.json, as transformers' GemmaTokenizer expects them."""
+    from kerasft.models.vocab import hf_word_pieces
+
     (out / "tokenizer.model").write_bytes(tokenizer.proto)
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
     _write_json(out / "special_tokens_map.json", special)
@@ -368,6 +370,8 @@ def write_tokenizer_files(tokenizer, out: Path) -> None:
             "add_eos_token": False,
             "model_max_length": 32768,
             "chat_template": HF_CHAT_TEMPLATE,
+            # Word pieces added by `kerasft vocab add` (user-defined): matched as SentencePiece does.
+            **hf_word_pieces(tokenizer.proto),
         },
     )
 

@@ -370,3 +370,24 @@ def added_pieces(preset_path: str | Path) -> list[str]:
     except json.JSONDecodeError as err:
         raise KerasftError(f"{path}: line {err.lineno}: invalid JSON: {err.msg}") from None
     return [item["piece"] for item in record.get("added", [])]
+
+
+def hf_word_pieces(proto: bytes) -> dict:
+    """tokenizer_config.json entries that make transformers match user-defined word pieces.
+
+    transformers turns SentencePiece's user-defined pieces into added tokens matched against the
+    raw text, where "▁cierzo" never occurs (the text has " cierzo"). Listed in
+    added_tokens_decoder as normalized tokens, they are matched after spaces become "▁", as
+    SentencePiece does. Returns {} when the vocabulary has no such piece.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    model = sp_pb2.ModelProto()
+    model.ParseFromString(proto)
+    entries = {
+        str(index): {"content": piece.piece, "lstrip": False, "normalized": True, "rstrip": False,
+                     "single_word": False, "special": False}
+        for index, piece in enumerate(model.pieces)
+        if piece.type == _USER_DEFINED and SPACE in piece.piece and piece.piece.strip(SPACE)
+    }
+    return {"added_tokens_decoder": entries} if entries else {}

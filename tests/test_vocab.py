@@ -1,0 +1,176 @@
+"""Vocabulary expansion: pieces that encode as one token, the grown embedding, the preset it is
+saved in, the Hugging Face export of it, and the `kerasft vocab` commands."""
+
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+
+from kerasft.cli import main
+from kerasft.errors import KerasftError
+from kerasft.models import vocab
+from tiny_models import tiny_spm_proto
+
+WORDS = ["cierzo", "rasmia", "maño", "zagal", "esbarizar"]
+
+
+@pytest.fixture(scope="module")
+def words_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "words.txt"
+    path.write_text("# dialect words\n" + "\n".join(WORDS) + "\n\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("piece_type", vocab.PIECE_TYPES)
+def test_each_word_is_one_token_alone_and_in_running_text(piece_type):
+    old = vocab.processor(tiny_spm_proto())
+    assert len(old.encode(" cierzo")) > 1  # the test means something only if it was split before
+    proto, added = vocab.expand_proto(tiny_spm_proto(), WORDS, piece_type)
+    sp = vocab.processor(proto)
+    for word in WORDS:
+        piece_id = sp.piece_to_id(vocab.SPACE + word)
+        assert sp.encode(" " + word) == [piece_id]
+    pieces = sp.encode("el cierzo sopla y el zagal esbarizar", out_type=str)
+    assert "▁cierzo" in pieces and "▁zagal" in pieces and "▁esbarizar" in pieces
+    assert sp.get_piece_size() == old.get_piece_size() + len(added)
+    assert [a["id"] for a in added] == list(range(old.get_piece_size(), sp.get_piece_size()))
+    # Text without the new words tokenises as before.
+    text = "¿Cuál es la capital de España? La capital de España es Madrid."
+    assert sp.encode(text) == old.encode(text)
+    if piece_type == "user_defined":
+        assert [a["piece"] for a in added] == [vocab.SPACE + w for w in WORDS]
+    else:
+        assert len(added) > len(WORDS)  # the BPE merge chains
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["capital"], "already one piece"),
+        (["cier zo"], "whitespace inside"),
+        ([unicodedata.normalize("NFD", "maño")], "would be normalised"),
+        (["zagal", "zagal"], "listed twice"),
+        ([], "empty"),
+    ],
+)
+def test_bad_words_are_one_line_errors(words, message):
+    with pytest.raises(KerasftError, match=message) as err:
+        vocab.expand_proto(tiny_spm_proto(), words)
+    assert "\n" not in str(err.value)
+
+
+def test_word_list_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "w.txt"
+    path.write_text("cierzo\nmaño   extra\n", encoding="utf-8")
+    with pytest.raises(KerasftError, match=r"w.txt: line 2: .*whitespace inside"):
+        vocab.read_word_list(path)
+    path.write_text("# only a comment\n\n", encoding="utf-8")
+    with pytest.raises(KerasftError, match=r"w.txt: the word list is empty"):
+        vocab.read_word_list(path)
+    with pytest.raises(KerasftError, match="word list not found"):
+        vocab.read_word_list(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("init", vocab.INITS)
+def test_add_words_grows_the_embedding_and_keeps_the_old_model(tiny_presets, words_file, tmp_path, family, init):
+    import keras_hub
+
+    src = tiny_presets[family]
+    out = tmp_path / "grown"
+    record = vocab.add_words(str(src), words_file, out, init=init)
+    old = keras_hub.models.Backbone.from_preset(str(src))
+    new = keras_hub.models.Backbone.from_preset(str(out))
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(out))
+    assert type(new) is type(old)
+    added = len(record["added"])
+    assert new.vocabulary_size == old.vocabulary_size + added == tokenizer.vocabulary_size()
+    old_table = old.token_embedding.embeddings.numpy()
+    new_table = new.token_embedding.embeddings.numpy()
+    np.testing.assert_array_equal(new_table[: old.vocabulary_size], old_table)
+    for item, row in zip(record["added"], new_table[old.vocabulary_size :]):
+        if init == "mean":
+            expected = old_table.mean(axis=0)
+        else:
+            expected = old_table[item["init_from"]].mean(axis=0)
+            assert len(item["init_from"]) > 1
+        np.testing.assert_allclose(row, expected, atol=1e-6)
+    # Every other weight is copied: the same tokens give the same logits on the old rows.
+    ids = np.array([[2, 40, 41, 300, 301, 100]], dtype=np.int32)
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype=bool)}
+    old_logits = old.token_embedding(old(inputs), reverse=True)
+    new_logits = new.token_embedding(new(inputs), reverse=True)
+    np.testing.assert_allclose(np.asarray(new_logits)[..., : old.vocabulary_size], np.asarray(old_logits), atol=1e-5)
+    # The saved tokenizer is the expanded one, and the preset says which rows are new.
+    assert tokenizer.token_to_id("▁cierzo") == record["added"][0]["id"]
+    assert vocab.added_pieces(out) == [vocab.SPACE + w for w in WORDS]
+    assert json.loads((out / vocab.VOCAB_FILE).read_text())["init"] == init
+
+
+def test_add_words_leaves_nothing_behind_on_bad_input(tiny_preset, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("cierzo\ncapital\n", encoding="utf-8")
+    out = tmp_path / "grown"
+    with pytest.raises(KerasftError, match="'capital' is already one piece"):
+        vocab.add_words(str(tiny_preset), bad, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+@pytest.mark.parametrize("piece_type", vocab.PIECE_TYPES)
+def test_hf_export_tokenizes_new_words_as_one_token_and_matches_keras(tiny_preset, words_file, tmp_path, piece_type):
+    pytest.importorskip("transformers")
+    import keras_hub
+    import transformers
+
+    from kerasft.export.hf import export_hf, verify_hf_export
+
+    grown = tmp_path / "grown"
+    vocab.add_words(str(tiny_preset), words_file, grown, init="subtokens", piece_type=piece_type)
+    backbone = keras_hub.models.Backbone.from_preset(str(grown))
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(grown))
+    # Make the new rows distinct so a dropped or shifted row would change the logits.
+    table = backbone.token_embedding.embeddings
+    rows = np.random.default_rng(0).normal(0, 0.2, size=(table.shape[0] - 512, table.shape[1]))
+    table.assign(np.concatenate([table.numpy()[:512], rows.astype("float32")]))
+    out = export_hf(backbone, tokenizer, tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    sp = vocab.processor(tokenizer.proto)
+    text = "el cierzo sopla y el zagal esbarizar por la rasmia del maño"
+    ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == sp.encode(text)
+    for word in WORDS:
+        assert hf_tokenizer(" " + word, add_special_tokens=False)["input_ids"] == [sp.piece_to_id("▁" + word)]
+    check = verify_hf_export(out, backbone, np.array([[2] + ids]))
+    assert check["ok"] and check["max_abs_diff"] < 1e-4
+
+
+def test_vocab_check_command(tiny_preset, words_file, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("El cierzo sopla fuerte. El zagal tiene rasmia.\n\nLa capital de España es Madrid.\n",
+                      encoding="utf-8")
+    report_path = tmp_path / "check.json"
+    assert main(["vocab", "check", str(tiny_preset), "--corpus", str(corpus), "--add", str(words_file),
+                 "--json", str(report_path)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert "tokens_per_word" in printed and "most fragmented before" in printed
+    before, after = report["before"], report["after"]
+    assert before["words"] == 14 and after["tokens"] < before["tokens"]
+    assert after["tokens_per_char"] < before["tokens_per_char"]
+    assert report["new_vocabulary_size"] == report["vocabulary_size"] + len(WORDS)
+    assert {"word": "cierzo", "tokens": 1, "pieces": ["▁cierzo"]} not in before["most_fragmented"]
+    # Without --add there is no "after"; --words counts each listed word once.
+    assert main(["vocab", "check", str(tiny_preset), "--words", str(words_file)]) == 0
+    assert "after" not in capsys.readouterr().out.splitlines()[0]
+
+
+def test_vocab_commands_fail_with_one_line(tiny_preset, words_file, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    assert main(["vocab", "add", "--preset", str(tiny_preset), "--words", str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kerasft: error: {empty}: the word list is empty"
+    assert not (tmp_path / "o").exists()
+    assert main(["vocab", "check", str(tmp_path / "nope"), "--words", str(words_file)]) == 2
+    assert "no such model folder" in capsys.readouterr().err
