@@ -58,16 +58,44 @@ def make_loss_fn(backbone, token_rows=None):
         )
         # Only the K response positions go through the 262k-entry vocabulary projection.
         picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)
-        logits = jnp.einsum("bkd,vd->bkv", picked, table.astype(picked.dtype)).astype(jnp.float32)
-        if soft_cap:
-            logits = jnp.tanh(logits / soft_cap) * soft_cap
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(log_probs, batch["target_ids"][..., None], axis=-1)[..., 0]
+        nll = token_nll(picked, table, batch["target_ids"], soft_cap)
         weights = batch["target_weights"]
         weight_sum = jnp.sum(weights)
         return jnp.sum(nll * weights) / jnp.maximum(weight_sum, 1.0), weight_sum
 
     return loss_fn
+
+
+LOSS_CHUNK = 256  # target positions per vocabulary-projection chunk
+
+
+def token_nll(hidden, table, target_ids, soft_cap=None, chunk: int = LOSS_CHUNK):
+    """-log p(target) at each of the (B, K) positions of `hidden` under the tied head `table`.
+
+    Up to `chunk` positions take one matmul. More (a full-sequence loss) are split into chunks
+    scanned under jax.checkpoint, so neither pass ever holds more than chunk x vocabulary
+    logits: the backward pass recomputes each chunk's logits instead of keeping B x K x 262k
+    of them (537 MB at batch 2 x 256 for Gemma's vocabulary).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def nll_of(x, ids):
+        logits = jnp.einsum("...d,vd->...v", x, table.astype(x.dtype)).astype(jnp.float32)
+        if soft_cap:
+            logits = jnp.tanh(logits / soft_cap) * soft_cap
+        target = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - target
+
+    batch, positions, width = hidden.shape
+    total = batch * positions
+    if total <= chunk:
+        return nll_of(hidden, target_ids)
+    pad = -total % chunk
+    flat = jnp.pad(hidden.reshape(total, width), ((0, pad), (0, 0))).reshape(-1, chunk, width)
+    ids = jnp.pad(target_ids.reshape(total), (0, pad)).reshape(-1, chunk)
+    step = jax.checkpoint(lambda args: nll_of(*args))
+    return jax.lax.map(step, (flat, ids)).reshape(-1)[:total].reshape(batch, positions)
 
 
 def make_optimizer(cfg, total_steps: int):
