@@ -77,3 +77,26 @@ def test_gguf_export_refuses_bad_quant_and_existing_dir(lora_model, tmp_path):
     with pytest.raises(KerasftError, match="already exists"):
         export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "g")
     assert [p.name for p in tmp_path.iterdir()] == ["g"] and not list((tmp_path / "g").iterdir())
+
+
+def test_transformers_reads_the_gguf_file(lora_model, tmp_path):
+    """transformers' own GGUF reader (its name mapping, norm offset and tokenizer rebuild) is an
+    independent consumer: it must compute the exported LoRA model too."""
+    import torch
+    import transformers
+
+    family, loaded, _, lora_logits = lora_model
+    if family == "gemma":
+        pytest.skip("transformers cannot load Gemma 1 GGUF files")
+    path = export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "gguf", quant="f32")
+    # transformers' GGUF config mapping leaves query_pre_attn_scalar at its default (256);
+    # llama.cpp and keras-hub scale queries by the head size.
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager",
+        query_pre_attn_scalar=loaded.backbone.head_dim).eval()
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+    assert np.abs(theirs - lora_logits).max() < 1e-4
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == np.asarray(loaded.tokenizer(text)).tolist(), text
