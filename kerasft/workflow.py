@@ -121,6 +121,7 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
     """Exports in cfg.export.format (hf, peft or gguf) with a model card, then (if
     cfg.export.verify) checks the export in its consumer: hf in transformers, gguf through
     kerasft's GGUF importer; peft is checked by the test suite only (it needs the base export).
+    A run's trained embedding rows go into a PEFT adapter as trainable tokens.
 
     Args:
         run_dir: the training run the model comes from, for the model card.
@@ -146,14 +147,9 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
     if fmt == "peft":
         from kerasft.export.peft import export_peft
 
-        trained_rows = _trained_token_rows(run_dir)
-        if trained_rows:
-            raise KerasftError(
-                f"{run_dir}: the run also trained the embedding rows of {', '.join(trained_rows)} "
-                "(lora.trainable_tokens), which a PEFT LoRA adapter does not carry; use --format hf or gguf"
-            )
         print(f"exporting the PEFT LoRA adapter to {out_dir} ...", flush=True)
-        export_peft(backbone, out_dir, base_model_name_or_path=cfg.model.preset, card=card, overwrite=overwrite)
+        export_peft(backbone, out_dir, base_model_name_or_path=cfg.model.preset, token_ids=_trained_token_ids(run_dir),
+                    card=card, overwrite=overwrite)
         return report
     if fmt == "gguf":
         from kerasft.export.gguf import export_gguf
@@ -208,13 +204,13 @@ def _check(check: dict, path: Path, what: str, strict: bool) -> dict:
     return check
 
 
-def _trained_token_rows(run_dir: Path | None) -> list[str]:
-    """Pieces whose embedding rows a run trained (saved with its adapter), if any."""
+def _trained_token_ids(run_dir: Path | None) -> list[int]:
+    """Ids of the tokens whose embedding rows a run trained (saved with its adapter), if any."""
     path = Path(run_dir) / ADAPTER_DIR / "adapter_config.json" if run_dir else None
     if not path or not path.is_file():
         return []
     rows = json.loads(path.read_text()).get("trainable_tokens") or {}
-    return list(rows.get("pieces", [])) if rows.get("ids") else []
+    return [int(i) for i in rows.get("ids", [])]
 
 
 def load_source(src: str, model_overrides: dict | None = None):

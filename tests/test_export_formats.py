@@ -211,3 +211,60 @@ def test_cli_export_formats(tiny_preset, tmp_path, capsys):
     assert main(["export", str(tiny_preset), str(tmp_path / "peft"), "--format", "peft"]) == 2
     assert "no LoRA adapters to export" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf", "hf"]
+
+
+def test_peft_adapter_carries_trained_token_rows(tiny_preset, tmp_path):
+    import peft
+    import torch
+    import transformers
+
+    from kerasft.export.peft import export_peft
+
+    loaded = load_model(ModelConfig(preset=str(tiny_preset)))
+    backbone = loaded.backbone
+    base_dir = export_hf(backbone, loaded.tokenizer, tmp_path / "base")
+    apply_lora(backbone, LoraConfig(rank=4, alpha=8.0, targets=("query", "value")))
+    _randomize_lora(backbone)
+    # What lora.trainable_tokens does in training: rows of the chat tokens move.
+    rows = [loaded.tokenizer.token_to_id("<start_of_turn>"), loaded.tokenizer.token_to_id("<end_of_turn>")]
+    table = np.asarray(backbone.token_embedding.embeddings).copy()
+    table[rows] += np.random.default_rng(0).normal(0, 0.5, size=(2, table.shape[1])).astype("float32")
+    backbone.token_embedding.embeddings.assign(table)
+    tokens = np.array([[2, rows[0], 40, 41, rows[1], 7, rows[0], 12]], dtype=np.int32)
+    expected = keras_logits(backbone, tokens)
+
+    def peft_logits(adapter):
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+        with torch.no_grad():
+            return model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+
+    with_rows = export_peft(backbone, tmp_path / "adapter", base_model_name_or_path=str(base_dir), token_ids=rows)
+    config = json.loads((with_rows / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": sorted(rows)}
+    assert np.abs(peft_logits(with_rows) - expected).max() < 1e-4  # input rows and the tied output rows
+    without = export_peft(backbone, tmp_path / "adapter_only", base_model_name_or_path=str(base_dir))
+    assert np.abs(peft_logits(without) - expected).max() > 1e-2
+
+
+def test_cli_peft_export_of_a_run_dir_keeps_trained_rows(tiny_preset, tmp_path, capsys):
+    from kerasft.cli import main
+    from kerasft.config import RunConfig, save_config
+    from kerasft.models.lora import save_adapter
+
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("query", "value"))
+    save_config(RunConfig(model=ModelConfig(preset=str(tiny_preset)), lora=lora), run_dir / "config.yaml")
+    loaded = load_model(ModelConfig(preset=str(tiny_preset)))
+    apply_lora(loaded.backbone, lora)
+    _randomize_lora(loaded.backbone)
+    rows = [loaded.tokenizer.token_to_id("<start_of_turn>"), loaded.tokenizer.token_to_id("<end_of_turn>")]
+    save_adapter(loaded.backbone, lora, run_dir / "adapter", base_model=str(tiny_preset), token_ids=rows)
+
+    assert main(["export", str(run_dir), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": sorted(rows)}
+    assert config["base_model_name_or_path"] == str(tiny_preset)
+    card = (tmp_path / "peft" / "README.md").read_text()
+    assert "LoRA: rank 4, alpha 8.0, targets query, value" in card and "PeftModel.from_pretrained" in card

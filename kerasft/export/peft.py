@@ -13,6 +13,9 @@ and B of shape (r, kernel[-1]). PEFT adds (alpha/r) * lora_B @ lora_A to the (ou
   heads * r in general. It is written exactly with rank heads * r: lora_A stacks the heads'
   A[n].T and lora_B is block-diagonal with B.T in every block. rank_pattern records that
   rank, and alpha_pattern multiplies alpha by heads so alpha / rank stays the same.
+
+Embedding rows trained with the adapters (lora.trainable_tokens) go in as PEFT trainable tokens;
+PEFT ties them to the output projection as Gemma ties the embedding.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from kerasft.errors import KerasftError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's name for trainable-token rows on the embedding (they hold the new rows, not a difference).
+TOKEN_ROWS_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 
 
 def export_peft(
-    backbone, out_dir: str | Path, *, base_model_name_or_path: str, card: str | None = None, overwrite: bool = False
+    backbone, out_dir: str | Path, *, base_model_name_or_path: str, token_ids=(), card: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes adapter_config.json, adapter_model.safetensors and a model card (README.md) for the
     backbone's LoRA adapters.
@@ -36,6 +42,10 @@ def export_peft(
         backbone: a keras-hub Gemma 1, 2 or 3 backbone with LoRA enabled (kerasft.models.lora).
         base_model_name_or_path: what PEFT records as the base: the hub name or folder of the
             merged export of the base model.
+        token_ids: vocabulary ids whose embedding rows were trained with the adapters
+            (lora.trainable_tokens). Their current rows go in as PEFT trainable tokens
+            (`trainable_token_indices`), which replace those rows of the tied embedding and
+            output projection of the base model.
         card: README.md text (kerasft.export.card.model_card); None writes the card of the
             backbone alone.
 
@@ -72,6 +82,12 @@ def export_peft(
             )
     if not tensors:
         raise KerasftError("the backbone has no LoRA adapters to export (merged already, or LoRA never enabled)")
+    token_ids = sorted({int(i) for i in token_ids})
+    if token_ids:
+        if not 0 <= token_ids[0] <= token_ids[-1] < backbone.vocabulary_size:
+            raise KerasftError(f"token ids {token_ids} are outside the vocabulary of {backbone.vocabulary_size}")
+        table = hf.float_embeddings(backbone.token_embedding)
+        tensors[TOKEN_ROWS_KEY] = np.ascontiguousarray(table[token_ids])
     uneven = [name for name, pairs in scales.items() if len(pairs) > 1]
     if uneven:
         raise KerasftError(f"LoRA rank or alpha differs between layers of {uneven[0]}; PEFT needs one per module name")
@@ -98,6 +114,7 @@ def export_peft(
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
+        "trainable_token_indices": {"embed_tokens": token_ids} if token_ids else None,
     }
     with hf.staged_dir(out, overwrite) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
