@@ -47,12 +47,15 @@ class LoraConfig:
     trainable_tokens: tokens whose embedding rows train alongside the adapters (PEFT's
         trainable_token_indices). A pretrained Gemma never saw its chat tokens, so without this
         it ends answers with look-alike untrained tokens instead of <end_of_turn>.
+    train_new_tokens: also train the rows of every piece `kerasft vocab add` added to the preset
+        (listed in its kerasft_vocab.json), for continued pretraining after vocabulary expansion.
     """
 
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("query", "value")
     trainable_tokens: tuple[str, ...] = ("<start_of_turn>", "<end_of_turn>")
+    train_new_tokens: bool = False
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,10 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
             print(f"loading model {cfg.model.preset!r} ...", flush=True)
             loaded = load_model(cfg.model)
         tokens = chat_tokens(loaded.tokenizer)
+        if cfg.lora.train_new_tokens:  # the rows `kerasft vocab add` added to this preset
+            from kerasft.models.vocab import with_new_tokens
+
+            cfg = with_new_tokens(cfg, loaded.path)
         # Adapters start with B = 0, so this model computes exactly the base model's function.
         apply_lora(loaded.backbone, cfg.lora)
         eval_model = KerasModel(loaded.backbone, loaded.tokenizer, name=cfg.model.preset)

@@ -174,3 +174,44 @@ def test_vocab_commands_fail_with_one_line(tiny_preset, words_file, tmp_path, ca
     assert not (tmp_path / "o").exists()
     assert main(["vocab", "check", str(tmp_path / "nope"), "--words", str(words_file)]) == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+def test_continued_pretraining_trains_new_rows_then_sft_chains_on_its_export(tiny_preset, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Route B on the tiny model: vocab add -> dialect_cpt (new rows + LoRA) -> dialect_sft on its export."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    grown = tmp_path / "grown"
+    assert main(["vocab", "add", "--preset", str(tiny_preset), "--words", "data/dialect/words.txt",
+                 "--out", str(grown), "--init", "subtokens"]) == 0
+    record = json.loads((grown / vocab.VOCAB_FILE).read_text())
+    common = [f"output_dir={tmp_path}", "train.max_steps=2", "train.learning_rate=1e-2", "export.verify=false"]
+    assert main(["run", "configs/dialect_cpt.yaml", f"model.preset={grown}", "name=cpt", *common]) == 0
+    assert "training the embedding rows of 25 added pieces" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "cpt/adapter/adapter_config.json").read_text())
+    new_ids = [item["id"] for item in record["added"]]
+    assert meta["trainable_tokens"]["ids"][2:] == new_ids
+    rows = load_file(str(tmp_path / "cpt/adapter/adapter.safetensors"))["token_embedding/embeddings/rows"]
+    assert rows.shape[0] == 2 + len(new_ids)
+    # The export carries the expanded tokenizer; stage 2 starts from it.
+    export = tmp_path / "cpt/export_hf"
+    assert vocab.processor((export / "tokenizer.model").read_bytes()).encode(" cierzo") == [new_ids[0]]
+    assert main(["run", "configs/dialect_sft.yaml", f"model.preset={export}", "name=sft", "data.eval_limit=2",
+                 "eval.max_new_tokens=2", "eval.batch_size=2", *common]) == 0
+    summary = json.loads((tmp_path / "sft/summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and "tuned" in summary["eval"]
+
+
+def test_train_new_tokens_on_a_preset_without_added_pieces_says_so(tiny_preset, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    assert main(["train", "configs/dialect_cpt.yaml", f"model.preset={tiny_preset}", f"output_dir={tmp_path}",
+                 "name=plain", "train.max_steps=1"]) == 0
+    assert "has no kerasft_vocab.json" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "plain/adapter/adapter_config.json").read_text())
+    assert meta["trainable_tokens"]["pieces"] == ["<start_of_turn>", "<end_of_turn>"]

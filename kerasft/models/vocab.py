@@ -391,3 +391,21 @@ def hf_word_pieces(proto: bytes) -> dict:
         if piece.type == _USER_DEFINED and SPACE in piece.piece and piece.piece.strip(SPACE)
     }
     return {"added_tokens_decoder": entries} if entries else {}
+
+
+def with_new_tokens(cfg, preset_path):
+    """The run config with the preset's added pieces appended to lora.trainable_tokens.
+
+    A preset that `kerasft vocab add` did not make has no added pieces: the run says so and
+    trains lora.trainable_tokens only (so one config serves the expanded model and the base).
+    """
+    import dataclasses
+
+    if not (Path(preset_path) / VOCAB_FILE).is_file():
+        print(f"note: lora.train_new_tokens: {preset_path} has no {VOCAB_FILE} (not made by `kerasft vocab add`); "
+              "no added rows to train", flush=True)
+        return cfg
+    pieces = [p for p in added_pieces(preset_path) if p not in cfg.lora.trainable_tokens]
+    print(f"training the embedding rows of {len(pieces)} added pieces (lora.train_new_tokens)", flush=True)
+    lora = dataclasses.replace(cfg.lora, trainable_tokens=(*cfg.lora.trainable_tokens, *pieces))
+    return dataclasses.replace(cfg, lora=lora)
