@@ -153,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_vocab_add)
 
+    p = command("studio", _cmd_studio, "no-code fine-tuning studio in the browser (gradio; pip install 'kerasft[ui]')")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--workspace", default="studio", help="folder for uploads, configs, runs and exports")
+    p.add_argument("--auth", default="", metavar="USER:PASS", help="require this login")
+    p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest accepted upload")
+
     p = command("score", _cmd_score, "SQuAD F1/EM of a predictions file against SQuAD v1.1 references")
     p.add_argument("predictions", help="JSON object: question id -> answer text")
     p.add_argument("references", help="SQuAD v1.1 JSON")
@@ -334,6 +341,14 @@ def _cmd_vocab_add(args) -> int:
                        overwrite=args.overwrite)
     print(f"added {len(record['added'])} pieces for {len(record['words'])} words: vocabulary "
           f"{record['old_vocabulary_size']} -> {record['vocabulary_size']}; wrote keras-hub preset {args.out}")
+    return 0
+
+
+def _cmd_studio(args) -> int:
+    from kerasft.ui.app import launch
+
+    print(f"kerasft studio on http://{args.host}:{args.port} (workspace {args.workspace})", flush=True)
+    launch(args.workspace, args.host, args.port, auth=args.auth, max_upload_mb=args.max_upload_mb)
     return 0
 
 

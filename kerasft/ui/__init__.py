@@ -1,0 +1,1 @@
+"""kerasft studio: a gradio UI that writes configs and runs the `kerasft` command (see app.py)."""

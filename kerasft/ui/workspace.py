@@ -1,0 +1,276 @@
+"""The studio's workspace: uploads stored under sanitised names, configs written from form values,
+and `kerasft` commands run as subprocesses with their logs. Stdlib + PyYAML only, so this is
+tested without gradio.
+
+Layout of a workspace folder:
+    uploads/NAME            uploaded data files (sanitised names, allowed types, size-limited)
+    configs/RUN.yaml        the configs the studio wrote; `kerasft run configs/RUN.yaml` repeats a run
+    runs/RUN/               run dirs (config output_dir)
+    logs/RUN.COMMAND.log    stdout and stderr of each command the studio started
+    exports/RUN-FORMAT/     exports
+    inspect/RUN/            `kerasft data inspect` reports
+
+Nothing from an uploaded file is executed or unpickled: files are copied as bytes and read only by
+kerasft's data readers (csv, json, openpyxl); configs are written with yaml.safe_dump.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kerasft.errors import KerasftError
+
+UPLOAD_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".txt", ".xlsx")
+DEFAULT_MAX_UPLOAD_MB = 100.0
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# "  step   3/10  loss 5.1234  lr 1.00e-04  1,234 tok/s  eta 0:12" (kerasft/train/loop.py prints it)
+_PROGRESS = re.compile(r"step\s+(\d+)/(\d+)\s+loss\s+(\S+)\s+lr\s+\S+\s+([\d,.]+) tok/s\s+eta\s+(\d+:\d\d)")
+_PLANNED = re.compile(r"in \d+ rows .*?\), (\d+) steps of batch")
+
+
+def sanitize_filename(name: str) -> str:
+    """A safe file name for an upload: the last path component only, ASCII letters, digits,
+    `.`, `_` and `-`, no leading dots; raises KerasftError when nothing usable is left."""
+    base = re.split(r"[\\/]", str(name))[-1]
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._-")[:100]
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem.strip("._-"):
+        raise KerasftError(f"upload {name!r}: not a usable file name (expected e.g. faq.csv)")
+    return base
+
+
+class Workspace:
+    """One studio workspace folder (see the module doc)."""
+
+    def __init__(self, root: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
+        self.root = Path(root).resolve()
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        for sub in ("uploads", "configs", "runs", "logs", "exports", "inspect"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def save_upload(self, source: str | Path, original_name: str) -> Path:
+        """Copies an uploaded file into uploads/ under a sanitised, unused name.
+
+        Raises KerasftError (and writes nothing) for a type outside UPLOAD_TYPES, an empty file
+        or one over the size limit.
+        """
+        name = sanitize_filename(original_name)
+        suffix = Path(name).suffix.lower()
+        if suffix not in UPLOAD_TYPES:
+            raise KerasftError(f"upload {original_name!r}: {suffix or 'no extension'} files are not accepted; "
+                               f"use {', '.join(UPLOAD_TYPES)}")
+        source = Path(source)
+        size = source.stat().st_size
+        if size == 0:
+            raise KerasftError(f"upload {original_name!r}: the file is empty")
+        if size > self.max_upload_bytes:
+            raise KerasftError(f"upload {original_name!r}: {size / 2**20:.1f} MB is over the "
+                               f"{self.max_upload_bytes / 2**20:.0f} MB limit")
+        folder = self.root / "uploads"
+        target = folder / name
+        n = 1
+        while target.exists():
+            target = folder / f"{Path(name).stem}-{n}{suffix}"
+            n += 1
+        # The resolved target must stay inside uploads/, whatever the name was.
+        if target.resolve().parent != folder:
+            raise KerasftError(f"upload {original_name!r}: refused (outside the workspace)")
+        partial = target.with_name(target.name + ".part")
+        shutil.copyfile(source, partial)
+        partial.rename(target)
+        return target
+
+    def uploads(self) -> list[Path]:
+        return sorted(p for p in (self.root / "uploads").iterdir() if p.is_file() and p.suffix.lower() in UPLOAD_TYPES)
+
+    def config_path(self, name: str) -> Path:
+        return self.root / "configs" / f"{check_run_name(name)}.yaml"
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / "runs" / check_run_name(name)
+
+    def log_path(self, name: str, command: str) -> Path:
+        return self.root / "logs" / f"{check_run_name(name)}.{command}.log"
+
+    def export_dir(self, name: str, fmt: str) -> Path:
+        return self.root / "exports" / f"{check_run_name(name)}-{fmt}"
+
+    def write_config(self, values: dict) -> Path:
+        """Writes configs/NAME.yaml from dotted form values ({"train.learning_rate": 2e-4, ...}).
+
+        `name` is required; output_dir is always the workspace's runs/ folder. The config is
+        validated with kerasft.config.load_config before it replaces an earlier one, so a bad
+        value gives a KerasftError naming the key and leaves nothing half-written.
+        """
+        from kerasft.config import load_config
+
+        raw = nest_values(values)
+        name = check_run_name(str(raw.get("name", "")))
+        raw["output_dir"] = str(self.root / "runs")
+        path = self.config_path(name)
+        import yaml
+
+        text = "# written by kerasft studio; repeat with: kerasft run " + str(path) + "\n"
+        text += yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+        partial = path.with_name(path.name + ".part.yaml")
+        partial.write_text(text, encoding="utf-8")
+        try:
+            load_config(partial)
+        except KerasftError as err:
+            partial.unlink()
+            raise KerasftError(str(err).replace(str(partial), "config")) from None
+        partial.replace(path)
+        return path
+
+
+def check_run_name(name: str) -> str:
+    """Run names become folder and file names: letters, digits, `_`, `-`, `.`; no path parts."""
+    if not _RUN_NAME.match(name or "") or ".." in name:
+        raise KerasftError(f"run name {name!r}: use letters, digits, _ - . (at most 64, no path separators)")
+    return name
+
+
+def nest_values(values: dict) -> dict:
+    """{"a.b": 1, "a.c": 2} -> {"a": {"b": 1, "c": 2}}; None values are left out (config defaults)."""
+    raw: dict = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return raw
+
+
+def peek_columns(path: str | Path, delimiter: str = "", encoding: str = "utf-8", sheet: str = "") -> list[str]:
+    """The column names of a CSV/TSV/XLSX file or the keys of a JSONL file's first record, read
+    with kerasft's own readers (so delimiter and encoding behave as in training); [] for text
+    and SQuAD JSON files, which have fixed fields."""
+    from kerasft.config import DataConfig
+    from kerasft.data import sources
+
+    path = Path(path)
+    cfg = DataConfig(delimiter=delimiter, encoding=encoding, sheet=sheet)
+    kind = sources.EXTENSIONS.get(path.suffix.lower())
+    readers = {"csv": sources._csv_rows, "tsv": sources._csv_rows, "excel": sources._excel_rows,
+               "jsonl": sources._jsonl_rows}
+    if kind not in readers:
+        return []
+    for _, row in readers[kind](path, cfg):
+        return [str(key) for key in row]
+    raise KerasftError(f"{path.name}: no records")
+
+
+@dataclass
+class Job:
+    """One `kerasft` command running as a subprocess, its output going to a log file."""
+
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    stop_requested: str = ""  # "", "stop" or "pause"
+    pause_after_checkpoint: int | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def command_line(self) -> str:
+        return " ".join(_quote(a) for a in ["kerasft", *self.argv[3:]])
+
+    def start(self, cwd: Path) -> "Job":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("w", encoding="utf-8") as log:
+            log.write(f"$ {self.command_line}\n")
+            log.flush()
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(cwd),
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        self.started = time.time()
+        return self
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def interrupt(self, timeout: float | None = 30.0) -> int | None:
+        """Ctrl-C for the subprocess (kerasft closes its log and pending checkpoint writes), then
+        SIGKILL if it has not ended after `timeout` seconds; timeout None returns at once."""
+        if not self.running:
+            return self.returncode
+        self.process.send_signal(signal.SIGINT)
+        if timeout is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def log_text(self, tail_chars: int = 6000) -> str:
+        if not self.log_path.is_file():
+            return ""
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        return text[-tail_chars:]
+
+
+def kerasft_argv(*args: str) -> list[str]:
+    """The `kerasft` CLI under this interpreter: the studio runs the same commands a user types."""
+    return [sys.executable, "-m", "kerasft", *map(str, args)]
+
+
+def training_progress(run_dir: Path, log_text: str) -> dict:
+    """What a training run has done so far: the loss curve from RUN_DIR/metrics.jsonl, and the
+    step count, tokens/s and ETA the trainer printed last."""
+    from kerasft.evaluate.report import read_training_log
+
+    records = read_training_log(Path(run_dir) / "metrics.jsonl")
+    progress = {"records": records, "step": records[-1]["step"] if records else 0, "total": None,
+                "tokens_per_second": None, "eta": None}
+    planned = _PLANNED.findall(log_text)
+    if planned:
+        progress["total"] = int(planned[-1])
+    printed = _PROGRESS.findall(log_text)
+    if printed:
+        step, total, _, rate, eta = printed[-1]
+        progress.update(total=int(total), tokens_per_second=float(rate.replace(",", "")), eta=eta)
+    return progress
+
+
+def latest_checkpoint(run_dir: Path) -> int | None:
+    """The newest complete checkpoint step under RUN_DIR/checkpoints (orbax writes into a
+    temporary folder and renames it to the bare step number when done)."""
+    folder = Path(run_dir) / "checkpoints"
+    steps = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    return max(steps) if steps else None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(str(arg))

@@ -1,0 +1,214 @@
+"""The studio end to end in headless Chromium: upload a CSV, map its columns, check the data, pick
+the tiny preset, plan memory, train a few steps while the loss curve fills in, sample, evaluate,
+try the playground and export; light and dark themes checked for contrast.
+
+Opt-in (`pytest -m ui`): needs gradio and playwright (`pip install 'kerasft[ui,test]'`) and a
+Chromium binary (Debian: `apt-get install chromium`; or set KERASFT_CHROMIUM). Screenshots go to
+test-artifacts/ui/ (or $KERASFT_UI_ARTIFACTS).
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("KERASFT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+MISSING = [name for name, ok in (("gradio", importlib.util.find_spec("gradio")),
+                                 ("playwright", importlib.util.find_spec("playwright")),
+                                 ("a chromium binary (apt-get install chromium, or set KERASFT_CHROMIUM)", CHROMIUM))
+           if not ok]
+
+pytestmark = [
+    pytest.mark.ui,
+    pytest.mark.skipif(bool(MISSING), reason=f"browser test needs {', '.join(MISSING)}"),
+]
+
+ARTIFACTS = Path(os.environ.get("KERASFT_UI_ARTIFACTS", ROOT / "test-artifacts" / "ui"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    from kerasft.ui.app import launch
+
+    port = _free_port()
+    app = launch(tmp_path_factory.mktemp("studio"), port=port, block=False)
+    yield f"http://127.0.0.1:{port}", app
+    for job in app.studio.jobs.values():
+        job.interrupt(timeout=10)
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _text(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def _wait_text(page, elem_id: str, pattern: str, timeout: float = 240) -> str:
+    """Waits until #elem_id's text matches `pattern`; fails on a ❌ message in it."""
+    deadline = time.time() + timeout
+    text = ""
+    while time.time() < deadline:
+        text = _text(page, elem_id)
+        if re.search(pattern, text):
+            return text
+        if "❌" in text:
+            pytest.fail(f"#{elem_id}: {text}")
+        time.sleep(0.5)
+    pytest.fail(f"#{elem_id} never matched {pattern!r}; last text: {text!r}")
+
+
+def _set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _contrast(page, selector: str) -> float:
+    """WCAG contrast ratio of an element's text colour against the page background."""
+    return page.evaluate(
+        """(selector) => {
+            const el = document.querySelector(selector);
+            const lum = (c) => {
+                const [r, g, b] = c.match(/[\\d.]+/g).slice(0, 3).map(Number).map((v) => {
+                    v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+                return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+            let bg = el, color = getComputedStyle(el).color;
+            while (bg && /rgba\\(.*, 0\\)|transparent/.test(getComputedStyle(bg).backgroundColor)) bg = bg.parentElement;
+            const back = getComputedStyle(bg || document.body).backgroundColor;
+            const [a, b] = [lum(color), lum(back)];
+            return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+        }""",
+        selector,
+    )
+
+
+def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_path):
+    url, app = studio
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.locator("#run_name input, #run_name textarea").first.fill("faq-tiny")
+    _shot(page, "01_home_light")
+    assert _contrast(page, "h1") > 4.5
+
+    # Dataset: upload the shipped FAQ spreadsheet (as CSV), columns are guessed, then checked.
+    _tab(page, "Dataset")
+    csv = tmp_path / "FAQ horno (copia).csv"
+    shutil.copy(ROOT / "data" / "examples" / "faq_horno.csv", csv)
+    page.locator("#upload input[type=file]").set_input_files(str(csv))
+    status = _wait_text(page, "upload_status", r"saved as")
+    assert "FAQ_horno_copia_.csv" in status and "pregunta" in status
+    meta = page.locator("#col_meta input").first
+    meta.click()
+    page.get_by_role("option", name="dificultad").click()
+    page.keyboard.press("Escape")
+    page.locator("#check_data").click()
+    report = _wait_text(page, "data_report", r"no errors|errors")
+    assert "no errors" in report and "train" in report
+    page.locator("#histogram img").wait_for()
+    assert "train (" in _text(page, "split_preview") and "validation (" in _text(page, "split_preview")
+    _shot(page, "02_dataset")
+
+    # Model: the tiny local preset, a few steps; schedule plot and memory plan.
+    _tab(page, "Model")
+    page.locator("#local_preset input, #local_preset textarea").first.fill(str(tiny_preset))
+    _set_number(page, "max_steps", 6)
+    _set_number(page, "batch_size", 2)
+    _set_number(page, "sequence_length", 128)
+    page.locator("#show_schedule").click()
+    page.locator("#schedule_plot canvas, #schedule_plot svg").first.wait_for()
+    page.locator("#plan_memory").click()
+    badge = _wait_text(page, "plan_badge", r"fits|does not fit|failed", timeout=180)
+    assert "fits" in badge and "failed" not in badge and "suggested batch size" in badge
+    _shot(page, "03_model")
+
+    # Training: the status and curve fill in while `kerasft train` runs as a subprocess.
+    _tab(page, "Training")
+    page.locator("#start_training").click()
+    _wait_text(page, "train_status", r"started|training")
+    seen = set()
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = _text(page, "train_status")
+        match = re.search(r"step (\d+)", status)
+        if match:
+            seen.add(int(match.group(1)))
+        if "finished" in status or "failed" in status:
+            break
+        time.sleep(0.3)
+    assert "finished" in status and "step 6 / 6" in status, status
+    assert "tokens/s" in status and "ETA" in status
+    assert min(seen) < 6, f"never saw the run before its end: {sorted(seen)}"
+    page.locator("#loss_plot canvas, #loss_plot svg").first.wait_for()
+    assert "100%" in page.locator("#progress_bar .kft-bar").get_attribute("title")
+    _shot(page, "04_training")
+    page.locator("#sample_generations").click()
+    _wait_text(page, "samples", r"response")
+    _shot(page, "05_samples")
+
+    # Evaluation: base vs fine-tuned from eval_base.json / eval.json, report, playground.
+    _tab(page, "Evaluation")
+    page.locator("#evaluate").click()
+    _wait_text(page, "eval_status", r"done", timeout=300)
+    table = _text(page, "metrics_table")
+    assert "base" in table and "fine-tuned" in table and "exact_match" in table
+    assert "Worst" in _text(page, "report_md") or "worst" in _text(page, "report_md").lower()
+    page.locator("#playground_prompt textarea").fill("¿Abrís los domingos?")
+    page.locator("#generate").click()
+    page.wait_for_function("() => { const t = document.querySelector('#playground_output textarea');"
+                           " return t && t.value && t.value !== 'generating ...'; }", timeout=120_000)
+    answer = page.locator("#playground_output textarea").input_value()
+    assert "❌" not in answer
+    _shot(page, "06_evaluation")
+
+    # Export: merged Hugging Face safetensors (checked in transformers), with download links.
+    _tab(page, "Export")
+    page.locator("#export").click()
+    _wait_text(page, "export_status", r"exported to", timeout=300)
+    assert "model.safetensors" in _text(page, "export_files")
+    assert "Gemma" in _text(page, "model_card")
+    _shot(page, "07_export")
+    run_dir = app.studio.ws.run_dir("faq-tiny")
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (app.studio.ws.export_dir("faq-tiny", "hf") / "model.safetensors").is_file()
+
+    # Dark theme: same page, text still readable.
+    dark = browser.new_page(viewport={"width": 1400, "height": 1000})
+    dark.goto(url + "/?__theme=dark")
+    dark.get_by_role("tab", name="Dataset").wait_for()
+    assert _contrast(dark, "h1") > 4.5
+    assert dark.evaluate("document.body.classList.contains('dark') || "
+                         "document.querySelector('.dark') !== null")
+    _shot(dark, "08_home_dark")
+    _tab(dark, "Model")
+    _shot(dark, "09_model_dark")
