@@ -1,0 +1,291 @@
+"""Training and generation speed of kerasft next to Hugging Face transformers + PEFT, in one run.
+
+    .venv/bin/python scripts/bench.py [--workloads qa,pretrain] [--steps 8] [--json bench.json]
+    .venv/bin/python scripts/bench.py --smoke        # tiny random model, seconds: what CI runs
+
+Workloads on the embedded Gemma 3 270M (f32), LoRA r=8 alpha=16 on query and value, batch 2, sequence 256:
+  qa        SFT on the shipped Spanish QA set: loss on the answer tokens only
+  pretrain  continued pretraining on the set's passages: loss on every token
+
+Each framework trains in its own subprocess on the same batches (same token ids, padding and loss
+positions), so peak RSS is per framework. kerasft runs the trainer's own jitted step
+(kerasft.train.loop.make_train_step); the peer is transformers' model(..., labels=...) with a PEFT
+LoRA on q_proj/v_proj and torch AdamW, on our Hugging Face export of the same weights. Reported:
+real (non-padding) tokens/s and median step time after warm-up, peak RSS, achieved FLOP/s (XLA's
+cost analysis of the step / median step time) against an f32 matmul peak measured in the same run,
+kerasft's generation prefill and decode tokens/s, and the ratios. No assertion on any timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="embedded")
+    parser.add_argument("--workloads", default="qa,pretrain")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per framework and workload")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--no-peer", action="store_true", help="skip transformers + PEFT")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, 2 steps: checks the harness")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--worker", choices=["export", "kerasft", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return {"export": _export_worker, "kerasft": _kerasft_worker, "peer": _peer_worker}[args.worker](args)
+
+    work = Path(tempfile.mkdtemp(prefix="kerasft-bench-"))
+    if args.smoke:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import build_tiny_preset
+
+        args.preset = str(build_tiny_preset("gemma3", work / "tiny"))
+        args.steps, args.seq, args.workloads = 2, 512, "qa"  # the tiny vocabulary needs long rows
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    peak = matmul_peak(512 if args.smoke else 2048)
+    print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    results = {"preset": args.preset, "batch": args.batch, "sequence_length": args.seq, "lora_rank": args.rank,
+               "steps": args.steps, "cpu_count": os.cpu_count(), "matmul_peak_flops": peak, "workloads": {}}
+    for workload in workloads:
+        _write_batches(args, workload, work / workload)
+    if not args.no_peer:
+        _run_worker("export", args, work)
+    for workload in workloads:
+        folder = work / workload
+        row = {"kerasft": _run_worker("kerasft", args, folder)}
+        if not args.no_peer:
+            row["peer"] = _run_worker("peer", args, folder)
+            row["throughput_ratio"] = row["kerasft"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
+            row["peak_rss_ratio"] = row["kerasft"]["peak_rss_mib"] / row["peer"]["peak_rss_mib"]
+        row["kerasft"]["flops_utilization"] = row["kerasft"]["achieved_flops"] / peak
+        results["workloads"][workload] = row
+        _print_row(workload, row)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def matmul_peak(n: int, repeats: int = 10) -> float:
+    """Best f32 FLOP/s of an n x n matmul through XLA on this machine, now."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _write_batches(args, workload: str, folder: Path) -> None:
+    """Tokenises the workload once and saves its batches, so both frameworks see the same ids."""
+    import numpy as np
+
+    from kerasft.config import ModelConfig, load_config
+    from kerasft.data.inspect import _tokenizer
+    from kerasft.data.pipeline import epoch_batches, make_batch, tokenize_documents, tokenize_examples
+    from kerasft.data.prepare import build_datasets
+    from kerasft.data.records import Example
+    from kerasft.data.template import chat_tokens
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    tokens = chat_tokens(_tokenizer(ModelConfig(preset=args.preset)))
+    examples = build_datasets(cfg.data, need_eval=False).train
+    if workload == "qa":
+        data = tokenize_examples(tokens, examples, args.seq)
+    else:
+        passages = list(dict.fromkeys(ex.context for ex in examples))
+        data = tokenize_documents(tokens, [Example(str(i), "", p) for i, p in enumerate(passages)], args.seq)
+    order = [i for epoch in range(4) for i in epoch_batches(data, args.batch, 0, epoch)]
+    needed = args.steps + 2  # warm-up steps first
+    batches = [make_batch(data, order[i % len(order)], args.seq, data.num_targets, tokens.pad) for i in range(needed)]
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(b["token_ids"].shape[1] for b in batches)  # one shape for both frameworks: no recompiles
+    arrays = {}
+    for key in batches[0]:
+        stacked = []
+        for b in batches:
+            value = b[key]
+            if key in ("token_ids", "padding_mask") and value.shape[1] < width:
+                value = np.pad(value, ((0, 0), (0, width - value.shape[1])))
+            stacked.append(value)
+        arrays[key] = np.stack(stacked)
+    np.savez(folder / "batches.npz", **arrays)
+
+
+def _run_worker(kind: str, args, folder: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--work", str(folder), "--preset", args.preset,
+           "--rank", str(args.rank), "--steps", str(args.steps), "--seq", str(args.seq)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {kind} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _load(args):
+    from kerasft.config import LoraConfig, ModelConfig
+    from kerasft.models.lora import apply_lora
+    from kerasft.models.presets import load_model
+
+    loaded = load_model(ModelConfig(preset=args.preset))
+    apply_lora(loaded.backbone, LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("query", "value"),
+                                           trainable_tokens=()))
+    return loaded
+
+
+def _export_worker(args) -> int:
+    """Our HF export of the base weights (LoRA B = 0 merges to the base), for the peer."""
+    from kerasft.export.hf import export_hf
+
+    loaded = _load(args)
+    export_hf(loaded.backbone, loaded.tokenizer, Path(args.work) / "hf", overwrite=True)
+    print(json.dumps({"ok": True}))
+    return 0
+
+
+def _kerasft_worker(args) -> int:
+    import jax
+    import numpy as np
+
+    from kerasft.config import TrainConfig
+    from kerasft.evaluate.evaluator import system_metrics
+    from kerasft.evaluate.generate import KerasModel
+    from kerasft.train.loop import make_optimizer, make_train_step
+
+    loaded = _load(args)
+    backbone = loaded.backbone
+    rss_loaded = _rss_mib()
+    arrays = dict(np.load(Path(args.work) / "batches.npz"))
+    count = arrays["token_ids"].shape[0]
+    optimizer, _ = make_optimizer(TrainConfig(learning_rate=2e-4), count)
+    step = make_train_step(backbone, optimizer, None)
+    trainable = {"lora": [v.value for v in backbone.trainable_variables], "token_delta": None}
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+    opt_state = optimizer.init(trainable)
+    batch0 = {k: v[0] for k, v in arrays.items()}
+    flops = step.lower(trainable, opt_state, non_trainable, batch0).compile().cost_analysis()
+    flops = (flops[0] if isinstance(flops, (list, tuple)) else flops).get("flops", 0.0)
+    times, real = [], []
+    for i in range(count):
+        batch = {k: v[i] for k, v in arrays.items()}
+        start = time.perf_counter()
+        trainable, opt_state, stats = step(trainable, opt_state, non_trainable, batch)
+        jax.block_until_ready(stats["loss"])
+        if i >= 2:  # the first two include compilation and warm-up
+            times.append(time.perf_counter() - start)
+            real.append(int(batch["padding_mask"].sum()))
+    median = statistics.median(times)
+    result = {
+        "median_step_s": median,
+        "tokens_per_s": sum(real) / sum(times),
+        "flops_per_step": flops,
+        "achieved_flops": flops / median,
+        "final_loss": float(stats["loss"]),
+        "rss_after_load_mib": rss_loaded,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+    for variable, value in zip(backbone.trainable_variables, trainable["lora"]):
+        variable.assign(value)  # the step donated the adapters' first buffers
+    # Generation: prefill and decode rates on a few prompts of the batches (greedy, 32 new tokens).
+    model = KerasModel(backbone, loaded.tokenizer)
+    prompts = []
+    for ids, positions in zip(arrays["token_ids"][:2].reshape(-1, arrays["token_ids"].shape[-1]),
+                              arrays["target_positions"][:2].reshape(-1, arrays["target_positions"].shape[-1])):
+        prompts.append([int(t) for t in ids[: int(positions[0]) + 1]])
+    model.generate(prompts, 32, len(prompts))  # compile
+    _, timing = model.generate(prompts, 32, len(prompts))
+    stats = system_metrics(model, prompts, timing, len(prompts))
+    result["prefill_tokens_per_s"] = stats["prefill_tokens_per_s"]
+    result["decode_tokens_per_s"] = stats["decode_tokens_per_s"]
+    print(json.dumps(result))
+    return 0
+
+
+def _peer_worker(args) -> int:
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = AutoModelForCausalLM.from_pretrained(Path(args.work).parent / "hf", torch_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"], bias="none"))
+    model.train()
+    rss_loaded = _rss_mib()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
+    arrays = dict(np.load(Path(args.work) / "batches.npz"))
+    times, real = [], []
+    for i in range(arrays["token_ids"].shape[0]):
+        ids = torch.from_numpy(arrays["token_ids"][i].astype(np.int64))
+        mask = torch.from_numpy(arrays["padding_mask"][i].astype(np.int64))
+        # Labels: -100 everywhere but the weighted tokens (transformers shifts them itself).
+        labels = torch.full_like(ids, -100)
+        for row in range(ids.shape[0]):
+            keep = arrays["target_weights"][i][row] > 0
+            positions = arrays["target_positions"][i][row][keep] + 1
+            labels[row, torch.from_numpy(positions.astype(np.int64))] = torch.from_numpy(
+                arrays["target_ids"][i][row][keep].astype(np.int64))
+        start = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+            real.append(int(mask.sum()))
+    print(json.dumps({"median_step_s": statistics.median(times), "tokens_per_s": sum(real) / sum(times),
+                      "final_loss": float(loss), "rss_after_load_mib": rss_loaded, "peak_rss_mib": _peak_rss_mib(),
+                      "torch_threads": torch.get_num_threads()}))
+    return 0
+
+
+def _print_row(workload: str, row: dict) -> None:
+    ours = row["kerasft"]
+    line = (f"{workload:<9} kerasft {ours['tokens_per_s']:8.1f} tok/s  step {ours['median_step_s']:.2f} s  "
+            f"peak RSS {ours['peak_rss_mib']:.0f} MiB  {ours['achieved_flops'] / 1e9:.1f} GFLOP/s "
+            f"({ours['flops_utilization']:.0%} of matmul peak)")
+    if "peer" in row:
+        peer = row["peer"]
+        line += (f"\n{'':<9} HF+PEFT {peer['tokens_per_s']:8.1f} tok/s  step {peer['median_step_s']:.2f} s  "
+                 f"peak RSS {peer['peak_rss_mib']:.0f} MiB\n{'':<9} ratio: {row['throughput_ratio']:.2f}x "
+                 f"throughput, {row['peak_rss_ratio']:.2f}x peak RSS")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
