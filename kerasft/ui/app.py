@@ -96,7 +96,7 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
     fields: dict[str, object] = {}  # dotted config key -> component; the config is these values
 
     def message(text: str, ok: bool = True) -> str:
-        return ("✅ " if ok else "❌ ") + text
+        return ("**OK:** " if ok else "**Error:** ") + text
 
     with gr.Blocks(title="kerasft studio", analytics_enabled=False) as app:
         gr.Markdown("# kerasft studio\nFine-tune Gemma on your own questions and answers, without code.")
@@ -636,7 +636,7 @@ def _generations(job: Job, prompts: list[str], code: int):
     import pandas
 
     if code:
-        return None, f"❌ generation failed (exit {code}):\n```\n{job.log_text(1500)}\n```"
+        return None, f"**Error:** generation failed (exit {code}):\n```\n{job.log_text(1500)}\n```"
     rows = []
     for line in job.log_text(200000).splitlines():
         if line.startswith("{"):
@@ -645,8 +645,8 @@ def _generations(job: Job, prompts: list[str], code: int):
             except json.JSONDecodeError:
                 continue
     if not rows:
-        return None, "❌ no generations in the output"
-    return pandas.DataFrame(rows), f"✅ `{job.command_line}`"
+        return None, "**Error:** no generations in the output"
+    return pandas.DataFrame(rows), f"**OK:** `{job.command_line}`"
 
 
 def _eval_views(run_dir: Path):

@@ -196,7 +196,7 @@ class Job:
             log.write(f"$ {self.command_line}\n")
             log.flush()
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(cwd),
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+                                            env={"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         self.started = time.time()
         return self
 
