@@ -188,3 +188,37 @@ def test_binds_loopback_by_default():
 
     args = _parser().parse_args(["serve", "somewhere"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+
+
+def test_serves_a_run_dir_with_its_adapter_and_system_prompt(tiny_preset, tmp_path):
+    import numpy as np
+
+    from kerasft.config import DataConfig, LoraConfig, ModelConfig, RunConfig, save_config
+    from kerasft.data.template import encode_prompt
+    from kerasft.export.hf import keras_logits
+    from kerasft.models.lora import apply_lora, lora_layers, save_adapter
+    from kerasft.models.presets import load_model
+
+    run_dir = tmp_path / "run"
+    lora = LoraConfig(rank=2, alpha=4.0, targets=("query",))
+    cfg = RunConfig(model=ModelConfig(preset=str(tiny_preset)), lora=lora, data=DataConfig(system="Sé breve."))
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    loaded = load_model(cfg.model)
+    tokens = np.array([[2, 5, 17, 40, 41]], dtype=np.int32)
+    base_logits = keras_logits(loaded.backbone, tokens)
+    apply_lora(loaded.backbone, lora)
+    for layer in lora_layers(loaded.backbone):
+        layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.3, "float32"))
+    save_adapter(loaded.backbone, lora, run_dir / "adapter", base_model=str(tiny_preset))
+
+    engine = load_engine(str(run_dir), max_tokens_limit=8)
+    try:
+        assert engine.model_id == "run" and engine.system == "Sé breve."
+        served = keras_logits(engine.causal_lm.backbone, tokens)
+        np.testing.assert_allclose(served, keras_logits(loaded.backbone, tokens), atol=1e-5)
+        assert np.abs(served - base_logits).max() > 1e-2  # the adapter is on
+        request = engine.chat({"messages": [{"role": "user", "content": "Hola"}]})
+        assert request["prompt_ids"] == encode_prompt(engine.tokens, "Hola", "Sé breve.")
+    finally:
+        engine.close()
