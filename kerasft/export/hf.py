@@ -28,7 +28,7 @@ HF_ARCHITECTURES = {
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 
-# transformers' own default shard size for save_pretrained.
+# 5 GB shards, transformers 4.x's default (5.x writes up to 50 GB per file).
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 
 # Every Gemma vocabulary has these ids; export_hf checks the tokenizer agrees.
