@@ -205,6 +205,15 @@ def test_continued_pretraining_trains_new_rows_then_sft_chains_on_its_export(tin
     summary = json.loads((tmp_path / "sft/summary.json").read_text())
     assert summary["train"]["steps"] == 2 and "tuned" in summary["eval"]
 
+    # The comparison script's measurement of a route's final model (run in-process here).
+    compare = _compare_script()
+    measured = compare.measure(tmp_path / "sft", max_new_tokens=3)
+    assert measured["vocabulary_size"] == 512 + 25 and measured["tokens_per_dialect_word"] == 1.0
+    assert measured["dialect_words_single_token"] == 1.0
+    assert measured["eval_examples"] == 6 and 0 < measured["eval_nll_per_char"] < measured["eval_loss"]
+    assert [g["prompt"] for g in measured["generations"]] == list(compare.PROMPTS)
+    assert measured["export_mb"] > 0
+
 
 def test_train_new_tokens_on_a_preset_without_added_pieces_says_so(tiny_preset, tmp_path, monkeypatch, capsys):
     from pathlib import Path
@@ -215,3 +224,32 @@ def test_train_new_tokens_on_a_preset_without_added_pieces_says_so(tiny_preset, 
     assert "has no kerasft_vocab.json" in capsys.readouterr().out
     meta = json.loads((tmp_path / "plain/adapter/adapter_config.json").read_text())
     assert meta["trainable_tokens"]["pieces"] == ["<start_of_turn>", "<end_of_turn>"]
+
+
+def _compare_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "compare_dialect_routes.py"
+    spec = importlib.util.spec_from_file_location("compare_dialect_routes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_compare_dialect_routes_on_the_tiny_preset(tiny_preset, tmp_path):
+    """The whole comparison, each stage a `kerasft` process (minutes on a busy 2-core CPU)."""
+    compare = _compare_script()
+    out = tmp_path / "cmp"
+    assert compare.main(["--preset", str(tiny_preset), "--out", str(out), "--max-new-tokens", "3", "train.max_steps=2",
+                         "export.verify=false", "eval.compare_base=false", "data.eval_limit=2",
+                         "eval.max_new_tokens=2"]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    a, b = result["routes"]["A"], result["routes"]["B"]
+    assert a["tokens_per_dialect_word"] > 1.0 == b["tokens_per_dialect_word"]
+    assert b["vocabulary_size"] == a["vocabulary_size"] + 25 and b["parameters"] > a["parameters"]
+    assert set(b["stages"]) == {"vocab_add", "cpt", "sft", "measure"} and set(a["stages"]) == {"sft", "measure"}
+    assert all(r["peak_rss_mb"] > 100 and r["train_seconds"] > 0 for r in (a, b))
+    table = (out / "comparison.md").read_text()
+    assert "| tokens per dialect word | " in table and table.count("| ¿") >= 3
