@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -300,6 +301,8 @@ def serve(source: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **opt
     bound_host, bound_port = server.server_address[:2]
     print(f"serving {engine.model_id!r} on http://{bound_host}:{bound_port}/v1 "
           f"(max batch {engine.max_batch}, context {engine.context_length}); Ctrl-C stops", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -307,6 +310,10 @@ def serve(source: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **opt
     finally:
         server.server_close()
         engine.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class _Handler(BaseHTTPRequestHandler):
