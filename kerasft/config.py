@@ -319,6 +319,16 @@ class ExportConfig:
     atol: float = 1e-4
     rtol: float = 1e-5
 
+    def __post_init__(self):
+        # Checked when the config loads, not after training, when the export runs.
+        choices = {"format": ("hf", "peft", "gguf"), "dtype": ("float32", "bfloat16", "float16"),
+                   "quant": ("f32", "f16", "q8_0")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise KerasftError(f"export.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.max_shard_mb <= 0:
+            raise KerasftError(f"export.max_shard_mb: must be positive, got {self.max_shard_mb}")
+
 
 @dataclass(frozen=True)
 class RunConfig:

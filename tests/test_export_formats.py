@@ -268,3 +268,15 @@ def test_cli_peft_export_of_a_run_dir_keeps_trained_rows(tiny_preset, tmp_path, 
     assert config["base_model_name_or_path"] == str(tiny_preset)
     card = (tmp_path / "peft" / "README.md").read_text()
     assert "LoRA: rank 4, alpha 8.0, targets query, value" in card and "PeftModel.from_pretrained" in card
+
+
+@pytest.mark.parametrize("override, message", [
+    ("export.format=onnx", "export.format: 'onnx' is not one of hf, peft, gguf"),
+    ("export.quant=q4_k", "export.quant: 'q4_k' is not one of f32, f16, q8_0"),
+    ("export.max_shard_mb=0", "export.max_shard_mb: must be positive"),
+])
+def test_bad_export_config_fails_when_loaded(override, message):
+    from kerasft.config import load_config
+
+    with pytest.raises(KerasftError, match=message):
+        load_config(None, [override])
