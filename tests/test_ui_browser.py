@@ -8,6 +8,7 @@ test-artifacts/ui/ (or $KERASFT_UI_ARTIFACTS).
 """
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -142,7 +143,9 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     # Model: the tiny local preset, a few steps; schedule plot and memory plan.
     _tab(page, "Model")
     page.locator("#local_preset input, #local_preset textarea").first.fill(str(tiny_preset))
-    _set_number(page, "max_steps", 6)
+    _set_number(page, "epochs", 10)
+    _set_number(page, "max_steps", 60)  # a cap: 17 training rows in batches of 2 are 9 steps an epoch
+    _set_number(page, "checkpoint_every", 3)
     _set_number(page, "batch_size", 2)
     _set_number(page, "sequence_length", 128)
     page.locator("#show_schedule").click()
@@ -152,23 +155,27 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     assert "fits" in badge and "failed" not in badge and "suggested batch size" in badge
     _shot(page, "03_model")
 
-    # Training: the status and curve fill in while `kerasft train` runs as a subprocess.
+    # Training: the status and curve fill in while `kerasft train` runs as a subprocess. Pause
+    # (stop after the next checkpoint) right away, then resume to the end with `--resume`.
     _tab(page, "Training")
     page.locator("#start_training").click()
     _wait_text(page, "train_status", r"started|training")
-    seen = set()
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        status = _text(page, "train_status")
-        match = re.search(r"step (\d+)", status)
-        if match:
-            seen.add(int(match.group(1)))
-        if "finished" in status or "failed" in status:
-            break
-        time.sleep(0.3)
-    assert "finished" in status and "step 6 / 6" in status, status
+    page.locator("#pause_training").click()
+    paused = _wait_text(page, "train_status", r"paused|finished", timeout=300)
+    assert "paused" in paused, paused
+    run_dir = app.studio.ws.run_dir("faq-tiny")
+    stopped_at = int(re.search(r"step (\d+)", paused).group(1))
+    assert 3 <= stopped_at < 60 and (run_dir / "checkpoints" / "3").is_dir(), paused
+    _shot(page, "04a_paused")
+    page.locator("#resume_training").click()
+    _wait_text(page, "train_status", r"resumed|training")
+    status = _wait_text(page, "train_status", r"finished|failed", timeout=300)
+    assert "finished" in status and "step 60 / 60" in status, status
     assert "tokens/s" in status and "ETA" in status
-    assert min(seen) < 6, f"never saw the run before its end: {sorted(seen)}"
+    resumed_at = re.search(r"resuming at step (\d+)/60", app.studio.jobs[("faq-tiny", "train")].log_text(100000))
+    assert resumed_at and 3 <= int(resumed_at.group(1)) <= stopped_at
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61)), steps  # the resumed run logged every step once
     page.locator("#loss_plot canvas, #loss_plot svg").first.wait_for()
     assert "100%" in page.locator("#progress_bar .kft-bar").get_attribute("title")
     _shot(page, "04_training")
@@ -198,7 +205,6 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     assert "model.safetensors" in _text(page, "export_files").replace("\n", "")
     assert "Gemma" in _text(page, "model_card")
     _shot(page, "07_export")
-    run_dir = app.studio.ws.run_dir("faq-tiny")
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert (app.studio.ws.export_dir("faq-tiny", "hf") / "model.safetensors").is_file()
 

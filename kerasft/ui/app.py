@@ -74,6 +74,21 @@ class Studio:
             self.jobs[(name, command)] = job
             return job
 
+    def pause_after_checkpoint(self, job: Job, run_dir: Path) -> None:
+        """Interrupts `job` as soon as a checkpoint newer than the current one is complete (the
+        trainer has no pause signal of its own; `kerasft train --resume` continues from it)."""
+        after = latest_checkpoint(run_dir) or 0
+
+        def watch():
+            while job.running:
+                newest = latest_checkpoint(run_dir)
+                if newest is not None and newest > after:
+                    job.interrupt(timeout=None)
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=watch, daemon=True).start()
+
     def run_to_end(self, name: str, command: str, argv: list[str]):
         """Starts a command and yields its log every half second until it ends; then its exit code."""
         job = self.start(name, command, argv)
@@ -193,7 +208,7 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
                 fields["data.sequence_length"] = gr.Number(256, label="Sequence length (tokens)", precision=0,
                                                            minimum=8, elem_id="sequence_length")
                 fields["train.checkpoint_every"] = gr.Number(10, label="Checkpoint every N steps (pause/resume)",
-                                                             precision=0, minimum=0)
+                                                             precision=0, minimum=0, elem_id="checkpoint_every")
                 fields["eval.task"] = gr.Dropdown(["qa", "short_answer", "json", "text"], value="short_answer",
                                                   label="Evaluation task")
                 fields["eval.max_new_tokens"] = gr.Number(40, label="Answer length (tokens)", precision=0, minimum=1)
@@ -439,7 +454,7 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
             if not job or not job.running:
                 return message("no training is running", False)
             job.stop_requested = "pause"
-            job.pause_after_checkpoint = latest_checkpoint(ws.run_dir(name)) or 0
+            studio.pause_after_checkpoint(job, ws.run_dir(name))
             return message("pausing: training stops after its next checkpoint is written")
 
         pause.click(on_pause, fields["name"], train_status)
@@ -453,11 +468,6 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
             if job is None and not (run_dir / "metrics.jsonl").is_file():
                 return gr.update(), gr.update(), gr.update(), gr.update()
             log = job.log_text() if job else ""
-            if job and job.running and job.stop_requested == "pause":
-                newest = latest_checkpoint(run_dir)
-                if job.pause_after_checkpoint is not None and newest is not None and newest > job.pause_after_checkpoint:
-                    job.pause_after_checkpoint = None  # signal once; the trainer finishes its checkpoint write
-                    job.interrupt(timeout=None)
             progress = training_progress(run_dir, log)
             step, total = progress["step"], progress["total"]
             state = _job_state(job, run_dir)
@@ -617,7 +627,7 @@ def _job_state(job: Job | None, run_dir: Path) -> str:
     if job.running:
         return "pausing" if job.stop_requested == "pause" else "training"
     code = job.returncode
-    if job.stop_requested:
+    if job.stop_requested and code != 0:
         return "paused (Resume continues)" if job.stop_requested == "pause" else "stopped"
     return "finished" if code == 0 else f"failed (exit {code}; see the log)"
 

@@ -183,7 +183,6 @@ class Job:
     process: subprocess.Popen | None = None
     started: float = 0.0
     stop_requested: str = ""  # "", "stop" or "pause"
-    pause_after_checkpoint: int | None = None
     env: dict = field(default_factory=dict)
 
     @property
