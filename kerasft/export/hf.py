@@ -2,6 +2,7 @@
 
 LoRA is folded into the kernels as the weights are read (keras' `layer.kernel` returns
 base + (alpha/rank) * A @ B), so the export computes the fine-tuned function with no adapter.
+An int8 backbone (keras `quantize("int8")`) is dequantized first (q / scale), then merged.
 The tensor layouts and config keys are the exact inverse of keras-hub's importers
 (keras_hub/src/utils/transformers/convert_gemma.py and convert_gemma3.py), so
 `keras_hub.models.Backbone.from_preset(export_dir)` reloads the same model. keras-hub's own
