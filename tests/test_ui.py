@@ -123,6 +123,12 @@ def test_peek_columns_uses_kerasft_readers(tmp_path):
     jsonl.write_text('{"question": "q", "answer": "a", "tema": "t"}\n', encoding="utf-8")
     assert peek_columns(jsonl) == ["question", "answer", "tema"]
     assert peek_columns(ROOT / "data/examples/corpus_cierzo.txt") == []
+    openpyxl = pytest.importorskip("openpyxl")
+    book = openpyxl.Workbook()
+    book.active.append(["Pregunta ", "Respuesta"])
+    book.active.append(["¿Hola?", "Hola."])
+    book.save(tmp_path / "faq.xlsx")
+    assert peek_columns(tmp_path / "faq.xlsx") == ["Pregunta", "Respuesta"]
     bad = tmp_path / "bad.csv"
     bad.write_bytes("pregunta\n\xf1\n".encode("latin-1"))
     with pytest.raises(KerasftError, match="not valid utf-8"):
@@ -175,6 +181,7 @@ def test_train_subprocess_on_the_config_the_studio_wrote(tmp_path, tiny_preset):
     progress = training_progress(run_dir, job.log_text())
     assert progress["step"] == 3 and progress["total"] == 3 and len(progress["records"]) == 3
     assert progress["tokens_per_second"] > 0
+    assert "I0000" not in job.log_text() and "step    3/3" in job.log_text()
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert latest_checkpoint(run_dir) == 3
     assert load_config(run_dir / "config.yaml").data.columns.prompt == "pregunta"

@@ -35,6 +35,7 @@ DEFAULT_MAX_UPLOAD_MB = 100.0
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # "  step   3/10  loss 5.1234  lr 1.00e-04  1,234 tok/s  eta 0:12" (kerasft/train/loop.py prints it)
 _PROGRESS = re.compile(r"step\s+(\d+)/(\d+)\s+loss\s+(\S+)\s+lr\s+\S+\s+([\d,.]+) tok/s\s+eta\s+(\d+:\d\d)")
+_NATIVE_LOG = re.compile(r"^([IWE]\d{4} [\d:.]+\s+\d+ \S+:\d+\]|WARNING: All log messages before absl)")
 _PLANNED = re.compile(r"in \d+ rows .*?\), (\d+) steps of batch")
 
 
@@ -225,10 +226,11 @@ class Job:
         return self.process.wait(timeout)
 
     def log_text(self, tail_chars: int = 6000) -> str:
+        """The end of the command's output, without the C++ start-up chatter of XLA and TF."""
         if not self.log_path.is_file():
             return ""
         text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return text[-tail_chars:]
+        return "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_LOG.match(line))[-tail_chars:]
 
 
 def kerasft_argv(*args: str) -> list[str]:
