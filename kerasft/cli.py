@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--words", help="word list, one word per line")
     group.add_argument("--corpus", help="text file; every word in it counts")
     p.add_argument("--add", help="word list of the proposed expansion")
-    p.add_argument("--type", default="user_defined", choices=["user_defined", "normal"], help="piece type to add")
+    p.add_argument("--type", default="normal", choices=["normal", "user_defined"],
+                   help="normal: BPE pieces (default); user_defined: matched anywhere, also inside longer words")
     p.add_argument("--top", type=int, default=10, help="how many of the most fragmented words to list")
     p.add_argument("--json", default="", help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_vocab_check)
@@ -149,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--words", required=True, help="word list, one word per line")
     p.add_argument("--out", required=True, help="the new preset folder")
     p.add_argument("--init", default="mean", choices=["mean", "subtokens"], help="how new rows start")
-    p.add_argument("--type", default="user_defined", choices=["user_defined", "normal"], help="piece type to add")
+    p.add_argument("--type", default="normal", choices=["normal", "user_defined"],
+                   help="normal: BPE pieces (default); user_defined: matched anywhere, also inside longer words")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_vocab_add)
 

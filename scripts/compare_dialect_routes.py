@@ -69,7 +69,8 @@ def compare(preset: str, out: Path, overrides: list[str], max_new_tokens: int) -
                                                     "name=A_sft", *common), logs)
     grown = out / "B_preset"
     stages["B"]["vocab_add"] = run_stage("B_vocab_add", kerasft("vocab", "add", "--preset", preset, "--words", str(WORDS),
-                                                                "--out", str(grown), "--init", "subtokens"), logs)
+                                                                "--out", str(grown), "--init", "subtokens", "--type", "normal"),
+                                    logs)
     stages["B"]["cpt"] = run_stage("B_cpt", kerasft("run", "configs/dialect_cpt.yaml", f"model.preset={grown}",
                                                     "name=B_cpt", *common), logs)
     stages["B"]["sft"] = run_stage("B_sft", kerasft("run", "configs/dialect_sft.yaml",

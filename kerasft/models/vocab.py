@@ -10,10 +10,11 @@ escapes spaces as U+2581, so the word "cierzo" becomes the piece "▁cierzo" (" 
 A word at the very start of a text, with no space before it, still splits into old pieces.
 
 Two piece types:
-    user_defined: one piece per word, matched greedily before BPE (wherever "▁word" occurs,
-        also as the start of a longer word: "▁cierzos" -> "▁cierzo" "s"). The Hugging Face export
-        marks them normalized added tokens so transformers matches them the same way.
-    normal: BPE pieces. SentencePiece's BPE only reaches a piece through a chain of merges whose
+    user_defined: one piece per word, matched greedily before BPE wherever "▁word" occurs, also
+        as the start of a longer word: "▁cierzos" -> "▁cierzo" "s", but also "▁mañana" ->
+        "▁maña" "na", which splits a common word into a wrong piece. The Hugging Face export marks
+        them normalized added tokens so transformers matches them the same way.
+    normal (the default): BPE pieces. SentencePiece's BPE only reaches a piece through a chain of merges whose
         results are all pieces, so each word also brings the missing prefixes of that chain. They
         score below every existing piece, so every old merge still happens first and old words keep
         their segmentation up to the new merges; `kerasft vocab check --add` shows what changed.
@@ -84,7 +85,7 @@ def word_ids(sp, word: str) -> list[int]:
     return sp.encode(" " + word)
 
 
-def expand_proto(proto: bytes, words, piece_type: str = "user_defined", source: str = "words") -> tuple[bytes, list[dict]]:
+def expand_proto(proto: bytes, words, piece_type: str = "normal", source: str = "words") -> tuple[bytes, list[dict]]:
     """Adds one piece per word (plus BPE chain pieces for normal pieces) to a SentencePiece model.
 
     Args:
@@ -183,7 +184,7 @@ def segmentation_stats(sp, words, top: int = 10) -> dict:
     }
 
 
-def check_vocab(proto: bytes, words, add_words_list=None, piece_type: str = "user_defined", top: int = 10,
+def check_vocab(proto: bytes, words, add_words_list=None, piece_type: str = "normal", top: int = 10,
                 add_source: str = "--add") -> dict:
     """Segmentation statistics of `words` before (and, with `add_words_list`, after) an expansion.
 
@@ -252,7 +253,7 @@ def read_proto(preset: str, cache: str = "") -> bytes:
     return tokenizer.proto
 
 
-def check(source: str, *, words_file=None, corpus_file=None, add_file=None, piece_type: str = "user_defined",
+def check(source: str, *, words_file=None, corpus_file=None, add_file=None, piece_type: str = "normal",
           top: int = 10) -> dict:
     """`kerasft vocab check`: SOURCE is a YAML config (its model.preset) or a preset string."""
     if bool(words_file) == bool(corpus_file):
@@ -268,7 +269,7 @@ def check(source: str, *, words_file=None, corpus_file=None, add_file=None, piec
     return check_vocab(read_proto(preset, cache), words, add_list, piece_type, top, add_source=str(add_file))
 
 
-def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: str = "user_defined",
+def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: str = "normal",
               overwrite: bool = False, cache: str = "") -> dict:
     """`kerasft vocab add`: a new keras-hub preset with the listed words as single pieces.
 
