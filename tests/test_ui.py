@@ -185,3 +185,29 @@ def test_train_subprocess_on_the_config_the_studio_wrote(tmp_path, tiny_preset):
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert latest_checkpoint(run_dir) == 3
     assert load_config(run_dir / "config.yaml").data.columns.prompt == "pregunta"
+
+
+def test_served_on_loopback_with_login_and_upload_limit(tmp_path):
+    """What the server itself enforces: 127.0.0.1 only, gradio's login, the upload size limit."""
+    import socket
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("gradio")
+    from kerasft.ui.app import launch
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = launch(tmp_path / "ws", port=port, auth="ana:s3creto", max_upload_mb=0.01, block=False)
+    try:
+        assert app.server_name == "127.0.0.1"
+        url = f"http://127.0.0.1:{port}"
+        small, big = ("small.csv", b"q,a\nx,y\n"), ("big.csv", b"q,a\n" + b"x,y\n" * 4000)
+        assert httpx.post(f"{url}/gradio_api/upload", files={"files": small}).status_code == 401
+        with httpx.Client(base_url=url) as client:
+            assert client.post("/login", data={"username": "ana", "password": "wrong"}).status_code == 400
+            assert client.post("/login", data={"username": "ana", "password": "s3creto"}).status_code == 200
+            assert client.post("/gradio_api/upload", files={"files": small}).status_code == 200
+            assert client.post("/gradio_api/upload", files={"files": big}).status_code == 413
+    finally:
+        app.close()

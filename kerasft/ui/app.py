@@ -100,13 +100,15 @@ class Studio:
 
 def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
     """The studio as a gradio Blocks app working in `workspace` (created if missing)."""
+    studio = Studio(Workspace(workspace, max_upload_mb))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # gradio keeps its own copy of each upload: inside the workspace too (read when gradio is imported).
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(studio.ws.root / "tmp"))
     try:
         import gradio as gr
     except ImportError:
         raise KerasftError("the studio needs gradio: pip install 'kerasft[ui]'") from None
 
-    studio = Studio(Workspace(workspace, max_upload_mb))
     ws = studio.ws
     fields: dict[str, object] = {}  # dotted config key -> component; the config is these values
 
@@ -597,9 +599,12 @@ def launch(workspace: str | Path = "studio", host: str = "127.0.0.1", port: int 
     import gradio as gr
 
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, auth=credentials, max_file_size=f"{max_upload_mb:g}mb",
-               allowed_paths=[str(app.studio.ws.root)], prevent_thread_lock=not block, quiet=not block,
-               theme=gr.themes.Soft(), css=CSS, footer_links=[], ssr_mode=False)
+    try:
+        app.launch(server_name=host, server_port=port, auth=credentials, max_file_size=app.studio.ws.max_upload_bytes,
+                   allowed_paths=[str(app.studio.ws.root)], prevent_thread_lock=not block, quiet=not block,
+                   theme=gr.themes.Soft(), css=CSS, footer_links=[], ssr_mode=False)
+    except OSError as err:  # gradio reports a taken port as OSError
+        raise KerasftError(f"cannot serve on {host}:{port}: {err}") from None
     return app
 
 
