@@ -203,6 +203,8 @@ def _kerasft_worker(args) -> int:
         start = time.perf_counter()
         trainable, opt_state, stats = step(trainable, opt_state, non_trainable, batch)
         jax.block_until_ready(stats["loss"])
+        if i == 0:
+            first_loss = float(stats["loss"])
         if i >= 2:  # the first two include compilation and warm-up
             times.append(time.perf_counter() - start)
             real.append(int(batch["padding_mask"].sum()))
@@ -212,6 +214,7 @@ def _kerasft_worker(args) -> int:
         "tokens_per_s": sum(real) / sum(times),
         "flops_per_step": flops,
         "achieved_flops": flops / median,
+        "first_loss": first_loss,
         "final_loss": float(stats["loss"]),
         "rss_after_load_mib": rss_loaded,
         "peak_rss_mib": _peak_rss_mib(),
@@ -261,6 +264,8 @@ def _peer_worker(args) -> int:
                 arrays["target_ids"][i][row][keep].astype(np.int64))
         start = time.perf_counter()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if i == 0:
+            first_loss = float(loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -269,7 +274,7 @@ def _peer_worker(args) -> int:
             times.append(time.perf_counter() - start)
             real.append(int(mask.sum()))
     print(json.dumps({"median_step_s": statistics.median(times), "tokens_per_s": sum(real) / sum(times),
-                      "final_loss": float(loss), "rss_after_load_mib": rss_loaded, "peak_rss_mib": _peak_rss_mib(),
+                      "first_loss": first_loss, "final_loss": float(loss), "rss_after_load_mib": rss_loaded, "peak_rss_mib": _peak_rss_mib(),
                       "torch_threads": torch.get_num_threads()}))
     return 0
 

@@ -24,6 +24,7 @@ def test_bench_smoke_produces_every_figure(tmp_path):
         assert ours[key] > 0, key
     assert peer["tokens_per_s"] > 0 and peer["peak_rss_mib"] > 0
     assert row["throughput_ratio"] > 0 and row["peak_rss_ratio"] > 0
-    # Same weights and batches: both frameworks start from the same loss and train it down.
+    # Same weights, batches and loss positions: before any update both compute the same loss.
+    assert abs(ours["first_loss"] - peer["first_loss"]) < 1e-3 * abs(peer["first_loss"])
     assert math.isfinite(ours["final_loss"]) and math.isfinite(peer["final_loss"])
     assert "ratio:" in proc.stdout
