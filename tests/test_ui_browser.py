@@ -122,8 +122,14 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     _shot(page, "01_home_light")
     assert _contrast(page, "h1") > 4.5
 
+    # The tiny local preset first: the data check reads the chosen model's tokenizer.
+    _tab(page, "Model")
+    page.locator("#local_preset input, #local_preset textarea").first.fill(str(tiny_preset))
+
     # Dataset: upload the shipped FAQ spreadsheet (as CSV), columns are guessed, then checked.
     _tab(page, "Dataset")
+    page.locator("#check_data").click()  # nothing uploaded yet: a clear message, not a traceback
+    page.get_by_text("Error: upload a data file first").first.wait_for()
     csv = tmp_path / "FAQ horno (copia).csv"
     shutil.copy(ROOT / "data" / "examples" / "faq_horno.csv", csv)
     page.locator("#upload input[type=file]").set_input_files(str(csv))
@@ -140,9 +146,8 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     assert "train (" in _text(page, "split_preview") and "validation (" in _text(page, "split_preview")
     _shot(page, "02_dataset")
 
-    # Model: the tiny local preset, a few steps; schedule plot and memory plan.
+    # Model: a few steps; schedule plot and memory plan.
     _tab(page, "Model")
-    page.locator("#local_preset input, #local_preset textarea").first.fill(str(tiny_preset))
     _set_number(page, "epochs", 10)
     _set_number(page, "max_steps", 60)  # a cap: 17 training rows in batches of 2 are 9 steps an epoch
     _set_number(page, "checkpoint_every", 3)
@@ -197,6 +202,9 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     answer = page.locator("#playground_output textarea").input_value()
     assert answer and "Error:" not in answer
     _shot(page, "06_evaluation")
+    page.locator("#show_results").click()
+    _wait_text(page, "eval_status", r"results in")
+    assert "fine-tuned" in _text(page, "metrics_table")
 
     # Export: merged Hugging Face safetensors (checked in transformers), with download links.
     _tab(page, "Export")

@@ -245,7 +245,9 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
 
         # ---------------------------------------------------------------- Evaluation
         with gr.Tab("Evaluation", id="evaluation"):
-            evaluate_button = gr.Button("Evaluate base and fine-tuned", variant="primary", elem_id="evaluate")
+            with gr.Row():
+                evaluate_button = gr.Button("Evaluate base and fine-tuned", variant="primary", elem_id="evaluate")
+                show_results = gr.Button("Show the latest results", elem_id="show_results")
             eval_status = gr.Markdown(elem_id="eval_status")
             metrics_table = gr.Dataframe(label="Metrics: base vs fine-tuned", elem_id="metrics_table")
             report = gr.Markdown(elem_id="report_md", max_height=500)
@@ -525,6 +527,17 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
 
         evaluate_button.click(on_evaluate, fields["name"], [eval_status, metrics_table, report, worst])
 
+        def on_show_results(name):
+            try:
+                run_dir = ws.run_dir(name)
+            except KerasftError as err:
+                return message(str(err), False), None, "", None
+            if not (run_dir / "eval.json").is_file():
+                return message(f"{name!r} has no evaluation yet (`kerasft run` or Evaluate writes one)", False), None, "", None
+            return message(f"results in `{run_dir}`"), *_eval_views(run_dir)
+
+        show_results.click(on_show_results, fields["name"], [eval_status, metrics_table, report, worst])
+
         def on_generate(name, source, prompt, max_tokens):
             if not (prompt or "").strip():
                 yield message("type a prompt first", False)
@@ -535,12 +548,14 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
                     cfg_path = ws.config_path(name)
                     if not cfg_path.is_file():
                         raise KerasftError("write a config first (Dataset or Model tab)")
-                    src = load(cfg_path).model.preset
+                    cfg = load(cfg_path)
+                    src, system = cfg.model.preset, ["--system", cfg.data.system]  # as the run renders prompts
                 else:
+                    system = []
                     if not (run_dir / "adapter" / "adapter_config.json").is_file():
                         raise KerasftError(f"{name!r} has no trained adapter yet: train first")
                     src = str(run_dir)
-                argv = kerasft_argv("generate", src, prompt, "--max-new-tokens", int(max_tokens or 48))
+                argv = kerasft_argv("generate", src, prompt, "--max-new-tokens", int(max_tokens or 48), *system)
                 yield "generating ..."
                 for job, code in studio.run_to_end(name, "generate", argv):
                     if code is not None:
