@@ -84,7 +84,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
                                "padding_fraction": round(padding, 4), "tokenized_from_cache": cached}
             print(
                 f"training LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {list(cfg.lora.targets)}: "
-                f"{len(train_set) if isinstance(train_set, list) else train_set.spec} in {len(data)} rows ({data.trimmed} trimmed, {padding:.0%} padding"
+                f"{f'{len(train_set)} examples' if isinstance(train_set, list) else train_set.spec} in {len(data)} rows ({data.trimmed} trimmed, {padding:.0%} padding"
                 f"{', tokens from cache' if cached else ''}), {steps} steps of batch "
                 f"{cfg.train.batch_size}x{cfg.train.grad_accum}",
                 flush=True,
