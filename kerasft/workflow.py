@@ -159,7 +159,8 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
         from kerasft.export.gguf import export_gguf
 
         print(f"exporting GGUF ({export_cfg.quant}) to {out_dir} ...", flush=True)
-        path = export_gguf(backbone, tokenizer, out_dir, quant=export_cfg.quant, card=card, overwrite=overwrite)
+        path = export_gguf(backbone, tokenizer, out_dir, quant=export_cfg.quant, card=card, overwrite=overwrite,
+                           chat_template=cfg.data.template)
         report["file"] = str(path)
         if export_cfg.verify:
             report["verify"] = _check(verify_gguf_export(path, backbone, ids, atol=export_cfg.atol, rtol=export_cfg.rtol),
@@ -170,7 +171,7 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
 
     print(f"exporting merged Hugging Face model to {out_dir} ...", flush=True)
     export_hf(backbone, tokenizer, out_dir, dtype=export_cfg.dtype, max_shard_bytes=int(export_cfg.max_shard_mb * 1e6),
-              card=card, overwrite=overwrite)
+              card=card, overwrite=overwrite, chat_template=cfg.data.template)
     if export_cfg.verify and export_cfg.dtype == "float32":
         check = verify_hf_export(out_dir, backbone, ids, atol=export_cfg.atol, rtol=export_cfg.rtol)
         report["verify"] = _check(check, out_dir, "transformers reload (float64 reference)", strict=True)

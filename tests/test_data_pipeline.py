@@ -206,3 +206,22 @@ def test_pretrain_corpus_streams_into_the_cache(tokens, tmp_path):
     assert not hit
     with pytest.raises(Exception, match="not available for task=pretrain"):
         build_datasets(replace(cfg, clean=replace(cfg.clean, dedup="exact")), need_eval=False)
+
+
+@pytest.mark.parametrize("template", ["gemma", "plain"])
+def test_exported_chat_template_renders_like_training(template, tiny_spm):
+    """The jinja template written into exported tokenizers (HF, GGUF) is the training template."""
+    import transformers
+
+    from kerasft.data.template import hf_chat_template
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tiny_spm.parent))
+    hf_tok.chat_template = hf_chat_template(template)
+    history = (("¿Qué río?", "El Ebro."),)
+    messages = [{"role": "system", "content": "Guía."}, {"role": "user", "content": "¿Qué río?"},
+                {"role": "assistant", "content": "El Ebro."}, {"role": "user", "content": "¿Y el puente?"}]
+    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == render_chat("¿Y el puente?", system="Guía.", history=history, template=template)
+    full = hf_tok.apply_chat_template(messages + [{"role": "assistant", "content": "El de Piedra."}], tokenize=False)
+    expected = render_chat("¿Y el puente?", "El de Piedra.", system="Guía.", history=history, template=template)
+    assert full == expected

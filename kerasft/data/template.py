@@ -30,6 +30,25 @@ HF_CHAT_TEMPLATE = (
 )
 
 
+# The plain template as Hugging Face jinja (render_chat(..., template="plain") with a generation prompt).
+HF_PLAIN_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\\n\\n' }}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ ('' if loop.first else '\\n\\n') + '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def hf_chat_template(template: str = "gemma") -> str:
+    """The jinja chat template that renders like `render_chat` for an exported tokenizer."""
+    return HF_PLAIN_TEMPLATE if template == "plain" else HF_CHAT_TEMPLATE
+
+
 @dataclass(frozen=True)
 class ChatTokens:
     """A SentencePiece processor plus the ids the template needs."""

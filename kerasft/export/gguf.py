@@ -40,7 +40,7 @@ CONTEXT_LENGTH = {"gemma": 8192, "gemma2": 8192, "gemma3": 32768}
 
 
 def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16", card: str | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, chat_template: str = "gemma") -> Path:
     """Writes `out_dir/model-<quant>.gguf` (weights, hyperparameters, tokenizer, chat template)
     and a model card README.md.
 
@@ -68,7 +68,7 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
         )
     with hf.staged_dir(out, overwrite) as staging:
         writer = gguf.GGUFWriter(str(staging / file_name), family)
-        _write_metadata(writer, backbone, family, quant, vocabulary)
+        _write_metadata(writer, backbone, family, quant, vocabulary, chat_template)
         for name, array in gguf_tensors(backbone, family).items():
             _add_tensor(writer, name, array, quant)
         writer.write_header_to_file()
@@ -131,10 +131,10 @@ def gguf_vocabulary(tokenizer) -> dict:
     }
 
 
-def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict) -> None:
+def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict, chat_template: str = "gemma") -> None:
     import gguf
 
-    from kerasft.data.template import HF_CHAT_TEMPLATE
+    from kerasft.data.template import hf_chat_template
     from kerasft.export.hf import decoder_block
 
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -190,7 +190,7 @@ def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(bool(vocabulary["add_space_prefix"]))
-    writer.add_chat_template(HF_CHAT_TEMPLATE)
+    writer.add_chat_template(hf_chat_template(chat_template))
 
 
 def _add_tensor(writer, name: str, array, quant: str) -> None:

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kerasft.data.template import HF_CHAT_TEMPLATE
+from kerasft.data.template import hf_chat_template
 from kerasft.errors import KerasftError
 
 # family -> (transformers architecture, config model_type)
@@ -80,6 +80,7 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     card: str | None = None,
     overwrite: bool = False,
+    chat_template: str = "gemma",
 ) -> Path:
     """Writes a transformers-loadable folder for a Gemma 1, 2 or 3 backbone: model.safetensors
     (or shards with model.safetensors.index.json), config.json (with `architectures`),
@@ -113,7 +114,7 @@ def export_hf(
             {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"], _eot_id(tokenizer)],
              "pad_token_id": config["pad_token_id"], "do_sample": False},
         )
-        write_tokenizer_files(tokenizer, staging)
+        write_tokenizer_files(tokenizer, staging, chat_template)
         (staging / "README.md").write_text(card if card is not None else model_card("hf", backbone), encoding="utf-8")
     return out
 
@@ -354,9 +355,10 @@ def _rope(base: float, factor: float) -> dict:
     return {"rope_type": "linear", "rope_theta": base, "factor": factor}
 
 
-def write_tokenizer_files(tokenizer, out: Path) -> None:
-    """tokenizer.model (the SentencePiece proto), tokenizer_config.json with the chat template,
-    and special_tokens_map.json, as transformers' GemmaTokenizer expects them."""
+def write_tokenizer_files(tokenizer, out: Path, chat_template: str = "gemma") -> None:
+    """tokenizer.model (the SentencePiece proto), tokenizer_config.json with the chat template the
+    model was trained with (data.template), and special_tokens_map.json, as transformers'
+    GemmaTokenizer expects them."""
     from kerasft.models.vocab import hf_word_pieces
 
     (out / "tokenizer.model").write_bytes(tokenizer.proto)
@@ -370,7 +372,7 @@ def write_tokenizer_files(tokenizer, out: Path) -> None:
             "add_bos_token": True,
             "add_eos_token": False,
             "model_max_length": 32768,
-            "chat_template": HF_CHAT_TEMPLATE,
+            "chat_template": hf_chat_template(chat_template),
             # Word pieces added by `kerasft vocab add` (user-defined): matched as SentencePiece does.
             **hf_word_pieces(tokenizer.proto),
         },
