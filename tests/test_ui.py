@@ -11,8 +11,8 @@ import pytest
 from kerasft.config import load_config
 from kerasft.errors import KerasftError
 from kerasft.ui.workspace import (
-    Job, Workspace, check_run_name, kerasft_argv, latest_checkpoint, nest_values, peek_columns, sanitize_filename,
-    training_progress,
+    Job, Workspace, check_run_name, kerasft_argv, latest_checkpoint, nest_values, peek_columns,
+    sanitize_filename, training_progress,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +183,8 @@ def test_train_subprocess_on_the_config_the_studio_wrote(tmp_path, tiny_preset):
     assert progress["tokens_per_second"] > 0
     assert "I0000" not in job.log_text() and "step    3/3" in job.log_text()
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert latest_checkpoint(run_dir) == 3
+    (run_dir / "checkpoints" / "6.orbax-checkpoint-tmp-123").mkdir()  # a save in progress does not count
     assert latest_checkpoint(run_dir) == 3
     assert load_config(run_dir / "config.yaml").data.columns.prompt == "pregunta"
 

@@ -140,6 +140,8 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     page.get_by_role("option", name="dificultad").click()
     page.keyboard.press("Escape")
     page.locator("#check_data").click()
+    page.wait_for_function("() => !document.querySelector('#data_report').innerText.includes('upload a data file')",
+                           timeout=240_000)
     report = _wait_text(page, "data_report", r"no errors|errors")
     assert "no errors" in report and "train" in report
     page.locator("#histogram img").wait_for()
@@ -148,8 +150,8 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
 
     # Model: a few steps; schedule plot and memory plan.
     _tab(page, "Model")
-    _set_number(page, "epochs", 10)
-    _set_number(page, "max_steps", 60)  # a cap: 17 training rows in batches of 2 are 9 steps an epoch
+    _set_number(page, "epochs", 20000)
+    _set_number(page, "max_steps", 12)  # a cap: 17 training rows in batches of 2 are 9 steps an epoch
     _set_number(page, "checkpoint_every", 3)
     _set_number(page, "batch_size", 2)
     _set_number(page, "sequence_length", 128)
@@ -160,27 +162,41 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     assert "fits" in badge and "failed" not in badge and "suggested batch size" in badge
     _shot(page, "03_model")
 
-    # Training: the status and curve fill in while `kerasft train` runs as a subprocess. Pause
-    # (stop after the next checkpoint) right away, then resume to the end with `--resume`.
+    # Training, a long run first: pause (stops once its next checkpoint is complete), resume
+    # (`kerasft train --resume` continues from it), stop. The runs are `kerasft train` subprocesses.
+    _set_number(page, "max_steps", 100000)
     _tab(page, "Training")
     page.locator("#start_training").click()
     _wait_text(page, "train_status", r"started|training")
     page.locator("#pause_training").click()
-    paused = _wait_text(page, "train_status", r"paused|finished", timeout=300)
+    paused = _wait_text(page, "train_status", r"paused|finished|stopped", timeout=300)
     assert "paused" in paused, paused
     run_dir = app.studio.ws.run_dir("faq-tiny")
     stopped_at = int(re.search(r"step (\d+)", paused).group(1))
-    assert 3 <= stopped_at < 60 and (run_dir / "checkpoints" / "3").is_dir(), paused
+    checkpoint = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert 3 <= checkpoint <= stopped_at < 100000 and checkpoint % 3 == 0, paused
     _shot(page, "04a_paused")
     page.locator("#resume_training").click()
-    _wait_text(page, "train_status", r"resumed|training")
-    status = _wait_text(page, "train_status", r"finished|failed", timeout=300)
-    assert "finished" in status and "step 60 / 60" in status, status
+    job_log = lambda: app.studio.jobs[("faq-tiny", "train")].log_text(100000)  # noqa: E731
+    deadline = time.time() + 300
+    while f"resuming at step {checkpoint}/100000" not in job_log() and time.time() < deadline:
+        time.sleep(0.5)
+    assert f"resuming at step {checkpoint}/100000" in job_log()
+    _wait_text(page, "train_status", rf"training · step (?!{checkpoint} )\d+")  # steps after the checkpoint
+    page.locator("#stop_training").click()
+    assert "stopped" in _wait_text(page, "train_status", r"stopped|finished|failed")
+
+    # Then a short run to the end (Start replaces the run dir): the curve, tokens/s, ETA, progress.
+    _tab(page, "Model")
+    _set_number(page, "max_steps", 12)
+    _tab(page, "Training")
+    page.locator("#start_training").click()
+    _wait_text(page, "train_status", r"started|training")
+    status = _wait_text(page, "train_status", r"finished|failed|stopped", timeout=300)
+    assert "finished" in status and "step 12 / 12" in status, status
     assert "tokens/s" in status and "ETA" in status
-    resumed_at = re.search(r"resuming at step (\d+)/60", app.studio.jobs[("faq-tiny", "train")].log_text(100000))
-    assert resumed_at and 3 <= int(resumed_at.group(1)) <= stopped_at
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 61)), steps  # the resumed run logged every step once
+    assert steps == list(range(1, 13)), steps
     page.locator("#loss_plot canvas, #loss_plot svg").first.wait_for()
     assert "100%" in page.locator("#progress_bar .kft-bar").get_attribute("title")
     _shot(page, "04_training")

@@ -18,8 +18,8 @@ from pathlib import Path
 from kerasft.config import DataConfig
 from kerasft.errors import KerasftError
 from kerasft.ui.workspace import (
-    DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, kerasft_argv, latest_checkpoint, peek_columns, read_json,
-    training_progress,
+    DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, kerasft_argv, latest_checkpoint, peek_columns,
+    read_json, training_progress,
 )
 
 PRESETS = ("embedded", "gemma3_270m", "gemma3_1b", "gemma2_2b_en", "gemma_2b_en")
@@ -75,8 +75,9 @@ class Studio:
             return job
 
     def pause_after_checkpoint(self, job: Job, run_dir: Path) -> None:
-        """Interrupts `job` as soon as a checkpoint newer than the current one is complete (the
-        trainer has no pause signal of its own; `kerasft train --resume` continues from it)."""
+        """Interrupts `job` once a checkpoint newer than the current one is complete (the trainer
+        has no pause signal of its own; interrupting a save in progress loses it), and
+        `kerasft train --resume` continues from that checkpoint."""
         after = latest_checkpoint(run_dir) or 0
 
         def watch():
@@ -85,7 +86,7 @@ class Studio:
                 if newest is not None and newest > after:
                     job.interrupt(timeout=None)
                     return
-                time.sleep(0.05)
+                time.sleep(0.02)
 
         threading.Thread(target=watch, daemon=True).start()
 
