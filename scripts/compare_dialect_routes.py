@@ -91,6 +91,10 @@ def compare(preset: str, out: Path, overrides: list[str], max_new_tokens: int) -
                 stages[route][stage]["summary"] = {k: summary.get(k) for k in ("train", "timings", "eval")}
         routes[route] = {
             "train_seconds": round(train_seconds, 1),
+            # Per stage: on a shared machine a slow stage shows up here, not only in the times.
+            "train_tokens_per_second": " / ".join(
+                f"{stage} {stages[route][stage]['summary']['train']['tokens_per_second']:g}"
+                for stage in ("cpt", "sft") if "summary" in stages[route].get(stage, {})),
             "wall_seconds": round(sum(s["seconds"] for n, s in stages[route].items() if n != "measure"), 1),
             "peak_rss_mb": max(s["peak_rss_mb"] for n, s in stages[route].items() if n != "measure"),
             **json.loads(measured_path.read_text()),
@@ -161,6 +165,7 @@ def markdown(result: dict) -> str:
     a, b = result["routes"]["A"], result["routes"]["B"]
     rows = [
         ("training time (s, all stages)", "train_seconds"),
+        ("training tokens/s by stage", "train_tokens_per_second"),
         ("wall time of the stages (s)", "wall_seconds"),
         ("final eval loss (per token)", "eval_loss"),
         ("final eval NLL per character", "eval_nll_per_char"),
