@@ -1,43 +1,62 @@
-"""The chunked vocabulary projection: same loss and gradients as one big matmul, far less memory."""
+"""The vocabulary projection of the loss: the fused, chunked full-sequence path gives the same
+loss and gradients as one big matmul, with far less memory."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kerasft.train.loop import token_nll
+from kerasft.train.loop import fused_weighted_nll, token_nll
+
+
+def _reference(hidden, table, ids, weights, soft_cap, rows=None, delta=None):
+    if rows is not None:
+        table = table.at[rows].add(delta)
+    logits = hidden @ table.T
+    if soft_cap:
+        logits = jnp.tanh(logits / soft_cap) * soft_cap
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1)[..., 0]
+    return jnp.sum(nll * weights)
 
 
 @pytest.mark.parametrize("soft_cap", [None, 30.0])
-def test_chunked_nll_and_grads_equal_the_full_projection(soft_cap):
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_fused_loss_and_grads_equal_the_full_projection(soft_cap, with_rows):
     rng = np.random.default_rng(0)
     hidden = jnp.asarray(rng.normal(size=(2, 300, 16)), jnp.float32)
     table = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 50, size=(2, 300)))
-    chunked = token_nll(hidden, table, ids, soft_cap, chunk=64)
-    full = token_nll(hidden, table, ids, soft_cap, chunk=10**6)
-    reference = -jnp.take_along_axis(jax.nn.log_softmax(
-        (lambda z: jnp.tanh(z / soft_cap) * soft_cap if soft_cap else z)(hidden @ table.T)), ids[..., None], -1)[..., 0]
-    np.testing.assert_allclose(chunked, reference, atol=2e-5)
-    np.testing.assert_allclose(full, reference, atol=2e-5)
-    grads = [jax.grad(lambda h, t, c=c: token_nll(h, t, ids, soft_cap, chunk=c).sum(), argnums=(0, 1))(hidden, table)
-             for c in (64, 10**6)]
-    for a, b in zip(*grads):
-        np.testing.assert_allclose(a, b, atol=5e-5)
+    weights = jnp.asarray(rng.integers(0, 2, size=(2, 300)), jnp.float32)
+    rows = jnp.asarray([3, 7]) if with_rows else None
+    delta = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32) if with_rows else jnp.zeros((2, 16))
+
+    def fused(h, d):
+        return fused_weighted_nll(h, table, ids, weights, soft_cap, rows, d if with_rows else None, chunk=64)
+
+    def reference(h, d):
+        return _reference(h, table, ids, weights, soft_cap, rows, d if with_rows else None)
+
+    np.testing.assert_allclose(fused(hidden, delta), reference(hidden, delta), rtol=1e-5)
+    got = jax.grad(fused, argnums=(0, 1))(hidden, delta)
+    want = jax.grad(reference, argnums=(0, 1))(hidden, delta)
+    np.testing.assert_allclose(got[0], want[0], atol=5e-5)
+    np.testing.assert_allclose(got[1], want[1], atol=5e-4)
+    np.testing.assert_allclose(jnp.sum(token_nll(hidden, table, ids, soft_cap) * weights),
+                               _reference(hidden, table, ids, weights, soft_cap), rtol=1e-5)
 
 
-def test_chunking_bounds_the_temporary_memory():
-    """At batch 2 x 256 positions and a 32k vocabulary the full projection keeps every logit for
-    the backward pass; the chunked one keeps one chunk's worth."""
+def test_fused_projection_bounds_the_temporary_memory():
+    """At batch 2 x 256 positions and a 32k vocabulary the one-matmul projection keeps every
+    logit for the backward pass; the fused one keeps one chunk's worth."""
     hidden = jax.ShapeDtypeStruct((2, 256, 64), jnp.float32)
     table = jax.ShapeDtypeStruct((32768, 64), jnp.float32)
     ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+    weights = jax.ShapeDtypeStruct((2, 256), jnp.float32)
 
-    def temp_bytes(chunk):
-        grad = jax.grad(lambda h, t, i: token_nll(h, t, i, None, chunk=chunk).sum())
-        return jax.jit(grad).lower(hidden, table, ids).compile().memory_analysis().temp_size_in_bytes
+    def temp_bytes(loss):
+        return jax.jit(jax.grad(loss)).lower(hidden, table, ids, weights).compile().memory_analysis().temp_size_in_bytes
 
-    full, chunked = temp_bytes(10**6), temp_bytes(64)
-    logits_bytes = 2 * 256 * 32768 * 4
-    assert full >= logits_bytes
-    assert chunked < full / 3
+    full = temp_bytes(lambda h, t, i, w: jnp.sum(token_nll(h, t, i) * w))
+    fused = temp_bytes(lambda h, t, i, w: fused_weighted_nll(h, t, i, w, chunk=64))
+    assert full >= 2 * 256 * 32768 * 4
+    assert fused < full / 3

@@ -47,7 +47,7 @@ def make_loss_fn(backbone, token_rows=None):
     rows = None if token_rows is None else jnp.asarray(token_rows, dtype=jnp.int32)
 
     def loss_fn(params, non_trainable, batch):
-        table = non_trainable[table_index]
+        table = non_trainable_table = non_trainable[table_index]
         if rows is not None:
             table = table.at[rows].add(params["token_delta"].astype(table.dtype))
             non_trainable = [*non_trainable[:table_index], table, *non_trainable[table_index + 1 :]]
@@ -58,10 +58,14 @@ def make_loss_fn(backbone, token_rows=None):
         )
         # Only the K response positions go through the 262k-entry vocabulary projection.
         picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)
-        nll = token_nll(picked, table, batch["target_ids"], soft_cap)
         weights = batch["target_weights"]
         weight_sum = jnp.sum(weights)
-        return jnp.sum(nll * weights) / jnp.maximum(weight_sum, 1.0), weight_sum
+        if picked.shape[0] * picked.shape[1] > LOSS_CHUNK:  # full-sequence loss: fused, chunked head
+            delta = params["token_delta"] if rows is not None else None
+            total = fused_weighted_nll(picked, non_trainable_table, batch["target_ids"], weights, soft_cap, rows, delta)
+        else:
+            total = jnp.sum(token_nll(picked, table, batch["target_ids"], soft_cap) * weights)
+        return total / jnp.maximum(weight_sum, 1.0), weight_sum
 
     return loss_fn
 
@@ -69,33 +73,80 @@ def make_loss_fn(backbone, token_rows=None):
 LOSS_CHUNK = 256  # target positions per vocabulary-projection chunk
 
 
-def token_nll(hidden, table, target_ids, soft_cap=None, chunk: int = LOSS_CHUNK):
-    """-log p(target) at each of the (B, K) positions of `hidden` under the tied head `table`.
+def token_nll(hidden, table, target_ids, soft_cap=None):
+    """-log p(target) at each (B, K) position of `hidden` under the tied head `table`, in one
+    matmul: for the few response positions of SFT."""
+    import jax
+    import jax.numpy as jnp
 
-    Up to `chunk` positions take one matmul. More (a full-sequence loss) are split into chunks
-    scanned under jax.checkpoint, so neither pass ever holds more than chunk x vocabulary
-    logits: the backward pass recomputes each chunk's logits instead of keeping B x K x 262k
-    of them (537 MB at batch 2 x 256 for Gemma's vocabulary).
+    logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype)).astype(jnp.float32)
+    if soft_cap:
+        logits = jnp.tanh(logits / soft_cap) * soft_cap
+    target = jnp.take_along_axis(logits, target_ids[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target
+
+
+def fused_weighted_nll(hidden, table, target_ids, weights, soft_cap=None, rows=None, delta=None, chunk=LOSS_CHUNK):
+    """sum(weights * -log p(target)) over (B, K) positions, for full-sequence losses.
+
+    The vocabulary projection runs in chunks of `chunk` positions, and each chunk's gradient
+    with respect to the hidden states (and the trained embedding rows) is computed right there
+    in the forward pass, from the softmax it already has: no pass ever holds more than
+    chunk x vocabulary logits, and none is recomputed. `table` gets no gradient (it is the frozen
+    embedding); `delta` is the trained update of the embedding rows `rows`, whose logits columns
+    it shifts.
     """
     import jax
     import jax.numpy as jnp
 
-    def nll_of(x, ids):
-        logits = jnp.einsum("...d,vd->...v", x, table.astype(x.dtype)).astype(jnp.float32)
-        if soft_cap:
-            logits = jnp.tanh(logits / soft_cap) * soft_cap
-        target = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - target
-
     batch, positions, width = hidden.shape
     total = batch * positions
-    if total <= chunk:
-        return nll_of(hidden, target_ids)
     pad = -total % chunk
-    flat = jnp.pad(hidden.reshape(total, width), ((0, pad), (0, 0))).reshape(-1, chunk, width)
-    ids = jnp.pad(target_ids.reshape(total), (0, pad)).reshape(-1, chunk)
-    step = jax.checkpoint(lambda args: nll_of(*args))
-    return jax.lax.map(step, (flat, ids)).reshape(-1)[:total].reshape(batch, positions)
+
+    def chunks(x, fill=0):
+        x = x.reshape(total, *x.shape[2:])
+        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill).reshape(-1, chunk, *x.shape[1:])
+
+    xs, ids, ws = chunks(hidden), chunks(target_ids), chunks(weights.astype(jnp.float32))
+    has_rows = rows is not None
+    d0 = delta.astype(jnp.float32) if has_rows else jnp.zeros((0, width), jnp.float32)
+
+    def forward(x_chunks, d):
+        head = table.astype(jnp.float32)
+
+        def body(carry, inputs):
+            loss, d_grad = carry
+            x, i, w = inputs
+            x = x.astype(jnp.float32)
+            z = x @ head.T
+            if has_rows:
+                z = z.at[:, rows].add(x @ d.T)
+            capped = jnp.tanh(z / soft_cap) if soft_cap else None
+            logits = capped * soft_cap if soft_cap else z
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            nll = lse - jnp.take_along_axis(logits, i[:, None], axis=-1)[:, 0]
+            g = jnp.exp(logits - lse[:, None]).at[jnp.arange(chunk), i].add(-1.0) * w[:, None]
+            if soft_cap:
+                g = g * (1.0 - capped * capped)
+            x_grad = g @ head
+            if has_rows:
+                x_grad = x_grad + g[:, rows] @ d
+                d_grad = d_grad + g[:, rows].T @ x
+            return (loss + jnp.sum(nll * w), d_grad), x_grad
+
+        (loss, d_grad), x_grad = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros_like(d)), (x_chunks, ids, ws))
+        return loss, (x_grad, d_grad)
+
+    @jax.custom_vjp
+    def weighted_sum(x_chunks, d):
+        return forward(x_chunks, d)[0]
+
+    def backward(residuals, cotangent):
+        x_grad, d_grad = residuals
+        return (x_grad * cotangent).astype(hidden.dtype), d_grad * cotangent
+
+    weighted_sum.defvjp(forward, backward)
+    return weighted_sum(xs.astype(hidden.dtype), d0)
 
 
 def make_optimizer(cfg, total_steps: int):
