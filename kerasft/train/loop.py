@@ -60,7 +60,7 @@ def make_loss_fn(backbone, token_rows=None):
         picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)
         weights = batch["target_weights"]
         weight_sum = jnp.sum(weights)
-        if picked.shape[0] * picked.shape[1] > LOSS_CHUNK:  # full-sequence loss: fused, chunked head
+        if picked.shape[0] * picked.shape[1] > FUSED_ABOVE:  # full-sequence loss: fused, chunked head
             delta = params["token_delta"] if rows is not None else None
             total = fused_weighted_nll(picked, non_trainable_table, batch["target_ids"], weights, soft_cap, rows, delta)
         else:
@@ -70,7 +70,8 @@ def make_loss_fn(backbone, token_rows=None):
     return loss_fn
 
 
-LOSS_CHUNK = 256  # target positions per vocabulary-projection chunk
+LOSS_CHUNK = 128  # target positions per vocabulary-projection chunk (128 x 262k f32 logits: 134 MB)
+FUSED_ABOVE = 256  # more target positions per batch than this (full-sequence losses) take the fused path
 
 
 def token_nll(hidden, table, target_ids, soft_cap=None):
