@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.data.records import Example
-from kerasft.data.template import ChatTokens, encode_conversation, encode_text
+from kerasft.data.template import ChatTokens, encode_conversation
 from kerasft.errors import KerasftError
 
 LENGTH_BUCKET = 64  # sequence lengths are padded to a multiple of this: few shapes, few compiles
@@ -128,28 +128,27 @@ def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_leng
         packing: concatenate short examples into rows of up to sequence_length tokens.
     """
     encode = _batch_encoder(tokens, examples, system, template)
-    rows, out = [], TokenizedSet.from_rows([])
+    rows, trimmed, dropped = [], 0, []
     for ex in examples:
         ex_system = ex.system or system
         ids, weights = encode_conversation(tokens, ex.prompt, ex.response, ex_system, ex.history, template, encode)
         if len(ids) > sequence_length and ex.context and ex.answer_start >= 0 and not ex.history:
-            trimmed = _trim_context(tokens, ex, ex_system, template, sequence_length)
-            if trimmed is not None:
-                (ids, weights), out.trimmed = trimmed, out.trimmed + 1
+            window = _trim_context(tokens, ex, ex_system, template, sequence_length)
+            if window is not None:
+                (ids, weights), trimmed = window, trimmed + 1
         if len(ids) > sequence_length:
-            out.dropped += 1
-            out.dropped_origins.append(f"{ex.origin or ex.id} ({len(ids)} tokens)")
+            dropped.append(f"{ex.origin or ex.id} ({len(ids)} tokens)")
             continue
         rows.append((ids, weights))
-    if out.dropped:
-        shown = "; ".join(out.dropped_origins[:3]) + (" ..." if out.dropped > 3 else "")
-        print(f"warning: {out.dropped} of {len(examples)} examples are longer than sequence_length={sequence_length} "
+    if dropped:
+        shown = "; ".join(dropped[:3]) + (" ..." if len(dropped) > 3 else "")
+        print(f"warning: {len(dropped)} of {len(examples)} examples are longer than sequence_length={sequence_length} "
               f"even after trimming and were left out: {shown}", file=sys.stderr)
     if not rows:
         raise KerasftError(f"no example fits in sequence_length={sequence_length}; raise data.sequence_length")
     if packing:
         rows = pack_rows(rows, sequence_length)
-    return TokenizedSet.from_rows(rows, trimmed=out.trimmed, dropped=out.dropped, dropped_origins=out.dropped_origins)
+    return TokenizedSet.from_rows(rows, trimmed=trimmed, dropped=len(dropped), dropped_origins=dropped)
 
 
 def tokenize_documents(tokens: ChatTokens, documents, sequence_length: int, folder: Path | None = None,

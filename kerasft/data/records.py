@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kerasft.errors import KerasftError
 
@@ -142,7 +142,7 @@ def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
         context = _text(row, context_key, origin)
         question = _text(row, question_key, origin)
         ex = squad_example(qid, context, question, answers, origin, cfg.instruction, cfg.no_answer, meta)
-        return _with(ex, system=system)
+        return replace(ex, system=system)
 
     if cfg.prompt_template:
         return _templated_example(row, origin, cfg, qid, meta, system)
@@ -310,9 +310,3 @@ def _int_or_none(value):
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def _with(ex: Example, **changes) -> Example:
-    from dataclasses import replace
-
-    return replace(ex, **changes)

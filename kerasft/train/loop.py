@@ -35,7 +35,6 @@ def make_loss_fn(backbone, token_rows=None):
     pretrained Gemma, <end_of_turn> sits among thousands of untrained rows (<unusedNN> and
     the like) and LoRA alone ends answers with one of them instead.
     """
-    import jax
     import jax.numpy as jnp
 
     embedding = backbone.token_embedding
