@@ -1,0 +1,49 @@
+"""The recipe data sets of issue 10 (data/README.md): answers are where their offsets say, the
+held-out QA paragraphs are new, and the files are what their build scripts write."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QA = ROOT / "data" / "qa_es"
+
+
+def _paragraphs(path: Path):
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return [p for a in doc["data"] for p in a["paragraphs"]]
+
+
+@pytest.mark.parametrize("name, id_digits", [("mlqa_style_es.json", 40), ("xquad_style_es.json", 24)])
+def test_heldout_qa_sets_are_squad_layout_with_exact_offsets(name, id_digits):
+    paragraphs = _paragraphs(QA / name)
+    ids = []
+    for paragraph in paragraphs:
+        for qa in paragraph["qas"]:
+            assert set(qa) == {"answers", "question", "id"}, qa
+            assert re.fullmatch(f"[0-9a-f]{{{id_digits}}}", qa["id"]), qa["id"]
+            assert qa["question"].startswith("¿") and qa["question"].endswith("?"), qa["question"]
+            (answer,) = qa["answers"]
+            start = answer["answer_start"]
+            assert paragraph["context"][start : start + len(answer["text"])] == answer["text"], qa["id"]
+            ids.append(qa["id"])
+    assert 60 <= len(ids) <= 100 and len(set(ids)) == len(ids)
+
+
+def test_heldout_qa_paragraphs_are_not_in_training_or_each_other():
+    seen = {}
+    for name in ("train.json", "heldout.json", "mlqa_style_es.json", "xquad_style_es.json"):
+        for paragraph in _paragraphs(QA / name):
+            assert paragraph["context"] not in seen, (name, seen.get(paragraph["context"]))
+            seen[paragraph["context"]] = name
+
+
+def test_heldout_qa_files_match_their_sources(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_heldout_qa_es.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("mlqa_style_es.json", "xquad_style_es.json"):
+        assert (tmp_path / name).read_bytes() == (QA / name).read_bytes(), f"{name}: rerun scripts/build_heldout_qa_es.py"
