@@ -62,7 +62,9 @@ def prompt_ids(model, example, data_cfg) -> list[int]:
     from kerasft.data.template import render_chat
 
     system = example.system or data_cfg.system
-    template = getattr(data_cfg, "template", "gemma")
+    template = getattr(data_cfg, "template", "auto")
+    if template == "auto":
+        template = getattr(model, "template", "gemma")
     if model.kind == "keras":
         from kerasft.data.template import example_prompt_ids
 

@@ -48,9 +48,10 @@ def causal_lm_for(backbone):
     """keras-hub's causal LM around a backbone, without a TF preprocessor (we tokenise ourselves)."""
     import keras_hub
 
-    if type(backbone).__name__ == "Gemma3Backbone":
-        return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
-    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    from kerasft.models.families import CAUSAL_LM_CLASSES
+
+    causal_lm_class = getattr(keras_hub.models, CAUSAL_LM_CLASSES.get(type(backbone).__name__, "GemmaCausalLM"))
+    return causal_lm_class(backbone=backbone, preprocessor=None)
 
 
 def keras_sampler(sampling: Sampling):
@@ -167,10 +168,13 @@ def make_response_scorer(backbone):
     import jax
     import jax.numpy as jnp
 
+    from kerasft.models.families import output_head, ties_embeddings
+
     embedding = backbone.token_embedding
     soft_cap = getattr(embedding, "logit_soft_cap", None)
     variables = [*backbone.trainable_variables, *backbone.non_trainable_variables]
-    table_index = [id(v) for v in variables].index(id(embedding.embeddings))
+    table_index = [id(v) for v in variables].index(id(output_head(backbone)))
+    tied = ties_embeddings(backbone)
     num_trainable = len(backbone.trainable_variables)
 
     @jax.jit
@@ -178,6 +182,7 @@ def make_response_scorer(backbone):
         hidden, _ = backbone.stateless_call(trainable, non_trainable,
                                             {"token_ids": token_ids, "padding_mask": padding_mask})
         table = [*trainable, *non_trainable][table_index]
+        table = table if tied else table.T  # untied: keras-hub keeps (hidden, vocabulary)
         picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         logits = jnp.einsum("bkd,vd->bkv", picked, table.astype(picked.dtype)).astype(jnp.float32)
         if soft_cap:
@@ -309,10 +314,13 @@ class HFModel:
             raise KerasftError(f"{folder}: transformers cannot load this folder: {first_line}") from None
         self.model.eval()
         self.name = name or str(folder)
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        if end_of_turn is None or end_of_turn == self.tokenizer.unk_token_id:
-            raise KerasftError(f"{folder}: tokenizer has no <end_of_turn> token: not a Gemma chat vocabulary")
-        self.stop_ids = (end_of_turn, self.tokenizer.eos_token_id)
+        # The chat template "auto" stands for, from the turn token the vocabulary has (as
+        # kerasft.data.template.chat_tokens decides for Keras models).
+        vocabulary = self.tokenizer.get_vocab()
+        closing = next((token for token in ("<end_of_turn>", "<|eot_id|>") if token in vocabulary), None)
+        self.template = {"<end_of_turn>": "gemma", "<|eot_id|>": "llama3", None: "zephyr"}[closing]
+        eos = self.tokenizer.eos_token_id
+        self.stop_ids = tuple(dict.fromkeys((vocabulary[closing], eos))) if closing else (eos,)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def encode_prompt_text(self, rendered: str) -> list[int]:

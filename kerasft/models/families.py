@@ -59,6 +59,10 @@ FAMILIES = {
 
 LLAMA_FAMILIES = ("llama", "llama3")
 
+# keras-hub causal LM class of each backbone class (generation with its KV cache).
+CAUSAL_LM_CLASSES = {"GemmaBackbone": "GemmaCausalLM", "Gemma3Backbone": "Gemma3CausalLM",
+                     "LlamaBackbone": "LlamaCausalLM", "Llama3Backbone": "Llama3CausalLM"}
+
 # The projections of a Llama decoder block: kerasft LoRA target, attribute path in keras-hub's
 # LlamaTransformerDecoder, module under HF's model.layers.N, kernel layout (kerasft.export.hf).
 # Llama's q/k/v kernels are (hidden, heads, head_dim): IN_PER_HEAD.
@@ -156,3 +160,13 @@ def llama_layout_rules(model_dim: str = "model", data_dim: str = "batch") -> dic
         "transformer_layer.*feedforward_output_dense.kernel": (model_dim, data_dim),
         "token_embedding/reverse_embeddings": (data_dim, model_dim),
     }
+
+
+def trainable_turn_tokens(configured: tuple, template: str) -> tuple:
+    """lora.trainable_tokens for a model whose chat template is `template`: the configured
+    pieces, except that the default (Gemma's turn tokens) becomes the template's own turn tokens."""
+    from kerasft.config import LoraConfig
+
+    if tuple(configured) == LoraConfig.trainable_tokens and template != "gemma":
+        return TURN_TOKENS.get(template, ())
+    return tuple(configured)

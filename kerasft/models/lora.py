@@ -44,7 +44,7 @@ def apply_lora(backbone, cfg) -> list:
         layer.trainable = False
     wrapped = []
     for layer in _projection_layers(backbone):
-        if layer.name in cfg.targets:
+        if _target_name(backbone, layer) in cfg.targets:
             layer.trainable = True
             layer.enable_lora(cfg.rank, lora_alpha=cfg.alpha)
             wrapped.append(layer)
@@ -71,10 +71,16 @@ def adapter_weights(backbone) -> dict:
 
 def token_ids_for(tokenizer, pieces) -> list[int]:
     """Ids of the named vocabulary pieces; an unknown piece is an error naming it."""
+    def lookup(piece):
+        try:
+            return tokenizer.token_to_id(piece)
+        except (ValueError, KeyError):  # byte-level BPE tokenizers (Llama 3) raise; SentencePiece gives <unk>
+            return None
+
     ids = []
     for piece in pieces:
-        token_id = tokenizer.token_to_id(piece)
-        if token_id is None or (piece != "<unk>" and token_id == tokenizer.token_to_id("<unk>")):
+        token_id = lookup(piece)
+        if token_id is None or (piece != "<unk>" and token_id == lookup("<unk>")):
             raise KerasftError(f"lora.trainable_tokens: {piece!r} is not in the tokenizer's vocabulary")
         ids.append(int(token_id))
     return ids
@@ -188,11 +194,19 @@ def merge_lora(backbone) -> int:
     return merged
 
 
+def _target_name(backbone, layer) -> str:
+    """The lora.targets name of a projection layer (Llama's MLP layers have their own names)."""
+    from kerasft.models.families import lora_target_name, model_family
+
+    return lora_target_name(model_family(backbone), layer.name)
+
+
 def _projection_layers(backbone) -> list:
     import keras
 
     return [
         layer
         for layer in backbone._flatten_layers(include_self=False)
-        if isinstance(layer, keras.layers.EinsumDense) and layer.name in LORA_TARGETS
+        if isinstance(layer, (keras.layers.EinsumDense, keras.layers.Dense))
+        and _target_name(backbone, layer) in LORA_TARGETS
     ]
