@@ -47,3 +47,18 @@ def test_heldout_qa_files_match_their_sources(tmp_path):
                    capture_output=True)
     for name in ("mlqa_style_es.json", "xquad_style_es.json"):
         assert (tmp_path / name).read_bytes() == (QA / name).read_bytes(), f"{name}: rerun scripts/build_heldout_qa_es.py"
+
+
+def test_company_open_book_file_matches_handbook_and_questions(tmp_path):
+    out = tmp_path / "open_book.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_company_qa.py"), str(out)], check=True,
+                   capture_output=True)
+    shipped = ROOT / "data" / "company" / "questions_open_book.jsonl"
+    assert out.read_bytes() == shipped.read_bytes(), "rerun scripts/build_company_qa.py"
+    rows = [json.loads(line) for line in shipped.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 280 and len({r["section"] for r in rows}) >= 30
+    for difficulty in ("easy", "medium", "hard"):
+        assert sum(r["difficulty"] == difficulty for r in rows) >= 0.2 * len(rows), difficulty
+    # yes/no questions must not teach the model to always say one of them
+    yes, no = (sum(r["answer"].startswith(w) for r in rows) for w in ("Sí", "No"))
+    assert min(yes, no) >= 0.6 * max(yes, no), (yes, no)
