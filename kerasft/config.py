@@ -29,15 +29,21 @@ class ModelConfig:
         compute in bfloat16) | mixed_bfloat16 (float32 weights, bfloat16 compute) | float16 |
         mixed_float16. LoRA adapters and trained token rows stay float32 under every policy.
     cache_dir: where converted presets live; empty means $KERASFT_CACHE or ./.cache/kerasft.
+    quantize: none | int8 | int4: QLoRA-like training on weight-only quantized base projections
+        (int8 per output channel; int4 in groups of 128 inputs). The token embedding stays float
+        (it is the tied output head and its chat-token rows train); LoRA adapters stay float32.
     """
 
     preset: str = "embedded"
     dtype: str = "float32"
     cache_dir: str = ""
+    quantize: str = "none"
 
     def __post_init__(self):
         if self.dtype not in MODEL_DTYPES:
             raise KerasftError(f"model.dtype: {self.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+        if self.quantize not in ("none", "int8", "int4"):
+            raise KerasftError(f"model.quantize: {self.quantize!r} is not one of none, int8, int4")
 
 
 @dataclass(frozen=True)
@@ -49,13 +55,21 @@ class LoraConfig:
         it ends answers with look-alike untrained tokens instead of <end_of_turn>.
     train_new_tokens: also train the rows of every piece `kerasft vocab add` added to the preset
         (listed in its kerasft_vocab.json), for continued pretraining after vocabulary expansion.
+    dropout: PEFT's lora_dropout: the probability of zeroing the input of the LoRA branch (not of
+        the frozen projection), in training steps only; evaluation, generation and exports use no
+        dropout. Drawn from train.seed and the step, so a resumed run is bit-exact.
     """
 
     rank: int = 8
     alpha: float = 16.0
+    dropout: float = 0.0
     targets: tuple[str, ...] = ("query", "value")
     trainable_tokens: tuple[str, ...] = ("<start_of_turn>", "<end_of_turn>")
     train_new_tokens: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise KerasftError(f"lora.dropout: {self.dropout} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,8 @@ class DataConfig:
         csv | tsv | excel | text.
     task: sft (prompt -> response, loss on responses) | pretrain (raw text, packed, loss on
         every token).
-    template: gemma (chat turns) | plain (instruction / response headings).
+    template: auto (the model's own: gemma for Gemma, llama3 for Llama 3, zephyr for Llama 2 /
+        TinyLlama) | gemma | llama3 | zephyr (chat turns) | plain (instruction / response headings).
     instruction: the task text placed before each QA context (shared by training, evaluation
         and generation, so the model sees one prompt format).
     system: the system prompt, defined once and used in training, evaluation and inference.
@@ -146,7 +161,7 @@ class DataConfig:
     eval: str = ""
     format: str = "auto"
     task: str = "sft"
-    template: str = "gemma"
+    template: str = "auto"
     instruction: str = (
         "Responde a la pregunta con un fragmento exacto del texto, sin añadir nada más."
     )
@@ -174,7 +189,7 @@ class DataConfig:
         choices = {
             "format": ("auto", "squad", "jsonl", "chat", "structured", "csv", "tsv", "excel", "text"),
             "task": ("sft", "pretrain"),
-            "template": ("gemma", "plain"),
+            "template": ("auto", "gemma", "llama3", "zephyr", "plain"),
             "text_unit": ("line", "paragraph", "separator"),
             "batching": ("random", "length"),
             "on_error": ("raise", "skip"),
@@ -201,6 +216,17 @@ class TrainConfig:
         optimizer steps (and at the end) under RUN_DIR/checkpoints, for `kerasft train --resume`;
         0 turns checkpoints off.
     keep_checkpoints: how many of the newest checkpoints to keep.
+    eval_every: every N optimizer steps (and at the end), the same loss on the validation split
+        (data.validation or split.ratios), no gradient, logged as eval_loss in metrics.jsonl; 0 = off.
+    eval_batches: how many validation batches each evaluation uses (0 = the whole split).
+    early_stopping_patience: stop after this many evaluations without a lower eval_loss; 0 = off.
+    keep_best: at the end, restore the adapter of the evaluation with the lowest eval_loss.
+    sample_every: every N steps, generate from the first `sample_prompts` validation prompts
+        (greedy, sample_tokens new tokens) into RUN_DIR/samples.jsonl; 0 = off.
+    loggers: besides metrics.jsonl (always): tensorboard | wandb | mlflow.
+    plots: PNGs of the learning-rate schedule and the loss curves at the end (matplotlib).
+    remat: none | full (recompute each decoder block's activations in the backward pass:
+        less activation memory, about a third more compute).
     """
 
     epochs: float = 1.0
@@ -215,27 +241,57 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    eval_every: int = 0
+    eval_batches: int = 0
+    early_stopping_patience: int = 0
+    keep_best: bool = False
+    sample_every: int = 0
+    sample_prompts: int = 2
+    sample_tokens: int = 32
+    loggers: tuple[str, ...] = ()
+    plots: bool = True
+    remat: str = "none"
 
     def __post_init__(self):
-        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "sample_prompts", "sample_tokens"):
             if getattr(self, key) < 1:
                 raise KerasftError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
-        if self.checkpoint_every < 0:
-            raise KerasftError(f"train.checkpoint_every: must be 0 (off) or more, got {self.checkpoint_every}")
+        for key in ("checkpoint_every", "eval_every", "eval_batches", "early_stopping_patience", "sample_every"):
+            if getattr(self, key) < 0:
+                raise KerasftError(f"train.{key}: must be 0 (off) or more, got {getattr(self, key)}")
+        if (self.early_stopping_patience or self.keep_best) and not self.eval_every:
+            raise KerasftError("train.early_stopping_patience and train.keep_best need train.eval_every > 0")
+        for name in self.loggers:
+            if name not in ("tensorboard", "wandb", "mlflow"):
+                raise KerasftError(f"train.loggers: {name!r} is not one of tensorboard, wandb, mlflow")
+        if self.remat not in ("none", "full"):
+            raise KerasftError(f"train.remat: {self.remat!r} is not one of none, full")
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How the training step is laid out over the devices.
+    """How the training step is laid out over the devices, and over the processes of a multi-host job.
 
     mesh: none (one device) | data (batch split over every device, weights replicated) | model
         (weights sharded over a `model` axis with keras-hub's Gemma layout, batch over `batch`).
-    mesh_shape: auto | BATCHxMODEL, e.g. 1x8 or 2x4 (their product must be the device count);
-        auto means Nx1 for data and 1xN for model.
+    mesh_shape: auto | BATCHxMODEL, e.g. 1x8 or 2x4 (their product must be the device count, over
+        all processes); auto means Nx1 for data and 1xN for model.
+    distributed: auto | on | off. JAX's distributed runtime (jax.distributed.initialize) joins the
+        processes of a multi-host job (TPU pod slices, several GPU nodes) into one set of devices.
+        auto starts it when the environment names a multi-process job: coordinator_address (or
+        JAX_COORDINATOR_ADDRESS), SLURM with more than one task, Open MPI, or TPU_WORKER_HOSTNAMES
+        listing several hosts; on always starts it (JAX detects the rest, e.g. on a TPU pod from
+        its metadata); off never.
+    coordinator_address: host:port of process 0; empty means JAX_COORDINATOR_ADDRESS or detection.
+    num_processes / process_id: 0 and -1 mean JAX_NUM_PROCESSES / JAX_PROCESS_ID or detection.
     """
 
     mesh: str = "none"
     mesh_shape: str = "auto"
+    distributed: str = "auto"
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
 
     def __post_init__(self):
         if self.mesh not in ("none", "data", "model"):
@@ -243,6 +299,15 @@ class RuntimeConfig:
         shape = self.mesh_shape.split("x")
         if self.mesh_shape != "auto" and (len(shape) != 2 or not all(p.isdigit() and int(p) > 0 for p in shape)):
             raise KerasftError(f"runtime.mesh_shape: {self.mesh_shape!r} must be auto or BATCHxMODEL, e.g. 2x4")
+        if self.distributed not in ("auto", "on", "off"):
+            raise KerasftError(f"runtime.distributed: {self.distributed!r} is not one of auto, on, off")
+        if self.num_processes < 0:
+            raise KerasftError(f"runtime.num_processes: {self.num_processes} must be 0 (from the environment) or more")
+        if self.process_id < -1 or (self.num_processes and self.process_id >= self.num_processes):
+            raise KerasftError(f"runtime.process_id: {self.process_id} must be -1 (from the environment) or "
+                               f"0..{max(self.num_processes - 1, 0)}")
+        if self.coordinator_address and ":" not in self.coordinator_address:
+            raise KerasftError(f"runtime.coordinator_address: {self.coordinator_address!r} must be host:port")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Process set-up that must happen before keras is imported: the JAX backend, seeds, devices."""
+"""Process set-up that must happen before keras is imported or JAX computes anything: the JAX
+backend, seeds, the distributed runtime of multi-host jobs, the device mesh."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def set_distribution(cfg):
     Args:
         cfg: kerasft.config.RuntimeConfig.
     """
+    init_distributed(cfg)
     keras = init_backend()
     if cfg.mesh == "none":
         keras.distribution.set_distribution(None)
@@ -50,7 +52,8 @@ def set_distribution(cfg):
         shape = tuple(int(part) for part in cfg.mesh_shape.split("x"))
     if shape[0] * shape[1] != count:
         raise KerasftError(
-            f"runtime.mesh_shape: {cfg.mesh_shape} needs {shape[0] * shape[1]} devices, this machine has {count}"
+            f"runtime.mesh_shape: {cfg.mesh_shape} needs {shape[0] * shape[1]} devices, "
+            + (f"this machine has {count}" if process_count() == 1 else f"the {process_count()} processes have {count}")
         )
     if cfg.mesh == "data":
         if shape[1] != 1:
@@ -93,7 +96,10 @@ def batch_shards() -> int:
 def place_batch(batch: dict) -> dict:
     """Puts a numpy batch on the devices, split along its first axis under a distribution.
 
-    Without a distribution the arrays are returned as they are (jit copies them in).
+    Every process holds the same global batch (batches are a pure function of the seed and the
+    data position), and each copies only the rows its own devices hold: in a multi-host job no
+    process sends data to another. Without a distribution the arrays are returned as they are
+    (jit copies them in).
     """
     import keras
 
@@ -102,8 +108,98 @@ def place_batch(batch: dict) -> dict:
         return batch
     import jax
 
-    return {key: jax.device_put(value, distribution.get_data_layout(value.shape).backend_layout)
-            for key, value in batch.items()}
+    def place(value):
+        sharding = distribution.get_data_layout(value.shape).backend_layout
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return {key: place(value) for key, value in batch.items()}
+
+
+def init_distributed(cfg) -> bool:
+    """Joins this process to a multi-process JAX job when `runtime.distributed` says so.
+
+    Must run before JAX computes anything (it fixes the set of devices). Safe to call twice.
+    Returns whether the distributed runtime is up.
+
+    Args:
+        cfg: kerasft.config.RuntimeConfig.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
+    if cfg.distributed == "off" or (cfg.distributed == "auto" and not multi_process_environment(cfg)):
+        return False
+    address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    count = cfg.num_processes or _env_int("JAX_NUM_PROCESSES")
+    index = cfg.process_id if cfg.process_id >= 0 else _env_int("JAX_PROCESS_ID")
+    # CPU devices of different processes talk through gloo (JAX's CPU default has no
+    # cross-process collectives); GPU and TPU clients ignore this setting.
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
+    except (RuntimeError, ValueError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KerasftError(
+            f"runtime.distributed={cfg.distributed}: jax.distributed.initialize failed: {first_line} (set "
+            "runtime.coordinator_address, num_processes and process_id, or JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        ) from None
+    print(f"distributed: process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
+    return True
+
+
+def multi_process_environment(cfg) -> bool:
+    """Whether the config or the environment describes a job of more than one process."""
+    env = os.environ
+    if cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if (cfg.num_processes or _env_int("JAX_NUM_PROCESSES") or 1) > 1:
+        return True
+    if _env_int("SLURM_NTASKS") and _env_int("SLURM_NTASKS") > 1 and "SLURM_JOB_ID" in env:
+        return True
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def process_index() -> int:
+    """This process's index in a multi-process job (0 when alone)."""
+    import jax
+
+    return jax.process_index()
+
+
+def process_count() -> int:
+    """How many processes share the devices (1 without a distributed runtime)."""
+    import jax
+
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files: logs, metrics, reports, exports, the config."""
+    return process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a multi-process job gets here; nothing when alone."""
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.lstrip("-").isdigit():
+        raise KerasftError(f"{name}={value!r}: expected a whole number")
+    return int(value)
 
 
 def _divisible_model_parallel(keras):

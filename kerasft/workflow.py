@@ -28,16 +28,19 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         overwrite: replace an existing run dir instead of refusing.
         resume: continue training from the run dir's newest checkpoint (its config must match).
     """
+    from dataclasses import replace as _replace
+
     from kerasft.data.pipeline import padding_fraction, tokenize_cached
     from kerasft.data.prepare import build_datasets, write_splits
-    from kerasft.data.template import chat_tokens
+    from kerasft.data.template import chat_tokens, resolve_template
     from kerasft.evaluate.evaluator import check_eval_config, comparison_table, headline, write_eval
     from kerasft.evaluate.evaluator import evaluate as evaluate_model
     from kerasft.evaluate.generate import KerasModel
     from kerasft.evaluate.report import write_report
+    from kerasft.models.families import trainable_turn_tokens
     from kerasft.models.lora import apply_lora, save_adapter, token_ids_for
     from kerasft.models.presets import cache_dir, load_model
-    from kerasft.runtime import init_backend, set_distribution
+    from kerasft.runtime import barrier, init_backend, is_primary, process_count, set_distribution
     from kerasft.train.loop import planned_steps
     from kerasft.train.loop import train as train_lora
 
@@ -50,18 +53,32 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     if evaluate:
         check_eval_config(cfg.eval)
     set_distribution(cfg.runtime)  # checks runtime.mesh against the devices; before the model loads
-    run_dir = _resumable_run_dir(cfg) if resume else _fresh_run_dir(cfg.run_dir, overwrite)
+    primary = is_primary()  # in a multi-process job only process 0 writes the run dir
+    if process_count() > 1 and (evaluate or export):
+        print("multi-process job: training only; evaluate and export the run dir on one host "
+              "(kerasft eval / kerasft export)", flush=True)
+        evaluate = export = False
+    if primary:
+        run_dir = _resumable_run_dir(cfg) if resume else _fresh_run_dir(cfg.run_dir, overwrite)
+    else:
+        run_dir = cfg.run_dir
+    barrier("kerasft: run dir ready")
     summary: dict = {"run_dir": str(run_dir), "timings": {}}
     clock = _stage_timer(summary["timings"])
     try:
-        save_config(cfg, run_dir / "config.yaml")
-        write_splits(splits, run_dir / "data")  # the exact examples of this run, as JSONL
+        if primary:
+            save_config(cfg, run_dir / "config.yaml")
+            write_splits(splits, run_dir / "data")  # the exact examples of this run, as JSONL
 
         init_backend(cfg.train.seed)
         with clock("load"):
             print(f"loading model {cfg.model.preset!r} ...", flush=True)
             loaded = load_model(cfg.model)
+            summary["model"] = {"quantize": _quantize(loaded.backbone, cfg.model.quantize)}
         tokens = chat_tokens(loaded.tokenizer)
+        # The default trainable tokens are Gemma's turn tokens; other templates train their own.
+        turn_tokens = trainable_turn_tokens(cfg.lora.trainable_tokens, resolve_template(cfg.data.template, tokens))
+        cfg = _replace(cfg, lora=_replace(cfg.lora, trainable_tokens=turn_tokens))
         if cfg.lora.train_new_tokens:  # the rows `kerasft vocab add` added to this preset
             from kerasft.models.vocab import with_new_tokens
 
@@ -95,7 +112,9 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
                                     token_rows=token_rows or None, resume=resume)
             summary["train"] = {"steps": result.steps, "final_loss": result.final_loss,
                                 "tokens_per_second": round(result.tokens_per_second, 1)}
-            save_adapter(loaded.backbone, cfg.lora, run_dir / ADAPTER_DIR, base_model=cfg.model.preset, token_ids=token_rows)
+            if primary:
+                save_adapter(loaded.backbone, cfg.lora, run_dir / ADAPTER_DIR, base_model=cfg.model.preset,
+                             token_ids=token_rows)
         if evaluate:
             with clock("eval"):
                 print(f"evaluating the fine-tuned model on {len(eval_set)} held-out questions ...", flush=True)
@@ -108,14 +127,16 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
                 export_dir = run_dir / (EXPORT_DIR if cfg.export.format == "hf" else f"export_{cfg.export.format}")
                 summary["export"] = export_and_verify(loaded.backbone, loaded.tokenizer, tokens, eval_set or train_set,
                                                       export_dir, cfg, run_dir=run_dir)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if primary:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if results:
             print("\n" + comparison_table(results))
             (run_dir / "eval_table.txt").write_text(comparison_table(results) + "\n")
             write_report(run_dir, results, run_dir / "metrics.jsonl", cfg.eval.worst, cfg.eval.plots)
             print(f"report: {run_dir / 'report.md'}", flush=True)
     except BaseException:
-        (run_dir / "FAILED").write_text("this run did not finish; its outputs are incomplete\n")
+        if primary:
+            (run_dir / "FAILED").write_text("this run did not finish; its outputs are incomplete\n")
         raise
     return summary
 
@@ -229,11 +250,27 @@ def load_source(src: str, model_overrides: dict | None = None):
         cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
         model_cfg = cfg.model if cfg else ModelConfig(preset=json.loads((path / ADAPTER_DIR / "adapter_config.json").read_text())["base_model"])
         loaded = load_model(model_cfg)
+        _quantize(loaded.backbone, model_cfg.quantize)  # the adapter trained on this quantized base
         load_adapter(loaded.backbone, path / ADAPTER_DIR)
         return loaded, cfg
     if (path / "summary.json").is_file() or (path / "config.yaml").is_file():
         raise KerasftError(f"{path}: run dir has no adapter (did training finish?)")
-    return load_model(ModelConfig(preset=src, **(model_overrides or {}))), None
+    model_cfg = ModelConfig(preset=src, **(model_overrides or {}))
+    loaded = load_model(model_cfg)
+    _quantize(loaded.backbone, model_cfg.quantize)
+    return loaded, None
+
+
+def _quantize(backbone, mode: str) -> dict:
+    """Applies model.quantize to a freshly loaded backbone and prints the weight bytes saved."""
+    from kerasft.models.quant import quantize_backbone
+
+    report = quantize_backbone(backbone, mode)
+    if mode != "none":
+        before, after = report["weights_bytes_before"], report["weights_bytes_after"]
+        print(f"  quantized {report['layers']} projections to {mode} (weight-only; embedding kept float): "
+              f"weights {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB", flush=True)
+    return report
 
 
 def _resumable_run_dir(cfg: RunConfig) -> Path:

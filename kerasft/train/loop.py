@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,13 @@ def make_loss_fn(backbone, token_rows=None):
     (len(token_rows), hidden) update to those embedding rows, or None}. The rows feed both the
     input embedding and the tied output head, so the model can learn its chat tokens: in a
     pretrained Gemma, <end_of_turn> sits among thousands of untrained rows (<unusedNN> and
-    the like) and LoRA alone ends answers with one of them instead.
+    the like) and LoRA alone ends answers with one of them instead. An untied head (Llama 2,
+    TinyLlama: keras-hub's `reverse_embeddings`) is used as it is; the rows then train the
+    input embedding only.
     """
     import jax.numpy as jnp
+
+    from kerasft.models.families import output_head
 
     embedding = backbone.token_embedding
     soft_cap = getattr(embedding, "logit_soft_cap", None)
@@ -43,6 +48,7 @@ def make_loss_fn(backbone, token_rows=None):
     if id(embedding.embeddings) not in non_trainable_ids:
         raise ValueError("the embedding table must be frozen: only LoRA adapters and token rows are trained")
     table_index = non_trainable_ids.index(id(embedding.embeddings))
+    head_index = non_trainable_ids.index(id(output_head(backbone)))  # table_index when tied
     rows = None if token_rows is None else jnp.asarray(token_rows, dtype=jnp.int32)
 
     def loss_fn(params, non_trainable, batch):
@@ -55,13 +61,16 @@ def make_loss_fn(backbone, token_rows=None):
             non_trainable,
             {"token_ids": batch["token_ids"], "padding_mask": batch["padding_mask"]},
         )
+        if head_index != table_index:  # untied: (hidden, vocabulary), no trained rows
+            table = non_trainable_table = non_trainable[head_index].T
         # Only the K response positions go through the 262k-entry vocabulary projection.
         picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)
         weights = batch["target_weights"]
         weight_sum = jnp.sum(weights)
         if picked.shape[0] * picked.shape[1] > FUSED_ABOVE:  # full-sequence loss: fused, chunked head
-            delta = params["token_delta"] if rows is not None else None
-            total = fused_weighted_nll(picked, non_trainable_table, batch["target_ids"], weights, soft_cap, rows, delta)
+            tied_rows = rows if head_index == table_index else None
+            delta = params["token_delta"] if tied_rows is not None else None
+            total = fused_weighted_nll(picked, non_trainable_table, batch["target_ids"], weights, soft_cap, tied_rows, delta)
         else:
             total = jnp.sum(token_nll(picked, table, batch["target_ids"], soft_cap) * weights)
         return total / jnp.maximum(weight_sum, 1.0), weight_sum
@@ -212,7 +221,7 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     import jax.numpy as jnp
 
     from kerasft.errors import KerasftError
-    from kerasft.runtime import batch_shards, place_batch
+    from kerasft.runtime import batch_shards, is_primary, place_batch
     from kerasft.train.checkpoint import CHECKPOINT_DIR, Checkpointer, Position
 
     shards = batch_shards()
@@ -244,8 +253,9 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     elif resume:
         print("  no checkpoint to resume from: starting at step 0", flush=True)
     log_path = run_dir / "metrics.jsonl"
-    _truncate_log(log_path, position.step)
-    log = log_path.open("a", encoding="utf-8")
+    if is_primary():  # in a multi-process job only process 0 writes the log
+        _truncate_log(log_path, position.step)
+    log = log_path.open("a", encoding="utf-8") if is_primary() else open(os.devnull, "w")
     batches = _batch_stream(data, cfg.batch_size, cfg.seed, position.epoch, position.batch)
     started = time.perf_counter()
     timed_tokens, timed_seconds, timed_micro, window = 0, 0.0, 0, []
@@ -254,12 +264,13 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     try:
         for micro in range(first_micro, micro_steps):
             epoch, index, indices = next(batches)
-            batch = place_batch(make_batch(data, indices, sequence_length, num_targets, pad_id))
+            host_batch = make_batch(data, indices, sequence_length, num_targets, pad_id)
+            batch = place_batch(host_batch)  # the global batch; each process places its own rows
             tick = time.perf_counter()
             trainable, opt_state, stats = step_fn(trainable, opt_state, non_trainable, batch)
             loss = float(stats["loss"])  # device sync: the step is done after this
             took = time.perf_counter() - tick
-            real_tokens = int(np.sum(batch["padding_mask"]))
+            real_tokens = int(np.sum(host_batch["padding_mask"]))
             if micro > first_micro:  # the first step includes compilation
                 timed_tokens += real_tokens
                 timed_seconds += took
