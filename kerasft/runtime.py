@@ -30,7 +30,7 @@ def init_backend(seed: int | None = None):
     return keras
 
 
-def set_distribution(cfg):
+def set_distribution(cfg, devices=None):
     """Lays the devices out as `runtime.mesh` says and makes it keras' global distribution.
 
     Call it before the model is loaded: keras creates each variable with its layout. Returns
@@ -38,13 +38,16 @@ def set_distribution(cfg):
 
     Args:
         cfg: kerasft.config.RuntimeConfig.
+        devices: the devices to lay out; default every device of the job. The memory plan passes
+            abstract TPU devices to compile for a TPU this machine does not have.
     """
-    init_distributed(cfg)
+    if devices is None:
+        init_distributed(cfg)
     keras = init_backend()
     if cfg.mesh == "none":
         keras.distribution.set_distribution(None)
         return None
-    devices = keras.distribution.list_devices()
+    devices = list(devices) if devices is not None else keras.distribution.list_devices()
     count = len(devices)
     if cfg.mesh_shape == "auto":
         shape = (count, 1) if cfg.mesh == "data" else (1, count)

@@ -1,6 +1,7 @@
 """Memory plan: the offline architecture table matches keras-hub's presets, the plan compiles
 the real step, and its peak agrees with a measured step on this CPU."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,14 @@ def test_plan_refuses_what_it_cannot_know(tmp_path, capsys):
     argv = ["plan", str(ROOT / "configs/quickstart.yaml"), "model.preset=gemma_99b", "--target", "h100"]
     assert main(argv) == 2
     assert "model.preset: cannot plan 'gemma_99b' offline" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu-plan]'")
+def test_tpu_target_compiles_with_the_tpu_compiler(tiny_preset, capsys):
+    # With libtpu installed the TPU targets compile for abstract TPU devices: no TPU, no simulation.
+    argv = ["plan", str(ROOT / "configs/quickstart.yaml"), f"model.preset={tiny_preset}", "--target", "tpu-v3-8",
+            "runtime.mesh=model", "data.sequence_length=128", "train.batch_size=8", "--no-search"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "compiled for tpu on 8 device(s), mesh model auto" in out
+    assert "compiled with the TPU compiler (libtpu) for 8 abstract TPU v3 devices (topology v3:2x2)" in out

@@ -103,6 +103,7 @@ class Plan:
     parameters: int
     trainable_parameters: int
     step: StepMemory
+    quantize: str = "none"
     largest_batch: int | None = None
     tried: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -139,11 +140,13 @@ def backbone_spec(model_cfg) -> tuple[str, dict]:
 
 
 def abstract_backbone(model_cfg, lora_cfg):
-    """Builds the backbone with LoRA inside jax.eval_shape: real variables' shapes, no memory."""
+    """Builds the backbone with LoRA inside jax.eval_shape: real variables' shapes, no memory.
+    model.quantize gives the projections their int8/int4 variables, so their bytes count."""
     import jax
     import keras_hub
 
     from kerasft.models.lora import apply_lora
+    from kerasft.models.quant import quantize_abstract
 
     class_name, kwargs = backbone_spec(model_cfg)
     if class_name not in ("GemmaBackbone", "Gemma3Backbone"):
@@ -152,6 +155,7 @@ def abstract_backbone(model_cfg, lora_cfg):
 
     def build():
         backbone = getattr(keras_hub.models, class_name)(**kwargs, dtype=model_cfg.dtype)
+        quantize_abstract(backbone, model_cfg.quantize)
         apply_lora(backbone, lora_cfg)
         built["backbone"] = backbone
         return [v.value for v in backbone.weights]
@@ -178,22 +182,27 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
         raise KerasftError(f"--target: {target_name!r} is not one of {', '.join(TARGETS)}")
     target = TARGETS[target_name]
     usable = int((target.bytes_per_device or _available_memory()) * HEADROOM)
-    distribution = set_distribution(cfg.runtime)
+    tpu_devices = tpu_topology_devices(target_name)
+    distribution = set_distribution(cfg.runtime, devices=tpu_devices)
     backbone = abstract_backbone(cfg.model, cfg.lora)
     sequence_length = cfg.data.sequence_length
     k = min(targets_per_row or sequence_length, sequence_length)
     shards = _batch_shards(distribution)
     notes = []
-    backend = jax.default_backend()
-    if backend != target.kind:
+    backend = "tpu" if tpu_devices else jax.default_backend()
+    device_count = len(tpu_devices) if tpu_devices else len(jax.devices())
+    if tpu_devices:
+        notes.append(f"compiled with the TPU compiler (libtpu) for {device_count} abstract {tpu_devices[0].device_kind} "
+                     f"devices (topology {TPU_TOPOLOGIES[target_name]}): no TPU needed, the figures are the TPU's own")
+    elif backend != target.kind:
         notes.append(f"compiled with the {backend} compiler, not {target.kind}'s"
                      + ("; it upcasts bfloat16 matmuls to float32, so bfloat16 plans overstate memory"
                         if backend == "cpu" and "bfloat16" in cfg.model.dtype else ""))
     if target.kind == "tpu" and backend != "tpu":
-        notes.append("exact TPU plans need the TPU compiler on abstract TPU devices (pip install 'jax[tpu]'); "
-                     "not done here")
-    if len(jax.devices()) != target.devices:
-        notes.append(f"planned on {len(jax.devices())} device(s); {target.name} has {target.devices}")
+        notes.append("exact TPU plans need the TPU compiler on abstract TPU devices: pip install 'jax[tpu]' "
+                     "(libtpu from PyPI, no TPU needed) and plan again")
+    if device_count != target.devices:
+        notes.append(f"planned on {device_count} device(s); {target.name} has {target.devices}")
     if distribution is None and target.devices > 1:
         notes.append("runtime.mesh is none: one device holds everything; try runtime.mesh=model")
 
@@ -201,14 +210,43 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
         return _compile_step(backbone, cfg, distribution, batch_size, sequence_length, k)
 
     step = measure(cfg.train.batch_size)
-    plan = Plan(target=target, usable=usable, compiler=backend, devices=len(jax.devices()),
+    plan = Plan(target=target, usable=usable, compiler=backend, devices=device_count,
                 mesh=f"{cfg.runtime.mesh} {cfg.runtime.mesh_shape}", sequence_length=sequence_length, targets_per_row=k,
                 parameters=sum(_size(v) for v in backbone.weights),
-                trainable_parameters=sum(_size(v) for v in backbone.trainable_variables), step=step, notes=notes)
+                trainable_parameters=sum(_size(v) for v in backbone.trainable_variables), step=step, notes=notes,
+                quantize=cfg.model.quantize)
     plan.tried.append((step.batch_size, step.peak))
     if search:
         plan.largest_batch = _largest_batch(measure, plan, shards)
     return plan
+
+
+# Abstract TPU topologies of the TPU targets: with libtpu installed (pip install 'jax[tpu]'),
+# jax.experimental.topologies describes their devices on any machine and the real TPU compiler
+# compiles the step for them (as maxtext's train_compile does).
+TPU_TOPOLOGIES = {"tpu-v3-8": "v3:2x2", "tpu-v5e-8": "v5e:2x4"}
+
+
+def tpu_topology_devices(target_name: str):
+    """The abstract devices of a TPU target for the TPU compiler, or None: not a TPU target, no
+    libtpu installed, or real TPUs present (then the plan compiles on them)."""
+    import importlib.util
+
+    if target_name not in TPU_TOPOLOGIES or importlib.util.find_spec("libtpu") is None:
+        return None
+    import jax
+
+    if jax.default_backend() == "tpu":
+        return None
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=TPU_TOPOLOGIES[target_name]).devices
+    except Exception as err:  # a libtpu that does not match jax raises RuntimeError/XlaRuntimeError
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KerasftError(f"--target {target_name}: libtpu cannot describe TPU topology "
+                           f"{TPU_TOPOLOGIES[target_name]} ({first_line}); install the libtpu that matches jax: "
+                           "pip install 'jax[tpu]'") from None
 
 
 def _largest_batch(measure, plan: Plan, shards: int, max_compiles: int = 6) -> int | None:
@@ -310,6 +348,7 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
 
     from kerasft.models.lora import apply_lora
     from kerasft.models.presets import load_model
+    from kerasft.models.quant import quantize_backbone
     from kerasft.train.loop import make_optimizer, make_train_step
 
     clear_refs = Path("/proc/self/clear_refs")
@@ -317,6 +356,7 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
         raise KerasftError("--measure needs Linux (/proc/self/clear_refs)")
     loaded = load_model(cfg.model)
     backbone = loaded.backbone
+    quantize_backbone(backbone, cfg.model.quantize)
     apply_lora(backbone, cfg.lora)
     optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
     token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
@@ -359,7 +399,8 @@ def format_plan(plan: Plan, target_key: str) -> str:
         f"compiled for {plan.compiler} on {plan.devices} device(s), mesh {plan.mesh}",
         f"step: batch {step.batch_size} x sequence {plan.sequence_length}, {plan.targets_per_row} loss positions a row",
         "per device:",
-        f"  weights (frozen)               {_gib(step.weights):>11}",
+        f"  weights (frozen)               {_gib(step.weights):>11}"
+        + (f"  (projections {plan.quantize}, weight-only)" if plan.quantize != "none" else ""),
         f"  trainable + optimizer state    {_gib(step.trainable_and_optimizer):>11}",
         f"  activations and temporaries    {_gib(step.temporaries):>11}  (float32 logits alone: {_gib(step.logits)})",
         f"  peak                           {_gib(step.peak):>11}  (arguments + outputs - donated + temporaries) -> {verdict}",
