@@ -62,3 +62,25 @@ def test_company_open_book_file_matches_handbook_and_questions(tmp_path):
     # yes/no questions must not teach the model to always say one of them
     yes, no = (sum(r["answer"].startswith(w) for r in rows) for w in ("Sí", "No"))
     assert min(yes, no) >= 0.6 * max(yes, no), (yes, no)
+
+
+def test_structured_queries_validate_against_their_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "data" / "structured" / "schema.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    rows = [json.loads(line) for line in
+            (ROOT / "data" / "structured" / "consultas_viaje.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert 250 <= len(rows) <= 300
+    assert len({r["id"] for r in rows}) == len(rows) and len({r["query"] for r in rows}) == len(rows)
+    for row in rows:
+        assert list(row["output"]) == schema["required"], row["id"]  # one key order for the targets
+        errors = [e.message for e in validator.iter_errors(row["output"])]
+        assert not errors, (row["id"], errors)
+    # the schema really is strict: a missing key, an extra key or a value outside an enum fails
+    sample = dict(rows[0]["output"])
+    assert not validator.is_valid({k: v for k, v in sample.items() if k != "dia"})
+    assert not validator.is_valid({**sample, "hora": "8:00"})
+    assert not validator.is_valid({**sample, "franja": "por la mañana"})
+    assert not validator.is_valid({**sample, "dia": "31 de febrerito"})
+    for key in ("transporte", "origen", "destino", "dia", "franja", "pasajeros", "ida_y_vuelta"):
+        assert any(r["output"][key] is None for r in rows) and any(r["output"][key] is not None for r in rows), key
