@@ -270,14 +270,15 @@ def resolve_template(template: str, tokens: ChatTokens | None) -> str:
     return template
 
 
-def render_chat(prompt: str, response: str | None = None, system: str = "", history=(), template: str = "gemma",
+def render_chat(prompt: str, response: str | None = None, system: str = "", history=(), template: str = "auto",
                 tokens: ChatTokens | None = None) -> str:
     """The template as text (for display, the server and parity with Hugging Face).
 
-    tokens: the model's ChatTokens, for "auto" and for the bos/eos texts of the plain and zephyr
-    templates (Gemma's <bos>/<eos> otherwise, Llama 2's <s>/</s> for zephyr).
+    tokens: the model's ChatTokens, for "auto" (Gemma's template without them) and for the
+    bos/eos texts of the plain and zephyr templates (Gemma's <bos>/<eos> otherwise, Llama 2's
+    <s>/</s> for zephyr).
     """
-    template = resolve_template(template, tokens)
+    template = resolve_template("gemma" if template == "auto" and tokens is None else template, tokens)
     bos, eos = (tokens.bos_text, tokens.eos_text) if tokens else ({"zephyr": ("<s>", "</s>"),
                                                                    "llama3": ("<|begin_of_text|>", "<|end_of_text|>")}
                                                                   .get(template, ("<bos>", "<eos>")))
@@ -365,7 +366,7 @@ def encode_conversation(tokens: ChatTokens, prompt: str, response: str | None, s
         if system:
             add(header[0] + enc("system") + header[1] + enc(f"\n\n{system}") + [close])
     elif template == "zephyr" and system:
-        add(opening(f"<|system|>\n{system}") + [tokens.eos] + opening("\n"))
+        add(opening(f"<|system|>\n{system}") + [tokens.eos])
     for n, (user, model) in enumerate([*history, (prompt, response)]):
         if template == "plain":
             head = (f"{system}\n\n" if system and n == 0 else "") + ("\n\n" if n else "")
@@ -374,7 +375,9 @@ def encode_conversation(tokens: ChatTokens, prompt: str, response: str | None, s
             add(header[0] + enc("user") + header[1] + enc(f"\n\n{user}") + [close]
                 + header[0] + enc("assistant") + header[1] + enc("\n\n"))
         elif template == "zephyr":
-            add(opening(f"<|user|>\n{user}") + [tokens.eos] + opening("\n<|assistant|>\n"))
+            # The text between two special tokens is one chunk, as llama.cpp and transformers cut it.
+            lead = "\n" if n or system else ""
+            add(opening(f"{lead}<|user|>\n{user}") + [tokens.eos] + opening("\n<|assistant|>\n"))
         else:
             if n:
                 add(opening("\n"))
@@ -383,8 +386,6 @@ def encode_conversation(tokens: ChatTokens, prompt: str, response: str | None, s
                 + [special[START_OF_TURN]] + opening("model\n"))
         if model is not None:
             add(enc(model) + [close], weight=1)
-            if template == "zephyr" and n < len(history):
-                add(opening("\n"))
     return ids, weights
 
 

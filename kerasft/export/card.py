@@ -16,6 +16,11 @@ GEMMA_NOTICE = (
     "ai.google.dev/gemma/terms. This model is a modification of Gemma; its use is subject to the "
     "same terms, including the Gemma Prohibited Use Policy (ai.google.dev/gemma/prohibited_use_policy)."
 )
+LLAMA_NOTICE = (
+    "This model is a modification of a Llama-family model. Its use is subject to the license of the base "
+    "model: the Llama 2 or Llama 3.x Community License and Acceptable Use Policy (llama.com/llama-downloads) "
+    "for Meta's models; Apache 2.0 for TinyLlama."
+)
 
 # Headline metrics of an eval JSON, in table order, with their column names.
 _METRICS = (("f1", "F1"), ("exact_match", "EM"), ("f1_en", "F1 (en)"), ("exact_match_en", "EM (en)"), ("count", "n"))
@@ -43,12 +48,13 @@ def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | No
     run = _run_facts(Path(run_dir)) if run_dir else {}
     base = run.get("base_model") or source or "unknown"
     family = model_family(backbone) or type(backbone).__name__
+    llama = family.startswith("llama")
     params = sum(int(_size(w.shape)) for w in backbone.weights if "lora" not in w.path)
     lines = [
         "---",
         "library_name: " + ("peft" if fmt == "peft" else "gguf" if fmt == "gguf" else "transformers"),
-        "license: gemma",
-        "tags: [kerasft, gemma, lora]",
+        "license: " + ("other" if llama else "gemma"),
+        "tags: [kerasft, " + ("llama" if llama else "gemma") + ", lora]",
         "---",
         "",
         f"# {Path(str(source)).name or 'kerasft model'}: {_FORMAT_TITLES.get(fmt, fmt)}",
@@ -71,7 +77,7 @@ def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | No
     lines += ["", "## Evaluation", ""]
     lines += _eval_table(run.get("evals", {})) or ["No evaluation results were recorded for this export."]
     lines += ["", "## How to use", ""] + _usage(fmt, base, extra or {})
-    lines += ["", "## Terms of use", "", GEMMA_NOTICE, ""]
+    lines += ["", "## Terms of use", "", LLAMA_NOTICE if llama else GEMMA_NOTICE, ""]
     return "\n".join(lines)
 
 
@@ -179,7 +185,7 @@ def _usage(fmt: str, base: str, extra: dict) -> list[str]:
         "```",
         "",
         "keras-hub loads the same folder: `keras_hub.models.Gemma3CausalLM.from_preset(\"path/to/this/folder\")` "
-        "(GemmaCausalLM for Gemma 1 and 2); so does `kerasft serve path/to/this/folder`.",
+        "(GemmaCausalLM for Gemma 1 and 2, Llama3CausalLM for Llama); so does `kerasft serve path/to/this/folder`.",
     ]
 
 

@@ -1,8 +1,9 @@
-"""Merged export to Hugging Face safetensors for Gemma 1, 2 and 3, and its check against transformers.
+"""Merged export to Hugging Face safetensors for Gemma 1, 2 and 3 and Llama (LlamaForCausalLM: Llama 2,
+TinyLlama, Llama 3), and its check against transformers.
 
 LoRA is folded into the kernels as the weights are read (keras' `layer.kernel` returns
 base + (alpha/rank) * A @ B), so the export computes the fine-tuned function with no adapter.
-An int8 backbone (keras `quantize("int8")`) is dequantized first (q / scale), then merged.
+An int8 or int4 backbone (model.quantize) is dequantized first, then merged.
 The tensor layouts and config keys are the exact inverse of keras-hub's importers
 (keras_hub/src/utils/transformers/convert_gemma.py and convert_gemma3.py), so
 `keras_hub.models.Backbone.from_preset(export_dir)` reloads the same model. keras-hub's own
@@ -27,6 +28,8 @@ HF_ARCHITECTURES = {
     "gemma": ("GemmaForCausalLM", "gemma"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "llama": ("LlamaForCausalLM", "llama"),
+    "llama3": ("LlamaForCausalLM", "llama"),
 }
 
 # 5 GB shards, transformers 4.x's default (5.x writes up to 50 GB per file).
@@ -37,7 +40,8 @@ SPECIAL_TOKEN_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
 
 # Kernel layouts. PER_HEAD: keras (heads, in, head_dim), HF rows ordered head by head.
 # FLAT: keras (..., out), HF (out, prod(...)): the dense MLP kernels and the attention output.
-PER_HEAD, FLAT = "per_head", "flat"
+# IN_PER_HEAD: keras (in, heads, head_dim) (Llama's q/k/v), HF rows ordered head by head.
+PER_HEAD, FLAT, IN_PER_HEAD = "per_head", "flat", "in_per_head"
 
 # The projections of a decoder block: keras-hub layer name (what LoRA targets name), the
 # attribute path in keras-hub's decoder block, the module under HF's model.layers.N, the layout.
@@ -68,6 +72,9 @@ _FIXED_SETTINGS = {
         "use_post_ffw_norm": True,
         "use_bidirectional_attention": False,
     },
+    # transformers' LlamaForCausalLM has every setting keras-hub's Llama backbones have.
+    "llama": {},
+    "llama3": {},
 }
 
 
@@ -80,13 +87,13 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     card: str | None = None,
     overwrite: bool = False,
-    chat_template: str = "gemma",
+    chat_template: str = "auto",
 ) -> Path:
     """Writes a transformers-loadable folder for a Gemma 1, 2 or 3 backbone: model.safetensors
     (or shards with model.safetensors.index.json), config.json (with `architectures`),
     generation_config.json, tokenizer.model, tokenizer configs and a model card (README.md).
 
-    An int8 backbone (keras `quantize("int8")`) is written dequantized, with LoRA merged.
+    An int8 or int4 backbone (model.quantize) is written dequantized, with LoRA merged.
     The folder appears atomically: it is built beside the target and renamed into place.
 
     Args:
@@ -98,20 +105,25 @@ def export_hf(
     """
     from kerasft.export.card import model_card
 
+    from kerasft.models.families import LLAMA_FAMILIES
+
     out = Path(out_dir)
-    config = hf_config(backbone, dtype)  # checks the backbone before anything is written
-    for token, expected in SPECIAL_TOKEN_IDS.items():
-        if tokenizer.token_to_id(token) != expected:
-            raise KerasftError(
-                f"tokenizer maps {token} to {tokenizer.token_to_id(token)}, not {expected} as Gemma's config says"
-            )
+    llama = hf_family(backbone) in LLAMA_FAMILIES
+    config = hf_config(backbone, dtype, tokenizer if llama else None)  # checks the backbone before anything is written
+    if not llama:
+        for token, expected in SPECIAL_TOKEN_IDS.items():
+            if tokenizer.token_to_id(token) != expected:
+                raise KerasftError(
+                    f"tokenizer maps {token} to {tokenizer.token_to_id(token)}, not {expected} as Gemma's config says"
+                )
     with staged_dir(out, overwrite) as staging:
         tensors = {name: _cast(value, dtype) for name, value in hf_state_dict(backbone).items()}
         save_sharded(tensors, staging, max_shard_bytes)
         _write_json(staging / "config.json", config)
+        stop_ids = _stop_ids(tokenizer) if llama else [config["eos_token_id"], _eot_id(tokenizer)]
         _write_json(
             staging / "generation_config.json",
-            {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"], _eot_id(tokenizer)],
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": stop_ids,
              "pad_token_id": config["pad_token_id"], "do_sample": False},
         )
         write_tokenizer_files(tokenizer, staging, chat_template)
@@ -171,20 +183,29 @@ def hf_family(backbone) -> str:
         {
             f"{layer.name} ({layer.quantization_mode})"
             for layer in backbone._flatten_layers()
-            if getattr(layer, "quantization_mode", None) not in (None, "int8")
+            if getattr(layer, "quantization_mode", None) not in (None, "int8", "int4")
         }
     )
     if unsupported:
         raise KerasftError(
             f"the backbone is quantized in a mode kerasft cannot dequantize: {', '.join(unsupported[:3])}; "
-            "only int8 (keras quantize('int8')) is exported, as float weights"
+            "only int8 and int4 (keras quantize) are exported, as float weights"
         )
     return family
 
 
 def decoder_block(backbone, index: int):
-    """Decoder block `index` of a keras-hub Gemma backbone."""
-    return backbone.get_layer(f"decoder_block_{index}")
+    """Decoder block `index` of a keras-hub Gemma or Llama backbone."""
+    from kerasft.models.families import family_of
+
+    return backbone.get_layer(f"{family_of(backbone).block_prefix}_{index}")
+
+
+def projections(backbone) -> tuple:
+    """The PROJECTIONS table of the backbone's family (Llama's attribute paths and layouts differ)."""
+    from kerasft.models.families import LLAMA_FAMILIES, LLAMA_PROJECTIONS, model_family
+
+    return LLAMA_PROJECTIONS if model_family(backbone) in LLAMA_FAMILIES else PROJECTIONS
 
 
 def projection(block, attribute: str):
@@ -199,6 +220,8 @@ def hf_kernel(kernel, layout: str):
     """The transformers (out, in) weight of a keras kernel of the given PROJECTIONS layout."""
     if layout == PER_HEAD:  # (heads, in, head_dim) -> (heads * head_dim, in)
         return kernel.transpose(0, 2, 1).reshape(-1, kernel.shape[1])
+    if layout == IN_PER_HEAD:  # (in, heads, head_dim) -> (heads * head_dim, in)
+        return kernel.reshape(kernel.shape[0], -1).T
     return kernel.reshape(-1, kernel.shape[-1]).T  # (..., out) -> (out, prod(...))
 
 
@@ -207,34 +230,31 @@ def hf_state_dict(backbone) -> dict:
     Gemma 1, 2 or 3 backbone."""
     import numpy as np
 
+    from kerasft.models.families import FAMILIES, ties_embeddings
+
     family = hf_family(backbone)
     state = {"model.embed_tokens.weight": float_embeddings(backbone.token_embedding)}
     for i in range(backbone.num_layers):
         block = decoder_block(backbone, i)
         prefix = f"model.layers.{i}."
-        for _, attribute, module, layout in PROJECTIONS:
+        for _, attribute, module, layout in projections(backbone):
             state[prefix + module + ".weight"] = hf_kernel(float_kernel(projection(block, attribute)), layout)
         for module, norm in _block_norms(family, block):
             state[prefix + module + ".weight"] = _numpy(norm.scale)
-    state["model.norm.weight"] = _numpy(backbone.get_layer("final_normalization").scale)
+    state["model.norm.weight"] = _numpy(backbone.get_layer(FAMILIES[family].final_norm).scale)
+    if not ties_embeddings(backbone):  # keras-hub keeps the untied head as (hidden, vocabulary)
+        state["lm_head.weight"] = _numpy(backbone.token_embedding.reverse_embeddings).T
     return {name: np.ascontiguousarray(array) for name, array in state.items()}
 
 
 def float_kernel(layer):
-    """An EinsumDense's kernel as float32 numpy with LoRA merged; an int8 kernel is dequantized
-    first (keras stores q = round(w * scale), so w = q / scale)."""
-    import numpy as np
-
-    if getattr(layer, "quantization_mode", None) != "int8":
+    """An EinsumDense's kernel as float32 numpy with LoRA merged; an int8 or int4 kernel is
+    dequantized first (kerasft.models.quant.float_kernel)."""
+    if getattr(layer, "quantization_mode", None) is None:
         return _numpy(layer.kernel)  # keras merges LoRA in `kernel`
-    # keras' own inverse of the scale's storage layout (its LoRA merge on save uses it too).
-    scale = np.asarray(layer._adjust_scale_for_dequant(layer.kernel_scale), dtype=np.float32)
-    kernel = np.asarray(layer._kernel, dtype=np.float32) / scale
-    if getattr(layer, "lora_enabled", False):
-        lora_a = np.asarray(layer.lora_kernel_a, dtype=np.float32)
-        lora_b = np.asarray(layer.lora_kernel_b, dtype=np.float32)
-        kernel = kernel + (layer.lora_alpha / layer.lora_rank) * np.matmul(lora_a, lora_b)
-    return kernel
+    from kerasft.models.quant import float_kernel as dequantized_kernel
+
+    return dequantized_kernel(layer)
 
 
 def float_embeddings(layer):
@@ -255,8 +275,13 @@ def float_embeddings(layer):
 def _block_norms(family: str, block) -> list:
     """(transformers module, keras RMSNormalization) pairs of a decoder block.
 
-    keras-hub and transformers both compute x * (1 + w) in Gemma's RMSNorm, so scales copy as is.
+    keras-hub and transformers both compute x * (1 + w) in Gemma's RMSNorm and x * w in Llama's,
+    so scales copy as is.
     """
+    from kerasft.models.families import LLAMA_FAMILIES, LLAMA_NORMS
+
+    if family in LLAMA_FAMILIES:
+        return [(module, getattr(block, attribute)) for module, attribute in LLAMA_NORMS]
     if family == "gemma":  # no post norms; transformers names the pre-FFW norm post_attention_layernorm
         return [("input_layernorm", block.pre_attention_norm), ("post_attention_layernorm", block.pre_ffw_norm)]
     norms = [
@@ -270,11 +295,18 @@ def _block_norms(family: str, block) -> list:
     return norms
 
 
-def hf_config(backbone, dtype: str = "float32") -> dict:
-    """config.json for the backbone's transformers class (GemmaForCausalLM, Gemma2ForCausalLM or
-    Gemma3ForCausalLM), the inverse of keras-hub's convert_backbone_config."""
+def hf_config(backbone, dtype: str = "float32", tokenizer=None) -> dict:
+    """config.json for the backbone's transformers class (GemmaForCausalLM, Gemma2ForCausalLM,
+    Gemma3ForCausalLM or LlamaForCausalLM), the inverse of keras-hub's convert_backbone_config.
+
+    tokenizer: for Llama, whose special-token ids vary by release (Gemma's are fixed).
+    """
+    from kerasft.models.families import LLAMA_FAMILIES
+
     family = hf_family(backbone)
     architecture, model_type = HF_ARCHITECTURES[family]
+    if family in LLAMA_FAMILIES:
+        return _llama_config(backbone, dtype, tokenizer)
     config = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -324,6 +356,58 @@ def hf_config(backbone, dtype: str = "float32") -> dict:
     return config
 
 
+def _llama_config(backbone, dtype: str, tokenizer) -> dict:
+    """LlamaForCausalLM's config.json; rope scaling as keras-hub's convert_llama3 reads it back."""
+    from kerasft.data.template import chat_tokens
+    from kerasft.models.families import FAMILIES, model_family, ties_embeddings
+
+    if tokenizer is None:
+        raise KerasftError("a Llama config needs the tokenizer (its special-token ids)")
+    tokens = chat_tokens(tokenizer)
+    base = float(backbone.rope_max_wavelength)
+    rope = {"rope_type": "default", "rope_theta": base}
+    if backbone.rope_frequency_adjustment_factor:
+        rope = {"rope_type": "llama3", "rope_theta": base, "factor": float(backbone.rope_frequency_adjustment_factor),
+                "low_freq_factor": float(backbone.rope_low_freq_factor),
+                "high_freq_factor": float(backbone.rope_high_freq_factor),
+                "original_max_position_embeddings": int(backbone.rope_pretraining_sequence_length)}
+    elif float(backbone.rope_position_scaling_factor or 1.0) != 1.0:
+        rope = {"rope_type": "linear", "rope_theta": base, "factor": float(backbone.rope_position_scaling_factor)}
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": backbone.vocabulary_size,
+        "hidden_size": backbone.hidden_dim,
+        "intermediate_size": backbone.intermediate_dim,
+        "num_hidden_layers": backbone.num_layers,
+        "num_attention_heads": backbone.num_query_heads,
+        "num_key_value_heads": backbone.num_key_value_heads,
+        "head_dim": backbone.hidden_dim // backbone.num_query_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(backbone.layer_norm_epsilon),
+        "max_position_embeddings": FAMILIES[model_family(backbone)].context_length,
+        "rope_theta": base,
+        "rope_scaling": scaling,
+        "rope_parameters": rope,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": ties_embeddings(backbone),
+        "bos_token_id": tokens.bos,
+        "eos_token_id": tokens.eos,
+        "pad_token_id": None,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    from kerasft.data.template import chat_tokens
+
+    return list(chat_tokens(tokenizer).stop_ids)
+
+
 def _rope_keys(base: float) -> dict:
     return {"rope_theta": base, "rope_parameters": _rope(base, 1.0)}
 
@@ -355,12 +439,17 @@ def _rope(base: float, factor: float) -> dict:
     return {"rope_type": "linear", "rope_theta": base, "factor": factor}
 
 
-def write_tokenizer_files(tokenizer, out: Path, chat_template: str = "gemma") -> None:
-    """tokenizer.model (the SentencePiece proto), tokenizer_config.json with the chat template the
-    model was trained with (data.template), and special_tokens_map.json, as transformers'
-    GemmaTokenizer expects them."""
+def write_tokenizer_files(tokenizer, out: Path, chat_template: str = "auto") -> None:
+    """tokenizer.model (the SentencePiece proto) or tokenizer.json (byte-level BPE),
+    tokenizer_config.json with the chat template the model was trained with (data.template),
+    and special_tokens_map.json, as transformers' tokenizer class for the family expects them."""
+    from kerasft.data.template import chat_tokens
     from kerasft.models.vocab import hf_word_pieces
 
+    tokens = chat_tokens(tokenizer)
+    if tokens.template != "gemma":
+        _write_llama_tokenizer(tokens, out, chat_template)
+        return
     (out / "tokenizer.model").write_bytes(tokenizer.proto)
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
     _write_json(out / "special_tokens_map.json", special)
@@ -372,10 +461,38 @@ def write_tokenizer_files(tokenizer, out: Path, chat_template: str = "gemma") ->
             "add_bos_token": True,
             "add_eos_token": False,
             "model_max_length": 32768,
-            "chat_template": hf_chat_template(chat_template),
+            "chat_template": hf_chat_template(chat_template, tokens),
             # Word pieces added by `kerasft vocab add` (user-defined): matched as SentencePiece does.
             **hf_word_pieces(tokenizer.proto),
         },
+    )
+
+
+def _write_llama_tokenizer(tokens, out: Path, chat_template: str) -> None:
+    """Llama 2 / TinyLlama: tokenizer.model for LlamaTokenizer; Llama 3: tokenizer.json (the same
+    `tokenizers` BPE kerasft trains with, adding <|begin_of_text|>) for PreTrainedTokenizerFast."""
+    special = {"bos_token": tokens.bos_text, "eos_token": tokens.eos_text}
+    if hasattr(tokens.encoder, "sp"):
+        (out / "tokenizer.model").write_bytes(tokens.encoder.proto)
+        special["unk_token"] = tokens.encoder.piece(tokens.encoder.sp.unk_id())
+        # legacy: a space after special tokens, as kerasft's training and llama.cpp tokenize.
+        settings = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_prefix_space": None}
+    else:
+        from tokenizers import processors
+
+        tokenizer = tokens.encoder.tokenizer
+        bos = tokens.bos_text
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokens.bos)])
+        state = json.loads(tokenizer.to_str())
+        tokenizer.post_processor = None  # training encodes without it
+        (out / "tokenizer.json").write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    _write_json(out / "special_tokens_map.json", special)
+    _write_json(
+        out / "tokenizer_config.json",
+        {**settings, **special, "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+         "model_max_length": 131072, "chat_template": hf_chat_template(chat_template, tokens)},
     )
 
 

@@ -63,7 +63,7 @@ def export_peft(
     rank = alpha = None  # keras' rank and alpha of the first adapter: the config's defaults
     for i in range(backbone.num_layers):
         block = hf.decoder_block(backbone, i)
-        for _, attribute, module, layout in hf.PROJECTIONS:
+        for _, attribute, module, layout in hf.projections(backbone):
             layer = hf.projection(block, attribute)
             if not getattr(layer, "lora_enabled", False):
                 continue
@@ -135,12 +135,16 @@ def peft_factors(kernel_a, kernel_b, layout: str) -> tuple:
     """
     import numpy as np
 
-    from kerasft.export.hf import PER_HEAD
+    from kerasft.export.hf import IN_PER_HEAD, PER_HEAD
 
     rank = kernel_b.shape[0]
     if layout == PER_HEAD:  # A (heads, hidden, r), B (r, head_dim)
         heads, hidden = kernel_a.shape[:2]
         lora_a = kernel_a.transpose(0, 2, 1).reshape(heads * rank, hidden)
+        lora_b = np.kron(np.eye(heads, dtype=kernel_b.dtype), kernel_b.T)
+    elif layout == IN_PER_HEAD:  # Llama: A (hidden, heads, r), B (r, head_dim)
+        hidden, heads = kernel_a.shape[:2]
+        lora_a = kernel_a.transpose(1, 2, 0).reshape(heads * rank, hidden)
         lora_b = np.kron(np.eye(heads, dtype=kernel_b.dtype), kernel_b.T)
     else:  # A (..., r), B (r, out)
         lora_a = kernel_a.reshape(-1, rank).T

@@ -84,12 +84,20 @@ def load_model(cfg) -> LoadedModel:
     try:
         # Always an explicit policy: the one saved in config.json is ignored (a preset saved under
         # mixed_bfloat16 fails to load without one on some keras-hub versions).
-        spm_llama = _hf_sentencepiece_llama(path)
-        if spm_llama:
-            backbone = keras_hub.models.LlamaBackbone.from_preset(path, dtype=cfg.dtype)
-            tokenizer = keras_hub.models.LlamaTokenizer(proto=str(spm_llama))
+        hf_llama = _hf_llama_config(path)
+        # keras-hub's Llama converter leaves rms_norm_eps out (its default 1e-6 is not Llama's 1e-5).
+        extra = {"layer_norm_epsilon": float(hf_llama["rms_norm_eps"])} if "rms_norm_eps" in hf_llama else {}
+        if hf_llama and (Path(path) / "tokenizer.model").is_file():
+            # Llama 2 / TinyLlama: keras-hub's converter builds every HF Llama as Llama3Backbone with
+            # a BPE tokenizer; the same network is rebuilt as LlamaBackbone with the SentencePiece one.
+            converted = keras_hub.models.LlamaBackbone.from_preset(path, dtype=cfg.dtype, **extra)
+            config = {**converted.get_config(), "tie_word_embeddings": converted.tie_word_embeddings}
+            backbone = keras_hub.models.LlamaBackbone.from_config(config)
+            backbone.set_weights(converted.get_weights())
+            del converted
+            tokenizer = keras_hub.models.LlamaTokenizer(proto=str(Path(path) / "tokenizer.model"))
         else:
-            backbone = keras_hub.models.Backbone.from_preset(path, dtype=cfg.dtype)
+            backbone = keras_hub.models.Backbone.from_preset(path, dtype=cfg.dtype, **extra)
             tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
     except KerasftError:
         raise
@@ -109,16 +117,16 @@ def load_model(cfg) -> LoadedModel:
     return LoadedModel(backbone=backbone, tokenizer=tokenizer, source=cfg.preset, path=path)
 
 
-def _hf_sentencepiece_llama(path: str) -> Path | None:
-    """The tokenizer.model of a local Hugging Face Llama folder (Llama 2, TinyLlama), else None."""
+def _hf_llama_config(path: str) -> dict:
+    """The config.json of a local Hugging Face Llama folder, else {} (keras-hub presets too)."""
     folder = Path(path)
-    if not (folder / "tokenizer.model").is_file() or (folder / "metadata.json").is_file():
-        return None  # not a local folder, or a keras-hub preset
+    if not (folder / "config.json").is_file() or (folder / "metadata.json").is_file():
+        return {}
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return None
-    return folder / "tokenizer.model" if config.get("model_type") == "llama" else None
+        return {}
+    return config if config.get("model_type") == "llama" else {}
 
 
 def _embedded_preset(cache: Path) -> Path:
