@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from kerasft.config import RunConfig, load_config, save_config
+from kerasft.config import RunConfig, config_to_dict, load_config, save_config
 from kerasft.errors import KerasftError
 
 ADAPTER_DIR = "adapter"
@@ -52,6 +52,9 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         eval_set = eval_set[: cfg.data.eval_limit]
     if evaluate:
         check_eval_config(cfg.eval)
+    if train and (cfg.train.eval_every or cfg.train.sample_every) and not splits.validation:
+        raise KerasftError("train.eval_every / train.sample_every need a validation split: set data.validation "
+                           "or data.split.ratios")
     set_distribution(cfg.runtime)  # checks runtime.mesh against the devices; before the model loads
     primary = is_primary()  # in a multi-process job only process 0 writes the run dir
     if process_count() > 1 and (evaluate or export):
@@ -107,11 +110,19 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
                 flush=True,
             )
             token_rows = token_ids_for(loaded.tokenizer, cfg.lora.trainable_tokens)
+            validation = None
+            if cfg.train.eval_every:
+                validation, _ = tokenize_cached(tokens, splits.validation, cfg.data, cache_dir(cfg.model.cache_dir))
             with clock("train"):
                 result = train_lora(loaded.backbone, data, cfg.train, cfg.data.sequence_length, run_dir, tokens.pad,
-                                    token_rows=token_rows or None, resume=resume)
+                                    token_rows=token_rows or None, resume=resume, dropout=cfg.lora.dropout,
+                                    validation=validation, sampler=_sampler(eval_model, splits.validation, cfg),
+                                    config=config_to_dict(cfg), name=cfg.name)
             summary["train"] = {"steps": result.steps, "final_loss": result.final_loss,
                                 "tokens_per_second": round(result.tokens_per_second, 1)}
+            if cfg.train.eval_every:
+                summary["train"].update(best_step=result.best_step, best_eval_loss=result.best_eval_loss,
+                                        stopped_early=result.stopped_early)
             if primary:
                 save_adapter(loaded.backbone, cfg.lora, run_dir / ADAPTER_DIR, base_model=cfg.model.preset,
                              token_ids=token_rows)
@@ -259,6 +270,21 @@ def load_source(src: str, model_overrides: dict | None = None):
     loaded = load_model(model_cfg)
     _quantize(loaded.backbone, model_cfg.quantize)
     return loaded, None
+
+
+def _sampler(model, validation, cfg: RunConfig):
+    """For train.sample_every: greedy generations from the first train.sample_prompts validation
+    prompts, as [{"prompt", "output"}] (None when sampling is off)."""
+    if not cfg.train.sample_every:
+        return None
+    examples = validation[: cfg.train.sample_prompts]
+    prompt_ids = [model.encode_prompt(example.prompt, cfg.data.system) for example in examples]
+
+    def sample() -> list[dict]:
+        outputs, _ = model.generate(prompt_ids, cfg.train.sample_tokens, batch_size=len(prompt_ids))
+        return [{"prompt": example.prompt, "output": model.decode(ids)} for example, ids in zip(examples, outputs)]
+
+    return sample
 
 
 def _quantize(backbone, mode: str) -> dict:

@@ -7,6 +7,7 @@ an adapter_config.json that records rank, alpha, targets and the base model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -210,3 +211,52 @@ def _projection_layers(backbone) -> list:
         if isinstance(layer, (keras.layers.EinsumDense, keras.layers.Dense))
         and _target_name(backbone, layer) in LORA_TARGETS
     ]
+
+
+@contextlib.contextmanager
+def lora_dropout(backbone, rate: float, key):
+    """While a training step is traced inside this block, every LoRA layer computes its adapter
+    branch separately, on its input with dropout `rate` (PEFT's lora_dropout), and adds it to the
+    frozen projection's output, which sees the undropped input.
+
+    keras merges A @ B into the kernel in the float layer, so dropout on the branch alone needs
+    the branch apart. Outside this block (evaluation, generation, export) layers are untouched.
+    `key` is a jax PRNG key; each layer folds in its own index.
+    """
+    if rate <= 0:
+        yield
+        return
+    import jax
+    import jax.numpy as jnp
+    import keras
+    from keras import ops
+
+    layers = lora_layers(backbone)
+    for index, layer in enumerate(layers):
+        if layer.activation not in (None, keras.activations.linear):  # a bias is fine: the sum commutes
+            raise KerasftError(f"lora.dropout: {layer.name} has an activation; dropout supports linear projections")
+        quantized = getattr(layer, "quantization_mode", None) is not None
+        forward = layer.quantized_call if quantized else layer.call
+        einsum = isinstance(layer, keras.layers.EinsumDense)
+
+        def call(inputs, training=None, *, _layer=layer, _forward=forward, _key=jax.random.fold_in(key, index),
+                 _einsum=einsum):
+            _layer.lora_enabled = False  # the frozen projection alone (float or quantized path)
+            try:
+                base = _forward(inputs, training=training)
+            finally:
+                _layer.lora_enabled = True
+            keep = jax.random.bernoulli(_key, 1.0 - rate, inputs.shape)
+            dropped = jnp.where(keep, inputs / (1.0 - rate), 0).astype(inputs.dtype)
+            a, b = _layer.lora_kernel_a, _layer.lora_kernel_b
+            low = ops.einsum(_layer.equation, dropped, a) if _einsum else ops.matmul(dropped, a)
+            branch = (_layer.lora_alpha / _layer.lora_rank) * ops.matmul(low, b)
+            return ops.cast(ops.add(base, ops.cast(branch, base.dtype)), base.dtype)
+
+        object.__setattr__(layer, "quantized_call" if quantized else "call", call)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            for name in ("call", "quantized_call"):
+                layer.__dict__.pop(name, None)

@@ -177,6 +177,7 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
     import jax
 
     from kerasft.runtime import set_distribution
+    from kerasft.train.loop import apply_remat
 
     if target_name not in TARGETS:
         raise KerasftError(f"--target: {target_name!r} is not one of {', '.join(TARGETS)}")
@@ -185,6 +186,7 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
     tpu_devices = tpu_topology_devices(target_name)
     distribution = set_distribution(cfg.runtime, devices=tpu_devices)
     backbone = abstract_backbone(cfg.model, cfg.lora)
+    apply_remat(backbone, cfg.train.remat)
     sequence_length = cfg.data.sequence_length
     k = min(targets_per_row or sequence_length, sequence_length)
     shards = _batch_shards(distribution)
@@ -284,11 +286,12 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
     import jax.numpy as jnp
     import numpy as np
 
-    from kerasft.train.loop import make_optimizer, make_train_step
+    from kerasft.train.loop import apply_remat, dropout_key, make_optimizer, make_train_step
 
     optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
     token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
-    step_fn = make_train_step(backbone, optimizer, token_rows)
+    step_fn = make_train_step(backbone, optimizer, token_rows, cfg.lora.dropout)
+    rng = (dropout_key(0, 0),) if cfg.lora.dropout > 0 else ()  # the step's dropout key argument
 
     def abstract(variable):
         sharding = None
@@ -316,7 +319,7 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
         "target_ids": data((batch_size, k), jnp.int32),
         "target_weights": data((batch_size, k), jnp.float32),
     }
-    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch).compile()
+    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile()
     analysis = compiled.memory_analysis()
     peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
             + analysis.temp_size_in_bytes)
@@ -349,7 +352,7 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     from kerasft.models.lora import apply_lora
     from kerasft.models.presets import load_model
     from kerasft.models.quant import quantize_backbone
-    from kerasft.train.loop import make_optimizer, make_train_step
+    from kerasft.train.loop import apply_remat, dropout_key, make_optimizer, make_train_step
 
     clear_refs = Path("/proc/self/clear_refs")
     if not clear_refs.exists():
@@ -358,9 +361,11 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     backbone = loaded.backbone
     quantize_backbone(backbone, cfg.model.quantize)
     apply_lora(backbone, cfg.lora)
+    apply_remat(backbone, cfg.train.remat)
     optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
     token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
-    step_fn = make_train_step(backbone, optimizer, token_rows)
+    step_fn = make_train_step(backbone, optimizer, token_rows, cfg.lora.dropout)
+    rng = (dropout_key(0, 0),) if cfg.lora.dropout > 0 else ()  # the step's dropout key argument
     trainable = {"lora": [v.value for v in backbone.trainable_variables]}
     if token_rows:
         trainable["token_delta"] = jnp.zeros((len(token_rows), backbone.hidden_dim), jnp.float32)
@@ -377,12 +382,12 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
         "target_ids": jnp.asarray(rng.integers(4, vocabulary, (b, k)), jnp.int32),
         "target_weights": jnp.ones((b, k), jnp.float32),
     }
-    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch).compile()
+    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile()
     arguments = sum(x.nbytes for x in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
     jax.block_until_ready([trainable, opt_state, non_trainable, batch])
     before = _proc_status("VmRSS")
     clear_refs.write_text("5")  # resets VmHWM to the current RSS
-    out = compiled(trainable, opt_state, non_trainable, batch)
+    out = compiled(trainable, opt_state, non_trainable, batch, *rng)
     jax.block_until_ready(out)
     peak_rise = _proc_status("VmHWM") - before
     return {"arguments": arguments, "peak_rise": peak_rise, "measured_peak": arguments + peak_rise}

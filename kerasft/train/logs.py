@@ -1,0 +1,185 @@
+"""Where training metrics go: RUN_DIR/metrics.jsonl always, plus TensorBoard, Weights & Biases or
+MLflow when train.loggers names them, and PNGs of the learning-rate schedule and the loss curves
+at the end. Only the primary process of a multi-process job logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from kerasft.errors import KerasftError
+
+TENSORBOARD_DIR = "tensorboard"
+LR_PLOT = "lr_schedule.png"
+LOSS_PLOT = "loss_curves.png"
+
+
+class RunLog:
+    """Appends one JSON line per record to metrics.jsonl and forwards the numbers to the
+    configured loggers. `log(record)` takes a dict with a "step" and numeric fields."""
+
+    def __init__(self, run_dir: str | Path, loggers=(), *, config: dict | None = None, name: str = "run",
+                 primary: bool = True):
+        self.run_dir = Path(run_dir)
+        self.primary = primary
+        self._jsonl = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") if primary else None
+        self._sinks = [_open_sink(kind, self.run_dir, config or {}, name) for kind in loggers] if primary else []
+
+    def log(self, record: dict) -> None:
+        if not self.primary:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        step = int(record["step"])
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for sink in self._sinks:
+            sink.log(step, scalars)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+            self._jsonl = None
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
+
+
+def _open_sink(kind: str, run_dir: Path, config: dict, name: str):
+    if kind == "tensorboard":
+        return _TensorBoard(run_dir / TENSORBOARD_DIR)
+    if kind == "wandb":
+        return _WandB(run_dir, config, name)
+    if kind == "mlflow":
+        return _MLflow(config, name)
+    raise KerasftError(f"train.loggers: {kind!r} is not one of tensorboard, wandb, mlflow")
+
+
+class _TensorBoard:
+    """Event files through tensorflow's tf.summary (tensorflow comes with keras-hub), else tensorboardX."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            import tensorflow as tf
+
+            self._tf, self._writer = tf, tf.summary.create_file_writer(str(folder))
+        except ImportError:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise KerasftError("train.loggers: tensorboard needs tensorflow or tensorboardX: "
+                                   "pip install tensorboardX") from None
+            self._tf, self._writer = None, SummaryWriter(str(folder))
+
+    def log(self, step: int, scalars: dict) -> None:
+        if self._tf is None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, step)
+            return
+        with self._writer.as_default(step=step):
+            for key, value in scalars.items():
+                self._tf.summary.scalar(key, value)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _WandB:
+    def __init__(self, run_dir: Path, config: dict, name: str):
+        try:
+            import wandb
+        except ImportError:
+            raise KerasftError("train.loggers: wandb is not installed: pip install wandb") from None
+        self._run = wandb.init(project="kerasft", name=name, dir=str(run_dir), config=config)
+
+    def log(self, step: int, scalars: dict) -> None:
+        self._run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class _MLflow:
+    def __init__(self, config: dict, name: str):
+        try:
+            import mlflow
+        except ImportError:
+            raise KerasftError("train.loggers: mlflow is not installed: pip install mlflow") from None
+        self._mlflow = mlflow
+        mlflow.start_run(run_name=name)
+        mlflow.log_params(_flatten(config))
+
+    def log(self, step: int, scalars: dict) -> None:
+        self._mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)[:250]  # MLflow caps parameter values
+    return flat
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file (an empty list when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_plots(run_dir: str | Path, schedule, total_steps: int) -> list[Path]:
+    """Writes RUN_DIR/lr_schedule.png (the whole planned schedule, with the steps run marked) and
+    RUN_DIR/loss_curves.png (training loss per step and eval_loss where it was measured).
+
+    Args:
+        schedule: the optax schedule, step -> learning rate (step 0 is the first update).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KerasftError("train.plots needs matplotlib: pip install 'kerasft[eval]' (or set train.plots=false)") from None
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = list(range(1, total_steps + 1))
+    ax.plot(steps, [float(schedule(s - 1)) for s in steps], color="tab:blue", label="planned")
+    if train:
+        ax.plot([r["step"] for r in train], [r["learning_rate"] for r in train], ".", color="tab:orange",
+                markersize=3, label="steps run")
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning-rate schedule")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / LR_PLOT, dpi=100)
+    plt.close(fig)
+    written.append(run_dir / LR_PLOT)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    finite = [r for r in train if math.isfinite(r["loss"])]
+    ax.plot([r["step"] for r in finite], [r["loss"] for r in finite], color="tab:blue", alpha=0.8, label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:red", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per target token)", title="Loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / LOSS_PLOT, dpi=100)
+    plt.close(fig)
+    written.append(run_dir / LOSS_PLOT)
+    return written
