@@ -97,8 +97,15 @@ def test_notebook_is_stored_clean(name):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{name}: stored with outputs"
     source = _parameters_cell(nb).source
-    for parameter in ("PRESET", "STEPS", "SEQUENCE_LENGTH", "EVAL_LIMIT", "OUTPUT_DIR", "RUN_NAME"):
+    platform = {"local": [], "colab": ["SKIP_INSTALL"], "kaggle_tpu": ["SKIP_INSTALL"]}[name]
+    for parameter in ("PRESET", "STEPS", "SEQUENCE_LENGTH", "EVAL_LIMIT", "OUTPUT_DIR", "RUN_NAME", *platform):
         assert re.search(rf"^{parameter} = ", source, re.MULTILINE), f"{name}: no {parameter} parameter"
+    # Platform-only cells (pip, secrets, Drive) run only where the platform's variable is set.
+    guard = {"local": None, "colab": "COLAB_RELEASE_TAG", "kaggle_tpu": "KAGGLE_KERNEL_RUN_TYPE"}[name]
+    installs = [cell.source for cell in nb.cells if cell.cell_type == "code" and "pip" in cell.source]
+    assert bool(installs) == bool(guard), f"{name}: pip install cells"
+    for install in installs:
+        assert guard in install and "SKIP_INSTALL" in install, f"{name}: unguarded install cell"
 
 
 def test_parameters_are_replaced_and_a_failing_cell_fails(tmp_path):
