@@ -35,7 +35,7 @@ def test_eval_loss_samples_tensorboard_and_plots(tiny_preset, tmp_path):
     import tensorflow as tf
 
     _data(tmp_path)
-    run, log = _train(tmp_path, tiny_preset, "feat", "train.max_steps=4", "train.learning_rate=1e-2",
+    run, log = _train(tmp_path, tiny_preset, "feat", "train.epochs=2", "train.learning_rate=1e-2",
                       "train.eval_every=2", "train.sample_every=2", "train.sample_prompts=2", "train.sample_tokens=4",
                       "train.loggers=[tensorboard]")
     evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
@@ -62,8 +62,11 @@ def test_eval_loss_samples_tensorboard_and_plots(tiny_preset, tmp_path):
 
 def test_early_stopping_keeps_the_best_adapter(tiny_preset, tmp_path):
     _data(tmp_path)
-    # A learning rate this high overshoots: eval_loss rises after the first evaluations.
-    run, log = _train(tmp_path, tiny_preset, "stop", "train.epochs=20", "train.learning_rate=0.3",
+    # Validation answers that contradict the training answers: once the model has learnt the shared
+    # words, memorising "Zaragoza" makes the held-out "Bilbao" less likely and eval_loss rises.
+    wrong = [json.dumps({"prompt": f"Pregunta {i}", "response": "Bilbao."}) for i in range(3)]
+    (tmp_path / "validation.jsonl").write_text("\n".join(wrong) + "\n")
+    run, log = _train(tmp_path, tiny_preset, "stop", "train.epochs=20", "train.learning_rate=1e-2",
                       "train.eval_every=1", "train.early_stopping_patience=2", "train.keep_best=true",
                       "train.checkpoint_every=0", "train.plots=false")
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
@@ -196,7 +199,7 @@ def test_lora_dropout_run_is_reproducible(tiny_preset, tmp_path):
     adapters = []
     for name in ("d1", "d2", "d0"):
         dropout = "0.0" if name == "d0" else "0.3"
-        run, _ = _train(tmp_path, tiny_preset, name, "train.max_steps=3", "train.learning_rate=1e-2",
+        run, _ = _train(tmp_path, tiny_preset, name, "train.epochs=2", "train.max_steps=3", "train.learning_rate=1e-2",
                         f"lora.dropout={dropout}", "train.plots=false")
         adapters.append(load_file(str(run / "adapter/adapter.safetensors")))
     assert all(np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

@@ -65,7 +65,11 @@ class _TensorBoard:
         try:
             import tensorflow as tf
 
+            from tensorflow.core.framework import summary_pb2
+
             self._tf, self._writer = tf, tf.summary.create_file_writer(str(folder))
+            plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+            self._scalar_metadata = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
         except ImportError:
             try:
                 from tensorboardX import SummaryWriter
@@ -81,7 +85,8 @@ class _TensorBoard:
             return
         with self._writer.as_default(step=step):
             for key, value in scalars.items():
-                self._tf.summary.scalar(key, value)
+                # tf.summary.scalar needs the tensorboard package; this is what it writes.
+                self._tf.summary.write(key, self._tf.constant(value, self._tf.float32), metadata=self._scalar_metadata)
         self._writer.flush()
 
     def close(self) -> None:
