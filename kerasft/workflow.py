@@ -192,7 +192,7 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
 
         print(f"exporting GGUF ({export_cfg.quant}) to {out_dir} ...", flush=True)
         path = export_gguf(backbone, tokenizer, out_dir, quant=export_cfg.quant, card=card, overwrite=overwrite,
-                           chat_template=cfg.data.template)
+                           chat_template=cfg.data.template, system=cfg.data.system)
         report["file"] = str(path)
         if export_cfg.verify:
             report["verify"] = _check(verify_gguf_export(path, backbone, ids, atol=export_cfg.atol, rtol=export_cfg.rtol),
@@ -218,9 +218,13 @@ def verify_gguf_export(gguf_path: Path, backbone, token_ids, *, atol: float = 1e
     import keras_hub
     import numpy as np
 
+    from kerasft.export.gguf import verify_llama_gguf
     from kerasft.export.hf import keras_logits
+    from kerasft.models.families import LLAMA_FAMILIES, model_family
     from kerasft.models.gguf import import_gguf
 
+    if model_family(backbone) in LLAMA_FAMILIES:  # kerasft's importer reads Gemma files only
+        return verify_llama_gguf(gguf_path, backbone, token_ids, atol=atol, rtol=rtol)
     with tempfile.TemporaryDirectory(prefix="kerasft-gguf-check-") as folder:
         preset = import_gguf(gguf_path, Path(folder) / "preset")
         theirs = keras_logits(keras_hub.models.Backbone.from_preset(str(preset)), token_ids)

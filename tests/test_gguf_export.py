@@ -41,7 +41,7 @@ def test_gguf_round_trip_matches_the_lora_model(lora_model, quant, tmp_path):
 
     family, loaded, base_logits, lora_logits = lora_model
     path = export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "gguf", quant=quant)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["README.md", f"model-{quant}.gguf"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["Modelfile", "README.md", f"model-{quant}.gguf"]
 
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == family

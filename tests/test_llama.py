@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FAMILIES = ("llama", "llama3")
 RANK, ALPHA = 4, 8.0
 ATOL = 1e-4
-# Longer than the llama3 preset's rope pretraining length (16), so the scaled frequencies matter.
 TOKENS = np.array([[1, 5, 17, 40, 41, 99, 7, 3, 250, 12, 13, 14, 300, 301, 8, 9, 10, 11, 20, 21, 22, 23]], dtype=np.int32)
 HISTORY = (("¿Qué río pasa por Zaragoza?", "El Ebro."),)
 MESSAGES = [{"role": "system", "content": "Eres un guía."}, {"role": "user", "content": HISTORY[0][0]},
@@ -101,7 +100,7 @@ def test_merged_export_matches_lora_model_in_transformers(exported):
     assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 8, 32)
     if exported.family == "llama3":
         assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 200}
 
 
 def test_greedy_generation_matches_transformers(exported):
@@ -221,3 +220,228 @@ def test_train_eval_export_run(tiny_llama_presets, tmp_path):
         assert any("feedforward_gate_dense" in name for name in weights)
         config = json.loads((run / "export_hf/tokenizer_config.json").read_text())
         assert ("<|eot_id|>" if family == "llama3" else "<|assistant|>") in config["chat_template"]
+
+
+# --- GGUF and the Ollama Modelfile -------------------------------------------------------------
+
+
+def render_go_template(template: str, messages: list[dict], system: str = "") -> str:
+    """A small interpreter for the Go text/template subset kerasft's Modelfile templates use
+    (variables with := and =, range .Messages, if / else if / end, eq, and, .Role, .Content,
+    .System), with Go's semantics: `=` inside range assigns the outer variable, `.` is the
+    element inside range."""
+    import re
+
+    parts = re.split(r"({{.*?}})", template, flags=re.S)
+    tree, stack = [], []
+    current = tree
+    for part in parts:
+        if not part.startswith("{{"):
+            if part:
+                current.append(("text", part))
+            continue
+        action = part[2:-2].strip()
+        if action.startswith(("range ", "if ")):
+            node = ["block", action, [], []]  # kind+expr, body, else-branches [(expr, body)]
+            current.append(node)
+            stack.append((current, node))
+            current = node[2]
+        elif action.startswith("else"):
+            _, node = stack[-1]
+            condition = action[len("else"):].strip()
+            node[3].append((condition.removeprefix("if ").strip() or "true", []))
+            current = node[3][-1][1]
+        elif action == "end":
+            current, _ = stack.pop()
+        else:
+            current.append(("action", action))
+    assert not stack, "unclosed block"
+
+    def value(token, dot, scope):
+        if token.startswith('"'):
+            return json.loads(token)
+        if token in ("true", "false"):
+            return token == "true"
+        if token.startswith("$"):
+            return scope[token]
+        if token.startswith("."):
+            return dot[token[1:]]
+        raise AssertionError(f"unsupported token {token}")
+
+    def evaluate(expr, dot, scope):
+        words = re.findall(r'"[^"]*"|\S+', expr)
+        if words[0] == "eq":
+            return value(words[1], dot, scope) == value(words[2], dot, scope)
+        if words[0] == "and":
+            return all(value(w, dot, scope) for w in words[1:])
+        assert len(words) == 1, expr
+        return value(words[0], dot, scope)
+
+    def run(nodes, dot, scope):
+        out = ""
+        for node in nodes:
+            if node[0] == "text":
+                out += node[1]
+            elif node[0] == "action":
+                match = re.fullmatch(r"(\$\w+)\s*(:?=)\s*(.+)", node[1])
+                if match:
+                    scope[match.group(1)] = evaluate(match.group(3), dot, scope)
+                else:
+                    out += str(evaluate(node[1], dot, scope))
+            else:
+                _, action, body, branches = node
+                if action.startswith("range "):
+                    for item in evaluate(action[len("range "):], dot, scope):
+                        out += run(body, item, scope)
+                    continue
+                for condition, branch in [(action[len("if "):], body), *branches]:
+                    if evaluate(condition, dot, scope):
+                        out += run(branch, dot, scope)
+                        break
+        return out
+
+    top = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages], "System": system}
+    return run(tree, top, {})
+
+
+@pytest.fixture(scope="module", params=LLAMA_FAMILIES)
+def gguf_export(request, tiny_llama_presets, tmp_path_factory):
+    from kerasft.export.gguf import export_gguf
+
+    family = request.param
+    loaded = load_model(ModelConfig(preset=str(tiny_llama_presets[family])))
+    out = tmp_path_factory.mktemp(f"gguf_{family}") / "gguf"
+    path = export_gguf(loaded.backbone, loaded.tokenizer, out, quant="f32", system="Eres un guía.")
+    return SimpleNamespace(family=family, loaded=loaded, path=path)
+
+
+def test_llama_gguf_reads_back_with_llama_cpp_names(gguf_export):
+    from gguf import GGUFReader
+
+    from kerasft.data.template import hf_chat_template
+    from kerasft.export.gguf import verify_llama_gguf
+
+    backbone, family = gguf_export.loaded.backbone, gguf_export.family
+    reader = GGUFReader(str(gguf_export.path))
+    field = lambda key: reader.get_field(key).contents()  # noqa: E731
+    assert field("general.architecture") == "llama"
+    assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
+    assert field("llama.rope.dimension_count") == 8
+    assert field("tokenizer.ggml.model") == {"llama": "llama", "llama3": "gpt2"}[family]
+    assert field("tokenizer.chat_template") == hf_chat_template("auto", _tokens(gguf_export))
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # GGUF lists ne0 first
+    block = {"attn_q": (32, 32), "attn_k": (16, 32), "attn_v": (16, 32), "attn_output": (32, 32),
+             "ffn_gate": (64, 32), "ffn_up": (64, 32), "ffn_down": (32, 64), "attn_norm": (32,), "ffn_norm": (32,)}
+    expected = {"token_embd.weight": (384, 32), "output_norm.weight": (32,)}
+    expected |= {f"blk.{i}.{name}.weight": shape for i in range(2) for name, shape in block.items()}
+    if family == "llama":
+        expected["output.weight"] = (384, 32)  # the untied head
+        assert field("tokenizer.ggml.add_space_prefix") is True
+    else:
+        expected["rope_freqs.weight"] = (4,)
+        assert field("tokenizer.ggml.eot_token_id") == _tokens(gguf_export).special["<|eot_id|>"]
+        assert len(reader.get_field("tokenizer.ggml.merges").data) > 0
+    assert shapes == expected
+    check = verify_llama_gguf(gguf_export.path, backbone, TOKENS)
+    assert check["ok"], check
+
+
+def test_llama3_rope_factors_match_transformers(gguf_export):
+    """rope_freqs.weight holds the divisors that turn the base rotary frequencies into
+    transformers' llama3-scaled ones."""
+    if gguf_export.family != "llama3":
+        pytest.skip("only Llama 3.1+ scales its rope frequencies")
+    import torch
+    import transformers
+    from gguf import GGUFReader
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from kerasft.export.hf import hf_config
+
+    reader = GGUFReader(str(gguf_export.path))
+    factors = next(np.asarray(t.data) for t in reader.tensors if t.name == "rope_freqs.weight")
+    config = hf_config(gguf_export.loaded.backbone, "float32", gguf_export.loaded.tokenizer)
+    llama_config = transformers.LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](llama_config, torch.device("cpu"))
+    base = 1.0 / (config["rope_theta"] ** (np.arange(0, 8, 2) / 8))
+    np.testing.assert_allclose(base / scaled.numpy(), factors, rtol=1e-5)
+    assert factors[0] == 1.0 and 1.0 < factors[1] < 8.0 and factors[-1] == 8.0  # kept, smoothed, scaled
+
+
+def test_untied_llama_gguf_matches_transformers_gguf_loader(gguf_export):
+    """transformers' own GGUF loader (an independent reader: it undoes llama.cpp's rotary
+    permutation itself) computes the Keras model's logits; its tokenizer, built from the GGUF
+    vocabulary, gives kerasft's ids. (It ignores rope_freqs, so Llama 3's scaled rope is checked
+    by the test above instead.)"""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_export.path.parent), gguf_file=gguf_export.path.name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_export.path.parent), gguf_file=gguf_export.path.name)
+    tokens = _tokens(gguf_export)
+    text = "Hola, ¿qué tal? Vivo en Logroño desde 1998."
+    assert tokenizer(text)["input_ids"] == [tokens.bos] + tokens.encode_batch([text], after_special=True)[0]
+    if gguf_export.family == "llama3":
+        return
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+    assert np.max(np.abs(theirs - keras_logits(gguf_export.loaded.backbone, TOKENS))) < ATOL
+
+
+def _tokens(gguf_export):
+    from kerasft.data.template import chat_tokens
+
+    return chat_tokens(gguf_export.loaded.tokenizer)
+
+
+def _check_modelfile(folder: Path, gguf_name: str, tokens, template: str, system: str, num_ctx: int):
+    from kerasft.data.template import render_chat
+    from kerasft.export.gguf import read_modelfile
+
+    fields = read_modelfile(folder / "Modelfile")
+    assert set(fields) == {"FROM", "TEMPLATE", "PARAMETER", "SYSTEM"}
+    assert fields["FROM"] == f"./{gguf_name}" and (folder / gguf_name).is_file()
+    assert fields["SYSTEM"] == system
+    stops = {"gemma": ["<end_of_turn>", "<eos>"], "llama3": ["<|eot_id|>", "<|end_of_text|>"], "zephyr": ["</s>"]}[template]
+    assert fields["PARAMETER"] == {"stop": stops, "temperature": ["0.7"], "top_p": ["0.9"], "num_ctx": [str(num_ctx)]}
+    # The TEMPLATE renders what training rendered, minus the bos llama.cpp adds itself: with the
+    # Modelfile's SYSTEM, with a system message instead, and for a generation prompt.
+    bos = tokens.bos_text
+    for messages in (MESSAGES[1:], MESSAGES):
+        rendered = render_go_template(fields["TEMPLATE"], messages, system=fields["SYSTEM"])
+        assert bos + rendered == render_chat(MESSAGES[-1]["content"], None, system, HISTORY, tokens=tokens)
+    full = MESSAGES + [{"role": "assistant", "content": "El de Piedra."}]
+    expected = render_chat(MESSAGES[-1]["content"], "El de Piedra.", system, HISTORY, tokens=tokens)
+    assert bos + render_go_template(fields["TEMPLATE"], full) == expected
+    no_system = render_chat(MESSAGES[-1]["content"], None, "", HISTORY, tokens=tokens)
+    assert bos + render_go_template(fields["TEMPLATE"], MESSAGES[1:]) == no_system
+
+
+def test_llama_modelfile_parses_back(gguf_export):
+    tokens = _tokens(gguf_export)
+    num_ctx = {"llama": 2048, "llama3": 4096}[gguf_export.family]  # TinyLlama's context is 2048
+    _check_modelfile(gguf_export.path.parent, gguf_export.path.name, tokens, tokens.template, "Eres un guía.", num_ctx)
+
+
+def test_gemma_modelfile_parses_back(tiny_preset, tmp_path):
+    from kerasft.data.template import chat_tokens
+    from kerasft.export.gguf import export_gguf
+
+    loaded = load_model(ModelConfig(preset=str(tiny_preset)))
+    path = export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "gguf", quant="f16", system="Eres un guía.")
+    _check_modelfile(path.parent, path.name, chat_tokens(loaded.tokenizer), "gemma", "Eres un guía.", 4096)
+
+
+def test_cli_gguf_export_writes_the_modelfile(tiny_llama_presets, tmp_path):
+    """`kerasft export --format gguf` on a Llama preset: the GGUF file, its Modelfile and the
+    read-back check."""
+    from kerasft.cli import main
+    from kerasft.export.gguf import read_modelfile
+
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_llama_presets["llama3"]), str(out), "--format", "gguf", "--quant", "f32"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "model-f32.gguf"]
+    fields = read_modelfile(out / "Modelfile")
+    assert fields["FROM"] == "./model-f32.gguf" and "SYSTEM" not in fields
+    assert "<|eot_id|>" in fields["PARAMETER"]["stop"]

@@ -264,10 +264,11 @@ def backbone_config(family: str, vocabulary_size: int) -> dict:
             dtype="float32",
         )
         if family == "llama3":
-            # Llama 3.1/3.2's frequency-dependent rope scaling, on a tiny pretraining length.
+            # Llama 3.1/3.2's frequency-dependent rope scaling; with head size 8 and a pretraining
+            # length of 200 its four frequencies fall in all three regimes (kept, smoothed, scaled).
             config.update(rope_max_wavelength=500000.0, rope_frequency_adjustment_factor=8.0,
                           rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                          rope_pretraining_sequence_length=16)
+                          rope_pretraining_sequence_length=200)
         return config
     raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES + LLAMA_FAMILIES}")
 

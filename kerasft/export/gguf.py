@@ -1,10 +1,19 @@
-"""Export to GGUF (llama.cpp's `gemma`, `gemma2`, `gemma3` architectures) with the `gguf` package.
+"""Export to GGUF (llama.cpp's `gemma`, `gemma2`, `gemma3` and `llama` architectures) with the
+`gguf` package, and the Ollama Modelfile beside it.
 
-The exact inverse of kerasft.models.gguf (the importer): tensors come from the merged
+For Gemma, the exact inverse of kerasft.models.gguf (the importer): tensors come from the merged
 transformers state dict (LoRA folded in, int8 dequantized) under llama.cpp's names, in (out, in)
 layout; RMSNorm weights are stored as 1 + w, as llama.cpp's Gemma graphs expect; the
 SentencePiece vocabulary goes in as pieces, scores and types, with user-defined pieces' U+2581
-written as spaces, as llama.cpp's converter does.
+written as spaces, as llama.cpp's converter does. For Llama (Llama 2, TinyLlama, Llama 3) the
+layout is llama.cpp's convert_hf_to_gguf.py: query and key rows permuted for its rotary layout,
+norms as they are, the untied head as `output.weight`, Llama 3's rope scaling as the
+`rope_freqs.weight` factors, a byte-level BPE vocabulary as tokens, types and merges ("gpt2",
+pre-tokenizer "llama-bpe").
+
+The Modelfile (FROM, TEMPLATE in Go-template syntax rendering the training chat template,
+PARAMETER stop for each stop token, default sampling and context, SYSTEM when the run has a
+system prompt) lets `ollama create NAME -f Modelfile` serve the file as it was trained.
 """
 
 from __future__ import annotations
@@ -32,33 +41,48 @@ _BLOCK_TENSORS = {
     "self_attn.k_norm": "attn_k_norm",
 }
 
+# Llama's two norms (transformers' post_attention_layernorm is llama.cpp's ffn_norm there).
+_LLAMA_NORM_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
 # SentencePiece piece types, which llama.cpp's token types number the same way.
 _USER_DEFINED = 4
 
 # Context lengths of the released models of each family (transformers' config defaults too).
-CONTEXT_LENGTH = {"gemma": 8192, "gemma2": 8192, "gemma3": 32768}
+CONTEXT_LENGTH = {"gemma": 8192, "gemma2": 8192, "gemma3": 32768, "llama": 2048, "llama3": 131072}
+
+MODELFILE = "Modelfile"
+# Ollama defaults written into the Modelfile; num_ctx is capped by the family's context length.
+MODELFILE_PARAMETERS = {"temperature": 0.7, "top_p": 0.9, "num_ctx": 4096}
 
 
 def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16", card: str | None = None,
-                overwrite: bool = False, chat_template: str = "gemma") -> Path:
-    """Writes `out_dir/model-<quant>.gguf` (weights, hyperparameters, tokenizer, chat template)
-    and a model card README.md.
+                overwrite: bool = False, chat_template: str = "auto", system: str = "",
+                parameters: dict | None = None) -> Path:
+    """Writes `out_dir/model-<quant>.gguf` (weights, hyperparameters, tokenizer, chat template),
+    an Ollama `Modelfile` and a model card README.md.
 
     Args:
         quant: "f32", "f16" or "q8_0" for the matrices (q8_0 falls back to f16 for a matrix
             whose rows are not a multiple of 32 values); norms stay float32, as in llama.cpp.
+        chat_template: data.template the model was trained with ("auto": the model's own).
+        system: the run's system prompt, written as the Modelfile's SYSTEM.
+        parameters: Modelfile PARAMETER values overriding MODELFILE_PARAMETERS.
 
     The folder appears atomically (built beside the target, then renamed).
     """
     import gguf
 
+    from kerasft.data.template import chat_tokens, resolve_template
     from kerasft.export import hf
     from kerasft.export.card import model_card
+    from kerasft.models.families import FAMILIES
 
     if quant not in QUANTS:
         raise KerasftError(f"GGUF quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
     family = hf.hf_family(backbone)
     _check_query_scaling(backbone, family)
+    tokens = chat_tokens(tokenizer)
+    template = resolve_template(chat_template, tokens)
     out = Path(out_dir)
     file_name = f"model-{quant}.gguf"
     vocabulary = gguf_vocabulary(tokenizer)
@@ -67,14 +91,17 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
             f"the tokenizer has {len(vocabulary['tokens'])} pieces but the model {backbone.vocabulary_size} embeddings"
         )
     with hf.staged_dir(out, overwrite) as staging:
-        writer = gguf.GGUFWriter(str(staging / file_name), family)
-        _write_metadata(writer, backbone, family, quant, vocabulary, chat_template)
+        writer = gguf.GGUFWriter(str(staging / file_name), FAMILIES[family].gguf_architecture)
+        _write_metadata(writer, backbone, family, quant, vocabulary, template)
         for name, array in gguf_tensors(backbone, family).items():
             _add_tensor(writer, name, array, quant)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        settings = {**MODELFILE_PARAMETERS, **(parameters or {})}
+        settings["num_ctx"] = min(int(settings["num_ctx"]), CONTEXT_LENGTH[family])
+        (staging / MODELFILE).write_text(modelfile(file_name, tokens, template, system, settings), encoding="utf-8")
         if card is None:
             card = model_card("gguf", backbone, extra={"file": file_name, "quantization": quant})
         (staging / "README.md").write_text(card, encoding="utf-8")
@@ -82,9 +109,12 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
 
 
 def gguf_tensors(backbone, family: str) -> dict:
-    """float32 numpy tensors under llama.cpp names, norms as 1 + w."""
+    """float32 numpy tensors under llama.cpp names (Gemma norms as 1 + w)."""
     from kerasft.export.hf import hf_state_dict
+    from kerasft.models.families import LLAMA_FAMILIES
 
+    if family in LLAMA_FAMILIES:
+        return _llama_tensors(backbone, hf_state_dict(backbone))
     tensors = {}
     for name, array in hf_state_dict(backbone).items():
         if name == "model.embed_tokens.weight":
@@ -102,10 +132,146 @@ def gguf_tensors(backbone, family: str) -> dict:
     return tensors
 
 
+def _llama_tensors(backbone, state: dict) -> dict:
+    """llama.cpp's names for a LlamaForCausalLM state dict, as its convert_hf_to_gguf.py writes them."""
+    import numpy as np
+
+    heads, kv_heads = backbone.num_query_heads, backbone.num_key_value_heads
+    tensors = {"token_embd.weight": state.pop("model.embed_tokens.weight")}
+    if "lm_head.weight" in state:
+        tensors["output.weight"] = state.pop("lm_head.weight")
+    tensors["output_norm.weight"] = state.pop("model.norm.weight")
+    factors = _llama3_rope_factors(backbone)
+    if factors is not None:
+        tensors["rope_freqs.weight"] = factors
+    for name, array in state.items():
+        _, _, layer, module = name.split(".", 3)
+        module = module.removesuffix(".weight")
+        if module == "self_attn.q_proj":
+            array = _permute_rotary(array, heads)
+        elif module == "self_attn.k_proj":
+            array = _permute_rotary(array, kv_heads)
+        tensors[f"blk.{layer}.{(_BLOCK_TENSORS | _LLAMA_NORM_TENSORS)[module]}.weight"] = np.ascontiguousarray(array)
+    return tensors
+
+
+def verify_llama_gguf(gguf_path: str | Path, backbone, token_ids, *, atol: float = 1e-4, rtol: float = 1e-5) -> dict:
+    """Reads a Llama GGUF export back with the `gguf` package (metadata, names, shapes, values:
+    dequantized, rotary rows un-permuted, rope factors) and runs the weights in transformers'
+    LlamaForCausalLM (float64) under the export's config, comparing logits with the Keras model.
+
+    transformers' own GGUF loader would do, but it drops Llama 3's rope_freqs; this check reads
+    them and requires them equal to the backbone's scaling. Returns the report of
+    kerasft.export.hf.verify_hf_export; raises KerasftError on a structural mismatch.
+    """
+    import numpy as np
+
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise KerasftError("checking a Llama GGUF export needs transformers and torch: pip install 'kerasft[verify]'") from None
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from kerasft.export.hf import hf_family, keras_logits, llama_config
+
+    expected = gguf_tensors(backbone, hf_family(backbone))
+    reader = GGUFReader(str(gguf_path))
+    fields = {"llama.block_count": backbone.num_layers, "llama.embedding_length": backbone.hidden_dim,
+              "llama.attention.head_count": backbone.num_query_heads,
+              "llama.attention.head_count_kv": backbone.num_key_value_heads,
+              "llama.feed_forward_length": backbone.intermediate_dim}
+    for key, value in fields.items():
+        field = reader.get_field(key)
+        if field is None or int(field.contents()) != int(value):
+            raise KerasftError(f"{gguf_path}: {key} is {None if field is None else field.contents()}, expected {value}")
+    found = {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(expected[t.name].shape)
+             for t in reader.tensors if t.name in expected}
+    names = {t.name for t in reader.tensors}
+    if names != set(expected):
+        raise KerasftError(f"{gguf_path}: tensors differ from the model's: {sorted(names ^ set(expected))[:3]}")
+    rope = found.pop("rope_freqs.weight", None)
+    if rope is not None and not np.allclose(rope, expected["rope_freqs.weight"], rtol=1e-6):
+        raise KerasftError(f"{gguf_path}: rope_freqs differ from the backbone's llama3 rope scaling")
+    state = {}
+    for name, array in found.items():
+        if name.startswith("blk."):
+            _, layer, module, _ = name.split(".")
+            hf_module = {v: k for k, v in (_BLOCK_TENSORS | _LLAMA_NORM_TENSORS).items()}[module]
+            if module in ("attn_q", "attn_k"):
+                heads = backbone.num_query_heads if module == "attn_q" else backbone.num_key_value_heads
+                array = _unpermute_rotary(array, heads)
+            state[f"model.layers.{layer}.{hf_module}.weight"] = array
+        else:
+            state[{"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+                   "output_norm.weight": "model.norm.weight"}[name]] = array
+    special = [int(reader.get_field(f"tokenizer.ggml.{name}_token_id").contents()) for name in ("bos", "eos")]
+    config = transformers.LlamaConfig(**{k: v for k, v in llama_config(backbone, "float32", *special).items()
+                                         if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    model = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)).double() for k, v in state.items()}, strict=False)
+    if unexpected or [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]:
+        raise KerasftError(f"{gguf_path}: weights do not fill LlamaForCausalLM (missing {missing[:2]}, extra {unexpected[:2]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    ids = np.asarray(token_ids, dtype=np.int64)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids)).logits.numpy()
+    ours = keras_logits(backbone, ids.astype(np.int32))
+    diff, scale = float(np.max(np.abs(theirs - ours))), float(np.max(np.abs(theirs)))
+    tolerance = atol + rtol * scale
+    return {"max_abs_diff": diff, "tolerance": tolerance, "logit_scale": scale, "ok": diff <= tolerance,
+            "reference": "GGUF read back (gguf package) in transformers LlamaForCausalLM float64"}
+
+
+def _unpermute_rotary(weight, heads: int):
+    """The inverse of _permute_rotary."""
+    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _permute_rotary(weight, heads: int):
+    """llama.cpp rotates adjacent pairs of each head (GPT-J style); transformers rotates halves:
+    the rows of each head go from (half, pair) to (pair, half) order."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _llama3_rope_factors(backbone):
+    """Llama 3.1/3.2's frequency-dependent rope scaling as the per-frequency divisors llama.cpp
+    reads from `rope_freqs.weight` (the same formula as its converter and keras-hub), or None."""
+    import math
+
+    import numpy as np
+
+    factor = getattr(backbone, "rope_frequency_adjustment_factor", None)
+    if not factor:
+        return None
+    head_dim = backbone.hidden_dim // backbone.num_query_heads
+    base, old_context = float(backbone.rope_max_wavelength), float(backbone.rope_pretraining_sequence_length)
+    low, high = float(backbone.rope_low_freq_factor), float(backbone.rope_high_freq_factor)
+    low_wavelength, high_wavelength = old_context / low, old_context / high
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (i / head_dim)
+        if wavelength < high_wavelength:
+            factors.append(1.0)
+        elif wavelength > low_wavelength:
+            factors.append(float(factor))
+        else:
+            smooth = (old_context / wavelength - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
 def gguf_vocabulary(tokenizer) -> dict:
-    """Pieces, scores, types and special ids of a keras-hub SentencePiece tokenizer, as llama.cpp
-    stores them."""
+    """Pieces, scores, types and special ids of a keras-hub SentencePiece tokenizer (or tokens,
+    types and merges of a byte-level BPE one), as llama.cpp stores them."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from kerasft.models.families import tokenizer_kind
+
+    if tokenizer_kind(tokenizer) == "bpe":
+        return _bpe_vocabulary(tokenizer)
 
     model = sp_pb2.ModelProto()
     model.ParseFromString(tokenizer.proto)
@@ -118,6 +284,7 @@ def gguf_vocabulary(tokenizer) -> dict:
         scores.append(float(piece.score))
         types.append(int(piece.type))
     trainer = model.trainer_spec
+    end_of_turn = model.pieces[tokenizer.token_to_id("<end_of_turn>")].piece == "<end_of_turn>"
     return {
         "tokens": tokens,
         "scores": scores,
@@ -126,8 +293,36 @@ def gguf_vocabulary(tokenizer) -> dict:
         "eos": trainer.eos_id,
         "unk": trainer.unk_id,
         "pad": trainer.pad_id,
-        "end_of_turn": tokenizer.token_to_id("<end_of_turn>"),
+        "end_of_turn": tokenizer.token_to_id("<end_of_turn>") if end_of_turn else None,
         "add_space_prefix": model.normalizer_spec.add_dummy_prefix,
+        "model": "llama",
+        "pre": "default",
+    }
+
+
+def _bpe_vocabulary(tokenizer) -> dict:
+    """A Llama 3 byte-level BPE vocabulary: tokens in id order, control type for <|...|> tokens."""
+    from kerasft.data.template import EOT
+
+    by_id = {int(i): token for token, i in tokenizer.vocabulary.items()}
+    if sorted(by_id) != list(range(len(by_id))):
+        raise KerasftError("the BPE vocabulary's ids are not contiguous from 0; GGUF stores tokens by position")
+    tokens = [by_id[i] for i in range(len(by_id))]
+    control, normal = 3, 1  # llama.cpp token types
+    vocabulary = dict(tokenizer.vocabulary)
+    return {
+        "tokens": tokens,
+        "scores": None,
+        "types": [control if t.startswith("<|") and t.endswith("|>") else normal for t in tokens],
+        "merges": [m if isinstance(m, str) else " ".join(m) for m in tokenizer.merges],
+        "bos": vocabulary[tokenizer.start_token],
+        "eos": vocabulary[tokenizer.end_token],
+        "unk": None,
+        "pad": -1,
+        "end_of_turn": vocabulary.get(EOT),
+        "add_space_prefix": False,
+        "model": "gpt2",
+        "pre": "llama-bpe",
     }
 
 
@@ -136,24 +331,36 @@ def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict,
 
     from kerasft.data.template import hf_chat_template
     from kerasft.export.hf import decoder_block
+    from kerasft.models.families import LLAMA_FAMILIES
 
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_type("model")
     writer.add_name(f"kerasft {family} export")
-    writer.add_license("gemma")
+    if family not in LLAMA_FAMILIES:
+        writer.add_license("gemma")
     writer.add_file_type(file_types[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(CONTEXT_LENGTH[family])
     writer.add_embedding_length(backbone.hidden_dim)
     writer.add_block_count(backbone.num_layers)
     # keras-hub's Gemma 1/2 intermediate_dim counts both gate and up projections.
-    writer.add_feed_forward_length(backbone.intermediate_dim if family == "gemma3" else backbone.intermediate_dim // 2)
+    writer.add_feed_forward_length(backbone.intermediate_dim if family in ("gemma3", *LLAMA_FAMILIES)
+                                   else backbone.intermediate_dim // 2)
     writer.add_head_count(backbone.num_query_heads)
     writer.add_head_count_kv(backbone.num_key_value_heads)
-    writer.add_key_length(backbone.head_dim)
-    writer.add_value_length(backbone.head_dim)
+    head_dim = backbone.hidden_dim // backbone.num_query_heads if family in LLAMA_FAMILIES else backbone.head_dim
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(float(backbone.layer_norm_epsilon))
+    if family in LLAMA_FAMILIES:
+        writer.add_vocab_size(backbone.vocabulary_size)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(backbone.rope_max_wavelength))
+        linear = float(backbone.rope_position_scaling_factor or 1.0)
+        if linear != 1.0 and not backbone.rope_frequency_adjustment_factor:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(linear)
     if family in ("gemma", "gemma2"):
         writer.add_rope_freq_base(10_000.0)  # keras-hub's Gemma 1/2 attention fixes it
     if family == "gemma2":
@@ -175,14 +382,18 @@ def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict,
             writer.add_attn_logit_softcapping(float(backbone.attention_logit_soft_cap))
         if backbone.final_logit_soft_cap:
             writer.add_final_logit_softcapping(float(backbone.final_logit_soft_cap))
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(vocabulary["model"])
+    writer.add_tokenizer_pre(vocabulary["pre"])
     writer.add_token_list(vocabulary["tokens"])
-    writer.add_token_scores(vocabulary["scores"])
+    if vocabulary["scores"] is not None:
+        writer.add_token_scores(vocabulary["scores"])
     writer.add_token_types(vocabulary["types"])
+    if vocabulary.get("merges"):
+        writer.add_token_merges(vocabulary["merges"])
     writer.add_bos_token_id(vocabulary["bos"])
     writer.add_eos_token_id(vocabulary["eos"])
-    writer.add_unk_token_id(vocabulary["unk"])
+    if vocabulary["unk"] is not None:
+        writer.add_unk_token_id(vocabulary["unk"])
     if vocabulary["pad"] >= 0:
         writer.add_pad_token_id(vocabulary["pad"])
     if vocabulary["end_of_turn"] is not None:
@@ -191,6 +402,110 @@ def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict,
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(bool(vocabulary["add_space_prefix"]))
     writer.add_chat_template(hf_chat_template(chat_template))
+
+
+# The chat templates as Ollama Go templates: the same text as kerasft.data.template.render_chat
+# without the bos (llama.cpp adds it). A system message (or the Modelfile's SYSTEM) goes where
+# training put it.
+_GO_SYSTEM = (
+    '{{ $system := .System }}'
+    '{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
+)
+_GO_TEMPLATES = {
+    "gemma": _GO_SYSTEM + (
+        '{{ $first := true }}'
+        '{{ range .Messages }}'
+        '{{ if eq .Role "user" }}<start_of_turn>user\n'
+        '{{ if and $first $system }}{{ $system }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n<start_of_turn>model\n'
+        '{{ $first = false }}'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}<end_of_turn>\n'
+        '{{ end }}'
+        '{{ end }}'
+    ),
+    "llama3": _GO_SYSTEM + (
+        '{{ if $system }}<|start_header_id|>system<|end_header_id|>\n\n{{ $system }}<|eot_id|>{{ end }}'
+        '{{ range .Messages }}'
+        '{{ if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '<|start_header_id|>assistant<|end_header_id|>\n\n'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}<|eot_id|>'
+        '{{ end }}'
+        '{{ end }}'
+    ),
+    "zephyr": _GO_SYSTEM + (
+        '{{ if $system }}<|system|>\n{{ $system }}{EOS}\n{{ end }}'
+        '{{ range .Messages }}'
+        '{{ if eq .Role "user" }}<|user|>\n{{ .Content }}{EOS}\n<|assistant|>\n'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}{EOS}\n'
+        '{{ end }}'
+        '{{ end }}'
+    ),
+    "plain": _GO_SYSTEM + (
+        '{{ if $system }}{{ $system }}\n\n{{ end }}'
+        '{{ $later := false }}'
+        '{{ range .Messages }}'
+        '{{ if eq .Role "user" }}{{ if $later }}\n\n{{ end }}### Instruction:\n{{ .Content }}\n\n### Response:\n'
+        '{{ $later = true }}'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}{EOS}'
+        '{{ end }}'
+        '{{ end }}'
+    ),
+}
+
+
+def go_template(template: str, eos_text: str) -> str:
+    """The Ollama (Go text/template) form of a resolved chat template."""
+    return _GO_TEMPLATES[template].replace("{EOS}", eos_text)
+
+
+def modelfile(gguf_name: str, tokens, template: str, system: str, parameters: dict) -> str:
+    """An Ollama Modelfile for a GGUF file beside it: FROM, TEMPLATE, a PARAMETER stop for each
+    stop token of the template, the sampling/context PARAMETERs, and SYSTEM if there is one."""
+    from kerasft.data.template import closing_id
+
+    stops = dict.fromkeys(tokens.encoder.piece(i) for i in (closing_id(tokens, template), tokens.eos))
+    for text in [system, *stops]:
+        if '"""' in text:
+            raise KerasftError(f'a Modelfile cannot hold {text[:40]!r}: it contains """')
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(template, tokens.eos_text)}"""']
+    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    lines += [f"PARAMETER {key} {value}" for key, value in parameters.items()]
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
+
+
+def read_modelfile(path: str | Path) -> dict:
+    """Parses a Modelfile written by `modelfile` back into {"FROM", "TEMPLATE", "SYSTEM",
+    "PARAMETER": {name: [values]}} (triple-quoted values may span lines)."""
+    import shlex
+
+    text = Path(path).read_text(encoding="utf-8")
+    parsed: dict = {"PARAMETER": {}}
+    position = 0
+    while position < len(text):
+        end = text.find("\n", position)
+        line = text[position: end if end >= 0 else len(text)]
+        if not line.strip() or line.startswith("#"):
+            position = (end if end >= 0 else len(text)) + 1
+            continue
+        command, _, rest = line.partition(" ")
+        if rest.startswith('"""'):
+            close = text.find('"""', position + len(command) + 4)
+            if close < 0:
+                raise KerasftError(f"{path}: {command}: unterminated \"\"\"")
+            value = text[position + len(command) + 4: close]
+            position = close + 3
+            position = text.find("\n", position) + 1 if text.find("\n", position) >= 0 else len(text)
+        else:
+            value = rest
+            position = (end if end >= 0 else len(text)) + 1
+        command = command.upper()
+        if command == "PARAMETER":
+            name, _, raw = value.partition(" ")
+            parsed["PARAMETER"].setdefault(name, []).append(shlex.split(raw)[0] if raw.startswith('"') else raw)
+        else:
+            parsed[command] = value
+    return parsed
 
 
 def _add_tensor(writer, name: str, array, quant: str) -> None:

@@ -306,7 +306,12 @@ def hf_config(backbone, dtype: str = "float32", tokenizer=None) -> dict:
     family = hf_family(backbone)
     architecture, model_type = HF_ARCHITECTURES[family]
     if family in LLAMA_FAMILIES:
-        return _llama_config(backbone, dtype, tokenizer)
+        if tokenizer is None:
+            raise KerasftError("a Llama config needs the tokenizer (its special-token ids)")
+        from kerasft.data.template import chat_tokens
+
+        tokens = chat_tokens(tokenizer)
+        return llama_config(backbone, dtype, tokens.bos, tokens.eos)
     config = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -356,14 +361,10 @@ def hf_config(backbone, dtype: str = "float32", tokenizer=None) -> dict:
     return config
 
 
-def _llama_config(backbone, dtype: str, tokenizer) -> dict:
+def llama_config(backbone, dtype: str, bos_id: int, eos_id: int) -> dict:
     """LlamaForCausalLM's config.json; rope scaling as keras-hub's convert_llama3 reads it back."""
-    from kerasft.data.template import chat_tokens
     from kerasft.models.families import FAMILIES, model_family, ties_embeddings
 
-    if tokenizer is None:
-        raise KerasftError("a Llama config needs the tokenizer (its special-token ids)")
-    tokens = chat_tokens(tokenizer)
     base = float(backbone.rope_max_wavelength)
     rope = {"rope_type": "default", "rope_theta": base}
     if backbone.rope_frequency_adjustment_factor:
@@ -394,8 +395,8 @@ def _llama_config(backbone, dtype: str, tokenizer) -> dict:
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "tie_word_embeddings": ties_embeddings(backbone),
-        "bos_token_id": tokens.bos,
-        "eos_token_id": tokens.eos,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
         "pad_token_id": None,
         "torch_dtype": dtype,
         "dtype": dtype,
