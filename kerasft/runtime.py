@@ -71,18 +71,24 @@ def set_distribution(cfg, devices=None):
 
 
 def gemma_layout_map(device_mesh):
-    """Weight layouts of Gemma 1, 2 and 3 over a ("batch", "model") mesh.
+    """Weight layouts of Gemma 1, 2 and 3 and Llama over a ("batch", "model") mesh.
 
     keras-hub's Gemma layout (the Gemma team's training sharding: heads and feed-forward width
     over `model`, the hidden width over `batch`) names its variables the same way in all three
-    families (Gemma3Backbone has no layout map of its own), so one map serves them. LoRA A/B
-    matrices match no rule and are replicated.
+    families (Gemma3Backbone has no layout map of its own), so one map serves them; Llama's
+    variables have other names, and their rules (kerasft.models.families.llama_layout_rules)
+    join the same map. LoRA A/B matrices match no rule and are replicated.
     """
     import keras_hub
 
-    return keras_hub.models.GemmaBackbone.get_layout_map(
+    from kerasft.models.families import llama_layout_rules
+
+    layout_map = keras_hub.models.GemmaBackbone.get_layout_map(
         device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"
     )
+    for key, axes in llama_layout_rules("model", "batch").items():
+        layout_map[key] = axes
+    return layout_map
 
 
 def batch_shards() -> int:

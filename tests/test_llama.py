@@ -445,3 +445,16 @@ def test_cli_gguf_export_writes_the_modelfile(tiny_llama_presets, tmp_path):
     fields = read_modelfile(out / "Modelfile")
     assert fields["FROM"] == "./model-f32.gguf" and "SYSTEM" not in fields
     assert "<|eot_id|>" in fields["PARAMETER"]["stop"]
+
+
+def test_llama_model_parallel_follows_the_single_device_loss_curve(tiny_llama_presets, tmp_path):
+    """runtime.mesh=model lays Llama's weights out by its own rules (kerasft.models.families) on
+    8 simulated devices and trains to the single-device loss curve."""
+    from test_distribution import _train_layouts
+
+    result = _train_layouts(tiny_llama_presets["llama3"], tmp_path, ["none:auto", "model:2x4"])["model:2x4"]
+    specs = [json.loads(spec) for spec in result["weight_specs"]]
+    assert ["model", "batch", None] in specs  # query (hidden, heads, head_dim): hidden over model
+    assert [None, None, None] in specs  # key/value kept whole
+    assert ["batch", "model"] in specs  # feed-forward gate/up (hidden, width)
+    assert ["model", "batch"] in specs  # feed-forward down (width, hidden)
