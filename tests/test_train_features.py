@@ -186,6 +186,9 @@ def test_lora_dropout_in_training_only(tiny_preset):
     other = float(loss_fn(params, frozen, batch, dropout_key(0, 1))[0])
     assert first == again  # a pure function of (seed, step): resume stays bit-exact
     assert first != plain and other != first
+    # the separately computed branch is the merged layer's function when nothing is dropped
+    nearly_none = jax.jit(make_loss_fn(backbone, dropout=1e-9))
+    assert float(nearly_none(params, frozen, batch, dropout_key(0, 0))[0]) == pytest.approx(plain, rel=1e-6)
     # no key: the same loss as a model built without dropout, and the merged export is unchanged
     assert plain == pytest.approx(float(jax.jit(make_loss_fn(backbone))(params, frozen, batch)[0]), rel=1e-6)
     after = hf_state_dict(backbone)

@@ -12,6 +12,7 @@ bfloat16 models (the report says so).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class Plan:
     trainable_parameters: int
     step: StepMemory
     quantize: str = "none"
+    remat: str = "none"
     largest_batch: int | None = None
     tried: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -184,7 +186,10 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
     target = TARGETS[target_name]
     usable = int((target.bytes_per_device or _available_memory()) * HEADROOM)
     tpu_devices = tpu_topology_devices(target_name)
-    distribution = set_distribution(cfg.runtime, devices=tpu_devices)
+    runtime = cfg.runtime
+    if tpu_devices and runtime.mesh == "none":  # one abstract TPU device; without a sharding jit would pick the CPU
+        tpu_devices, runtime = tpu_devices[:1], dataclasses.replace(runtime, mesh="data", mesh_shape="auto")
+    distribution = set_distribution(runtime, devices=tpu_devices)
     backbone = abstract_backbone(cfg.model, cfg.lora)
     apply_remat(backbone, cfg.train.remat)
     sequence_length = cfg.data.sequence_length
@@ -205,7 +210,7 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
                      "(libtpu from PyPI, no TPU needed) and plan again")
     if device_count != target.devices:
         notes.append(f"planned on {device_count} device(s); {target.name} has {target.devices}")
-    if distribution is None and target.devices > 1:
+    if cfg.runtime.mesh == "none" and target.devices > 1:
         notes.append("runtime.mesh is none: one device holds everything; try runtime.mesh=model")
 
     def measure(batch_size: int) -> StepMemory:
@@ -216,8 +221,13 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
                 mesh=f"{cfg.runtime.mesh} {cfg.runtime.mesh_shape}", sequence_length=sequence_length, targets_per_row=k,
                 parameters=sum(_size(v) for v in backbone.weights),
                 trainable_parameters=sum(_size(v) for v in backbone.trainable_variables), step=step, notes=notes,
-                quantize=cfg.model.quantize)
+                quantize=cfg.model.quantize, remat=cfg.train.remat)
     plan.tried.append((step.batch_size, step.peak))
+    if not plan.fits:
+        if cfg.train.remat == "none":
+            notes.append("train.remat=full recomputes block activations in the backward pass: smaller temporaries")
+        if cfg.model.quantize == "none":
+            notes.append("model.quantize=int8 (or int4) stores the frozen projections in 1 (or 1/2) byte per weight")
     if search:
         plan.largest_batch = _largest_batch(measure, plan, shards)
     return plan
@@ -319,24 +329,44 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
         "target_ids": data((batch_size, k), jnp.int32),
         "target_weights": data((batch_size, k), jnp.float32),
     }
-    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile()
-    analysis = compiled.memory_analysis()
-    peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-            + analysis.temp_size_in_bytes)
+    arguments = sum(_device_bytes(s) for s in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
+    try:
+        analysis = step_fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile().memory_analysis()
+        sizes = (analysis.argument_size_in_bytes, analysis.output_size_in_bytes, analysis.alias_size_in_bytes,
+                 analysis.temp_size_in_bytes)
+    except Exception as err:  # the TPU compiler refuses a program larger than HBM (RESOURCE_EXHAUSTED)
+        temporaries = _refused_temporaries(err)
+        if temporaries is None:
+            raise
+        sizes = (arguments, 0, 0, temporaries)  # outputs are donated arguments
+    peak = sizes[0] + sizes[1] - sizes[2] + sizes[3]
     vocabulary = backbone.token_embedding.embeddings.shape[0]
     per_device_rows = batch_size // _batch_shards(distribution)
     return StepMemory(
         batch_size=batch_size,
         peak=int(peak),
-        arguments=int(analysis.argument_size_in_bytes),
-        outputs=int(analysis.output_size_in_bytes),
-        aliased=int(analysis.alias_size_in_bytes),
-        temporaries=int(analysis.temp_size_in_bytes),
+        arguments=int(sizes[0]),
+        outputs=int(sizes[1]),
+        aliased=int(sizes[2]),
+        temporaries=int(sizes[3]),
         weights=sum(_device_bytes(s) for s in non_trainable),
         trainable_and_optimizer=sum(_device_bytes(s) for s in jax.tree.leaves([trainable, opt_state])),
         # float32 logits at the loss positions (the step never forms the full-sequence logits)
         logits=int(per_device_rows * k * vocabulary * np.dtype("float32").itemsize),
     )
+
+
+def _refused_temporaries(err: Exception) -> int | None:
+    """The temporaries' bytes from the TPU compiler's out-of-memory refusal, e.g. "Ran out of memory
+    on HBM, the total memory required for HLO temporaries (25.94G) exceeds available HBM (15.48G)";
+    None for any other error."""
+    import re
+
+    text = str(err)
+    found = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", text)
+    if "RESOURCE_EXHAUSTED" not in text or not found:
+        return None
+    return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
 
 
 def measure_step(cfg, targets_per_row: int | None = None) -> dict:
@@ -402,7 +432,8 @@ def format_plan(plan: Plan, target_key: str) -> str:
         f"({int(HEADROOM * 100)} % of {_gib(plan.usable / HEADROOM)})",
         f"model: {_count(plan.parameters)} parameters, {_count(plan.trainable_parameters)} trainable (LoRA); "
         f"compiled for {plan.compiler} on {plan.devices} device(s), mesh {plan.mesh}",
-        f"step: batch {step.batch_size} x sequence {plan.sequence_length}, {plan.targets_per_row} loss positions a row",
+        f"step: batch {step.batch_size} x sequence {plan.sequence_length}, {plan.targets_per_row} loss positions a row"
+        + (", decoder blocks rematerialised (train.remat=full)" if plan.remat == "full" else ""),
         "per device:",
         f"  weights (frozen)               {_gib(step.weights):>11}"
         + (f"  (projections {plan.quantize}, weight-only)" if plan.quantize != "none" else ""),
