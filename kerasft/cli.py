@@ -299,7 +299,7 @@ def _cmd_generate(args) -> int:
     tokens = chat_tokens(loaded.tokenizer)
     # A run dir renders prompts exactly as its training did: same system prompt and template.
     system = args.system if args.system is not None else (run_cfg.data.system if run_cfg else "")
-    template = run_cfg.data.template if run_cfg else "gemma"
+    template = run_cfg.data.template if run_cfg else "auto"
     prompts = [encode_prompt(tokens, text, system, template=template) for text in args.prompt]
     outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids, tokens.pad)
     for text, ids in zip(args.prompt, outputs):

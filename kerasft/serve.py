@@ -71,7 +71,7 @@ class Engine:
         context_length: the longest prompt + max_tokens accepted (defaults to the family's).
     """
 
-    def __init__(self, loaded, *, model_id: str, template: str = "gemma", system: str = "", max_batch: int = 8,
+    def __init__(self, loaded, *, model_id: str, template: str = "auto", system: str = "", max_batch: int = 8,
                  batch_window_s: float = 0.02, max_tokens_limit: int = 512, context_length: int | None = None):
         from kerasft.data.template import chat_tokens
         from kerasft.evaluate.generate import causal_lm_for
@@ -102,7 +102,7 @@ class Engine:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise RequestError("prompt must be a string (one prompt per request)", param="prompt")
-        prompt_ids = [self.tokens.bos] + self.tokens.encode(prompt)
+        prompt_ids = [self.tokens.bos] + self.tokens.encode_batch([prompt], after_special=True)[0]
         return self._limits(body, prompt_ids, COMPLETIONS_DEFAULT_MAX_TOKENS)
 
     def chat(self, body: dict) -> dict:
@@ -290,7 +290,7 @@ def load_engine(source: str, **options) -> Engine:
     loaded, cfg = load_source(source)
     data = cfg.data if cfg else None
     model_id = Path(source).name if Path(source).exists() else source
-    return Engine(loaded, model_id=model_id, template=getattr(data, "template", "gemma"),
+    return Engine(loaded, model_id=model_id, template=getattr(data, "template", "auto"),
                   system=getattr(data, "system", ""), **options)
 
 

@@ -219,7 +219,7 @@ def test_encoding_empty_and_unknown_format_messages(tmp_path):
 
 
 def test_config_rejects_bad_data_choices(tmp_path):
-    with pytest.raises(KerasftError, match="data.template: 'chatml' is not one of gemma, plain"):
+    with pytest.raises(KerasftError, match="data.template: 'chatml' is not one of auto, gemma, llama3, zephyr, plain"):
         load_config(None, ["data.template=chatml"])
     with pytest.raises(KerasftError, match=r"data.split.ratios: \[0.5, 0.2\] must be 2 or 3"):
         load_config(None, ["data.split.ratios=[0.5,0.2]"])
