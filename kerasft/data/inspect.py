@@ -148,19 +148,22 @@ class _Proto:
 
 
 def _tokenizer(model_cfg):
-    """The model's SentencePiece tokenizer, read from the preset folder without building the
-    model (keras-hub presets keep it in assets/tokenizer/, HF folders as tokenizer.model)."""
+    """The model's tokenizer without building the model: a SentencePiece proto read from the
+    preset folder (keras-hub presets keep it in assets/tokenizer/, HF folders as tokenizer.model),
+    else keras-hub's tokenizer of the folder (Llama 3's byte-level BPE)."""
     from kerasft.models.presets import cache_dir, resolve_preset
 
     path = Path(resolve_preset(model_cfg.preset, cache_dir(model_cfg.cache_dir)))
     for candidate in (path / "assets" / "tokenizer" / "vocabulary.spm", path / "tokenizer.model"):
         if candidate.is_file():
             return _Proto(candidate.read_bytes())
-    if path.is_dir():
-        raise KerasftError(f"{path}: no SentencePiece tokenizer (assets/tokenizer/vocabulary.spm or tokenizer.model)")
     from kerasft.runtime import init_backend
 
     init_backend()
     import keras_hub
 
-    return keras_hub.tokenizers.Tokenizer.from_preset(str(path))
+    try:
+        return keras_hub.tokenizers.Tokenizer.from_preset(str(path))
+    except Exception as err:  # keras-hub raises many types; the user needs one line
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KerasftError(f"{path}: no tokenizer kerasft can read ({first_line})") from err

@@ -151,8 +151,8 @@ def abstract_backbone(model_cfg, lora_cfg):
     from kerasft.models.quant import quantize_abstract
 
     class_name, kwargs = backbone_spec(model_cfg)
-    if class_name not in ("GemmaBackbone", "Gemma3Backbone"):
-        raise KerasftError(f"model.preset: {class_name} is not a Gemma backbone")
+    if class_name not in ("GemmaBackbone", "Gemma3Backbone", "LlamaBackbone", "Llama3Backbone"):
+        raise KerasftError(f"model.preset: {class_name} is not a Gemma or Llama backbone")
     built = {}
 
     def build():
