@@ -458,3 +458,19 @@ def test_llama_model_parallel_follows_the_single_device_loss_curve(tiny_llama_pr
     assert [None, None, None] in specs  # key/value kept whole
     assert ["batch", "model"] in specs  # feed-forward gate/up (hidden, width)
     assert ["model", "batch"] in specs  # feed-forward down (width, hidden)
+
+
+def test_plan_inspect_and_vocab_on_llama(tiny_llama_presets, tmp_path, capsys):
+    """The other commands take Llama presets too, or refuse them in one line."""
+    from kerasft.cli import main
+
+    preset = tiny_llama_presets["llama3"]
+    config = str(ROOT / "configs/quickstart.yaml")
+    assert main(["plan", config, f"model.preset={preset}", "data.sequence_length=64", "--target", "cpu", "--no-search"]) == 0
+    assert "FITS" in capsys.readouterr().out
+    assert main(["data", "inspect", config, f"model.preset={preset}", f"output_dir={tmp_path}"]) == 0
+    words = tmp_path / "words.txt"
+    words.write_text("Zaragoza\n")
+    assert main(["vocab", "add", "--preset", str(tiny_llama_presets["llama"]), "--words", str(words),
+                 "--out", str(tmp_path / "grown")]) == 2
+    assert "a Llama model: kerasft vocab add supports Gemma models only" in capsys.readouterr().err

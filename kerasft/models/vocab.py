@@ -293,6 +293,11 @@ def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: 
         raise KerasftError(f"{out}: already exists; pass --overwrite to replace it")
     words = read_word_list(words_file)
     path = resolve_preset(src, cache_dir(cache))
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if config.get("model_type") == "llama" or config.get("class_name") in ("LlamaBackbone", "Llama3Backbone"):
+        # Llama 2's untied head would need its rows grown too; Llama 3's vocabulary is not SentencePiece.
+        raise KerasftError(f"{src}: a Llama model: kerasft vocab add supports Gemma models only")
     old_proto = read_proto(path)
     new_proto, added = expand_proto(old_proto, words, piece_type, source=str(words_file))
 
@@ -307,8 +312,8 @@ def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: 
     except Exception as err:  # keras-hub raises many types; one line for the user
         raise KerasftError(f"{src}: could not load model: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
     family = model_family(backbone)
-    if family is None:
-        raise KerasftError(f"{src}: {type(backbone).__name__} is not a Gemma model")
+    if family is None or family.startswith("llama"):
+        raise KerasftError(f"{src}: {type(backbone).__name__}: kerasft vocab add supports Gemma models only")
     old_size = int(backbone.vocabulary_size)
     if processor(old_proto).get_piece_size() != old_size:
         raise KerasftError(f"{src}: the tokenizer has {processor(old_proto).get_piece_size()} pieces but the "
