@@ -246,6 +246,9 @@ def tpu_topology_devices(target_name: str):
 
     if target_name not in TPU_TOPOLOGIES or importlib.util.find_spec("libtpu") is None:
         return None
+    # libtpu admits one process per machine (/tmp/libtpu_lockfile) unless told otherwise; a plan
+    # only compiles, so several may load it side by side. Read when JAX first starts its backends.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
 
     if jax.default_backend() == "tpu":
