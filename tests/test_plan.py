@@ -2,9 +2,14 @@
 the real step, and its peak agrees with a measured step on this CPU."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# With libtpu installed, JAX loads it when it starts its backends (here, before the plan does);
+# let it share libtpu with another process (a plan or a TPU job) instead of failing on its lockfile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from kerasft.cli import main
 
