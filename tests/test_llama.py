@@ -474,3 +474,40 @@ def test_plan_inspect_and_vocab_on_llama(tiny_llama_presets, tmp_path, capsys):
     assert main(["vocab", "add", "--preset", str(tiny_llama_presets["llama"]), "--words", str(words),
                  "--out", str(tmp_path / "grown")]) == 2
     assert "a Llama model: kerasft vocab add supports Gemma models only" in capsys.readouterr().err
+
+
+def test_server_renders_the_llama_template_and_serves_the_export(exported):
+    """kerasft serve on a Llama model: chat requests are rendered with the model's own template
+    (the training ids), and the merged export serves the same greedy answer as the model."""
+    from kerasft.data.template import chat_tokens, encode_prompt
+    from kerasft.serve import Engine, load_engine
+
+    tokens = chat_tokens(exported.loaded.tokenizer)
+    engine = Engine(exported.loaded, model_id="tiny", max_tokens_limit=8, system="Eres un guía.")
+    from_export = load_engine(str(exported.merged_dir), max_tokens_limit=8)
+    try:
+        request = engine.chat({"messages": MESSAGES[1:], "max_tokens": 8})
+        assert request["prompt_ids"] == encode_prompt(tokens, MESSAGES[-1]["content"], "Eres un guía.", HISTORY)
+        assert engine.context_length == {"llama": 2048, "llama3": 131072}[exported.family]
+        body = {"messages": MESSAGES, "max_tokens": 8}
+        assert from_export.generate(**from_export.chat(body)) == engine.generate(**engine.chat(body))
+    finally:
+        engine.close()
+        from_export.close()
+
+
+def test_bpe_vocabulary_fills_the_reserved_ids_keras_hub_leaves_out():
+    """keras-hub's Llama 3 tokenizer drops <|reserved_special_token_N|>; GGUF needs one token per
+    embedding row, named as in Llama 3.1/3.2."""
+    from kerasft.export.gguf import gguf_vocabulary
+
+    vocabulary = {"a": 0, "b": 1, "<|begin_of_text|>": 2, "<|end_of_text|>": 3, "<|start_header_id|>": 6,
+                  "<|end_header_id|>": 7, "<|eot_id|>": 8}
+    tokenizer = SimpleNamespace(vocabulary=vocabulary, merges=["a b"], start_token="<|begin_of_text|>",
+                                end_token="<|end_of_text|>")
+    result = gguf_vocabulary(tokenizer, size=11)
+    assert result["tokens"] == ["a", "b", "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                                "<|reserved_special_token_1|>", "<|start_header_id|>", "<|end_header_id|>",
+                                "<|eot_id|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>"]
+    assert result["types"] == [1, 1] + [3] * 9
+    assert (result["bos"], result["eos"], result["end_of_turn"], result["model"]) == (2, 3, 8, "gpt2")

@@ -48,9 +48,9 @@ def causal_lm_for(backbone):
     """keras-hub's causal LM around a backbone, without a TF preprocessor (we tokenise ourselves)."""
     import keras_hub
 
-    from kerasft.models.families import CAUSAL_LM_CLASSES
+    from kerasft.models.families import family_of
 
-    causal_lm_class = getattr(keras_hub.models, CAUSAL_LM_CLASSES.get(type(backbone).__name__, "GemmaCausalLM"))
+    causal_lm_class = getattr(keras_hub.models, family_of(backbone).causal_lm_class)
     return causal_lm_class(backbone=backbone, preprocessor=None)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.models.families import FAMILIES
 
 QUANTS = ("f32", "f16", "q8_0")
 
@@ -48,7 +49,7 @@ _LLAMA_NORM_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm
 _USER_DEFINED = 4
 
 # Context lengths of the released models of each family (transformers' config defaults too).
-CONTEXT_LENGTH = {"gemma": 8192, "gemma2": 8192, "gemma3": 32768, "llama": 2048, "llama3": 131072}
+CONTEXT_LENGTH = {name: family.context_length for name, family in FAMILIES.items()}
 
 MODELFILE = "Modelfile"
 # Ollama defaults written into the Modelfile; num_ctx is capped by the family's context length.
@@ -75,7 +76,6 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
     from kerasft.data.template import chat_tokens, resolve_template
     from kerasft.export import hf
     from kerasft.export.card import model_card
-    from kerasft.models.families import FAMILIES
 
     if quant not in QUANTS:
         raise KerasftError(f"GGUF quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
@@ -85,7 +85,7 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
     template = resolve_template(chat_template, tokens)
     out = Path(out_dir)
     file_name = f"model-{quant}.gguf"
-    vocabulary = gguf_vocabulary(tokenizer)
+    vocabulary = gguf_vocabulary(tokenizer, backbone.vocabulary_size)
     if len(vocabulary["tokens"]) != backbone.vocabulary_size:
         raise KerasftError(
             f"the tokenizer has {len(vocabulary['tokens'])} pieces but the model {backbone.vocabulary_size} embeddings"
@@ -263,15 +263,15 @@ def _llama3_rope_factors(backbone):
     return np.asarray(factors, dtype=np.float32)
 
 
-def gguf_vocabulary(tokenizer) -> dict:
+def gguf_vocabulary(tokenizer, size: int | None = None) -> dict:
     """Pieces, scores, types and special ids of a keras-hub SentencePiece tokenizer (or tokens,
-    types and merges of a byte-level BPE one), as llama.cpp stores them."""
+    types and merges of a byte-level BPE one, filled up to `size` entries), as llama.cpp stores them."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     from kerasft.models.families import tokenizer_kind
 
     if tokenizer_kind(tokenizer) == "bpe":
-        return _bpe_vocabulary(tokenizer)
+        return _bpe_vocabulary(tokenizer, size)
 
     model = sp_pb2.ModelProto()
     model.ParseFromString(tokenizer.proto)
@@ -300,14 +300,20 @@ def gguf_vocabulary(tokenizer) -> dict:
     }
 
 
-def _bpe_vocabulary(tokenizer) -> dict:
-    """A Llama 3 byte-level BPE vocabulary: tokens in id order, control type for <|...|> tokens."""
+def _bpe_vocabulary(tokenizer, size: int | None = None) -> dict:
+    """A Llama 3 byte-level BPE vocabulary: tokens in id order, control type for <|...|> tokens.
+
+    keras-hub's Llama 3 tokenizer leaves the <|reserved_special_token_N|> entries out (ids
+    128002-128005, 128011-128255 in Llama 3.1/3.2), while GGUF stores one token per embedding
+    row: the gaps, and the ids up to `size`, get those names back in order.
+    """
     from kerasft.data.template import EOT
 
     by_id = {int(i): token for token, i in tokenizer.vocabulary.items()}
-    if sorted(by_id) != list(range(len(by_id))):
-        raise KerasftError("the BPE vocabulary's ids are not contiguous from 0; GGUF stores tokens by position")
-    tokens = [by_id[i] for i in range(len(by_id))]
+    count = max(size or 0, max(by_id) + 1)
+    reserved = (f"<|reserved_special_token_{n}|>" for n in range(count))
+    taken = set(by_id.values())
+    tokens = [by_id[i] if i in by_id else next(r for r in reserved if r not in taken) for i in range(count)]
     control, normal = 3, 1  # llama.cpp token types
     vocabulary = dict(tokenizer.vocabulary)
     return {

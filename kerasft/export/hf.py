@@ -22,15 +22,10 @@ from pathlib import Path
 
 from kerasft.data.template import hf_chat_template
 from kerasft.errors import KerasftError
+from kerasft.models.families import FAMILIES
 
 # family -> (transformers architecture, config model_type)
-HF_ARCHITECTURES = {
-    "gemma": ("GemmaForCausalLM", "gemma"),
-    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
-    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
-    "llama": ("LlamaForCausalLM", "llama"),
-    "llama3": ("LlamaForCausalLM", "llama"),
-}
+HF_ARCHITECTURES = {name: (family.hf_architecture, family.hf_model_type) for name, family in FAMILIES.items()}
 
 # 5 GB shards, transformers 4.x's default (5.x writes up to 50 GB per file).
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -230,7 +225,7 @@ def hf_state_dict(backbone) -> dict:
     Gemma 1, 2 or 3 backbone."""
     import numpy as np
 
-    from kerasft.models.families import FAMILIES, ties_embeddings
+    from kerasft.models.families import ties_embeddings
 
     family = hf_family(backbone)
     state = {"model.embed_tokens.weight": float_embeddings(backbone.token_embedding)}
@@ -363,7 +358,7 @@ def hf_config(backbone, dtype: str = "float32", tokenizer=None) -> dict:
 
 def llama_config(backbone, dtype: str, bos_id: int, eos_id: int) -> dict:
     """LlamaForCausalLM's config.json; rope scaling as keras-hub's convert_llama3 reads it back."""
-    from kerasft.models.families import FAMILIES, model_family, ties_embeddings
+    from kerasft.models.families import model_family, ties_embeddings
 
     base = float(backbone.rope_max_wavelength)
     rope = {"rope_type": "default", "rope_theta": base}

@@ -26,42 +26,35 @@ class Family:
     """One architecture family and everything kerasft does differently for it."""
 
     name: str
-    label: str  # for messages and the model card
-    backbone_class: str  # keras-hub class name
-    tokenizer_class: str  # keras-hub class name
-    template: str  # default chat template (kerasft.data.template)
+    backbone_class: str  # keras-hub class names
+    causal_lm_class: str
     hf_architecture: str  # transformers class of the merged export
     hf_model_type: str
     gguf_architecture: str  # llama.cpp's architecture name
-    context_length: int  # of the released models: GGUF metadata, serving limit
+    context_length: int  # of the released models: GGUF metadata, Modelfile num_ctx, serving limit
     block_prefix: str  # keras-hub decoder block layer name, without the index
     final_norm: str  # keras-hub final RMSNorm layer name
     # kerasft LoRA target name -> keras-hub layer name, where they differ (Llama's MLP is Dense).
     lora_layer_names: tuple[tuple[str, str], ...] = ()
 
 
+_LLAMA_MLP = (("ffw_gating", "feedforward_gate_dense"), ("ffw_gating_2", "feedforward_intermediate_dense"),
+              ("ffw_linear", "feedforward_output_dense"))
+
 FAMILIES = {
-    "gemma": Family("gemma", "Gemma", "GemmaBackbone", "GemmaTokenizer", "gemma", "GemmaForCausalLM", "gemma",
-                    "gemma", 8192, "decoder_block", "final_normalization"),
-    "gemma2": Family("gemma2", "Gemma 2", "GemmaBackbone", "GemmaTokenizer", "gemma", "Gemma2ForCausalLM", "gemma2",
-                     "gemma2", 8192, "decoder_block", "final_normalization"),
-    "gemma3": Family("gemma3", "Gemma 3", "Gemma3Backbone", "Gemma3Tokenizer", "gemma", "Gemma3ForCausalLM",
-                     "gemma3_text", "gemma3", 32768, "decoder_block", "final_normalization"),
-    "llama": Family("llama", "Llama 2 / TinyLlama", "LlamaBackbone", "LlamaTokenizer", "zephyr", "LlamaForCausalLM",
-                    "llama", "llama", 2048, "transformer_layer", "sequence_output_layernorm",
-                    (("ffw_gating", "feedforward_gate_dense"), ("ffw_gating_2", "feedforward_intermediate_dense"),
-                     ("ffw_linear", "feedforward_output_dense"))),
-    "llama3": Family("llama3", "Llama 3", "Llama3Backbone", "Llama3Tokenizer", "llama3", "LlamaForCausalLM",
-                     "llama", "llama", 131072, "transformer_layer", "sequence_output_layernorm",
-                     (("ffw_gating", "feedforward_gate_dense"), ("ffw_gating_2", "feedforward_intermediate_dense"),
-                      ("ffw_linear", "feedforward_output_dense"))),
+    "gemma": Family("gemma", "GemmaBackbone", "GemmaCausalLM", "GemmaForCausalLM", "gemma", "gemma", 8192,
+                    "decoder_block", "final_normalization"),
+    "gemma2": Family("gemma2", "GemmaBackbone", "GemmaCausalLM", "Gemma2ForCausalLM", "gemma2", "gemma2", 8192,
+                     "decoder_block", "final_normalization"),
+    "gemma3": Family("gemma3", "Gemma3Backbone", "Gemma3CausalLM", "Gemma3ForCausalLM", "gemma3_text", "gemma3", 32768,
+                     "decoder_block", "final_normalization"),
+    "llama": Family("llama", "LlamaBackbone", "LlamaCausalLM", "LlamaForCausalLM", "llama", "llama", 2048,
+                    "transformer_layer", "sequence_output_layernorm", _LLAMA_MLP),
+    "llama3": Family("llama3", "Llama3Backbone", "Llama3CausalLM", "LlamaForCausalLM", "llama", "llama", 131072,
+                     "transformer_layer", "sequence_output_layernorm", _LLAMA_MLP),
 }
 
 LLAMA_FAMILIES = ("llama", "llama3")
-
-# keras-hub causal LM class of each backbone class (generation with its KV cache).
-CAUSAL_LM_CLASSES = {"GemmaBackbone": "GemmaCausalLM", "Gemma3Backbone": "Gemma3CausalLM",
-                     "LlamaBackbone": "LlamaCausalLM", "Llama3Backbone": "Llama3CausalLM"}
 
 # The projections of a Llama decoder block: kerasft LoRA target, attribute path in keras-hub's
 # LlamaTransformerDecoder, module under HF's model.layers.N, kernel layout (kerasft.export.hf).
@@ -95,16 +88,10 @@ def model_family(backbone) -> str | None:
     """"gemma", "gemma2", "gemma3", "llama" or "llama3" for a keras-hub backbone, None for
     anything else."""
     name = type(backbone).__name__
-    if name == "Gemma3Backbone":
-        return "gemma3"
     if name == "GemmaBackbone":
         # keras-hub builds Gemma 2 as GemmaBackbone with post norms and soft caps.
         return "gemma2" if getattr(backbone, "use_post_ffw_norm", False) else "gemma"
-    if name == "Llama3Backbone":
-        return "llama3"
-    if name == "LlamaBackbone":
-        return "llama"
-    return None
+    return next((family.name for family in FAMILIES.values() if family.backbone_class == name), None)
 
 
 def family_of(backbone) -> Family:
