@@ -57,7 +57,7 @@ def _kernel_manager(tmp_path: Path):
     return KernelManager(kernel_name="kerasft-test", kernel_spec_manager=specs)
 
 
-def execute(nb, tmp_path: Path, cwd: Path, env: dict | None = None):
+def execute(nb, tmp_path: Path, cwd: Path):
     """Runs every cell; raises nbclient's CellExecutionError at the first failing one."""
     from nbclient import NotebookClient
 
@@ -66,7 +66,6 @@ def execute(nb, tmp_path: Path, cwd: Path, env: dict | None = None):
     kernel_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{kernel_env.get('PATH', '')}"
     for name in ("KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG"):  # never look like a platform here
         kernel_env.pop(name, None)
-    kernel_env.update(env or {})
     client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=kernel_env)
