@@ -44,6 +44,9 @@ def set_distribution(cfg, devices=None):
     if devices is None:
         init_distributed(cfg)
     keras = init_backend()
+    if cfg.mesh == "none" and devices is None and process_count() > 1:
+        raise KerasftError(f"runtime.mesh: none in a job of {process_count()} processes would train the whole batch "
+                           "in each; use runtime.mesh=data or model")
     if cfg.mesh == "none":
         keras.distribution.set_distribution(None)
         return None

@@ -150,3 +150,14 @@ def test_auto_starts_only_for_a_multi_process_environment(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "many")
     with pytest.raises(Exception, match="JAX_NUM_PROCESSES='many': expected a whole number"):
         multi_process_environment(RuntimeConfig())
+
+
+def test_mesh_none_is_refused_in_a_multi_process_job(monkeypatch):
+    import kerasft.runtime as runtime
+    from kerasft.config import RuntimeConfig
+    from kerasft.errors import KerasftError
+
+    monkeypatch.setattr(runtime, "init_distributed", lambda cfg: True)
+    monkeypatch.setattr(runtime, "process_count", lambda: 2)
+    with pytest.raises(KerasftError, match="runtime.mesh: none in a job of 2 processes would train the whole batch"):
+        runtime.set_distribution(RuntimeConfig(mesh="none"))
