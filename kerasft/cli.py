@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--system", default=None, help="system prompt (default: the run's data.system, else none)")
 
-    p = command("import-gguf", _cmd_import_gguf, "convert a Gemma GGUF file into a keras-hub preset folder")
+    p = command("import-gguf", _cmd_import_gguf, "convert a Gemma or Llama GGUF file into a keras-hub preset folder")
     p.add_argument("gguf_file")
     p.add_argument("out_preset")
     p.add_argument("--overwrite", action="store_true")

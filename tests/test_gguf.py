@@ -194,8 +194,8 @@ def test_truncated_file(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    path = fixtures.write_metadata_only_gguf(tmp_path / "llama.gguf", "llama")
-    with pytest.raises(KerasftError, match=_about(path, "unsupported GGUF architecture 'llama'")):
+    path = fixtures.write_metadata_only_gguf(tmp_path / "qwen2.gguf", "qwen2")
+    with pytest.raises(KerasftError, match=_about(path, "unsupported GGUF architecture 'qwen2'")):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -511,3 +511,22 @@ def test_bpe_vocabulary_fills_the_reserved_ids_keras_hub_leaves_out():
                                 "<|eot_id|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>"]
     assert result["types"] == [1, 1] + [3] * 9
     assert (result["bos"], result["eos"], result["end_of_turn"], result["model"]) == (2, 3, 8, "gpt2")
+
+
+def test_gguf_export_imports_back_through_the_resolver(gguf_export):
+    """kerasft's GGUF importer reads llama files (what Ollama serves) into LlamaBackbone /
+    Llama3Backbone presets: the same logits, tokenizer, chat template and rope scaling."""
+    from kerasft.data.template import chat_tokens
+
+    original = gguf_export.loaded
+    imported = load_model(ModelConfig(preset=str(gguf_export.path)))
+    assert type(imported.backbone) is type(original.backbone)
+    assert imported.backbone.tie_word_embeddings == original.backbone.tie_word_embeddings
+    assert np.max(np.abs(keras_logits(imported.backbone, TOKENS) - keras_logits(original.backbone, TOKENS))) < 1e-5
+    if gguf_export.family == "llama3":
+        assert (imported.backbone.rope_frequency_adjustment_factor, imported.backbone.rope_pretraining_sequence_length,
+                imported.backbone.rope_low_freq_factor, imported.backbone.rope_high_freq_factor) == (8.0, 200, 1.0, 4.0)
+    ours, theirs = chat_tokens(original.tokenizer), chat_tokens(imported.tokenizer)
+    text = "Hola, ¿qué tal? Vivo en Logroño desde 1998."
+    assert theirs.template == ours.template and theirs.stop_ids == ours.stop_ids and theirs.bos == ours.bos
+    assert theirs.encode_batch([text], after_special=True) == ours.encode_batch([text], after_special=True)

@@ -238,29 +238,15 @@ def _permute_rotary(weight, heads: int):
 
 def _llama3_rope_factors(backbone):
     """Llama 3.1/3.2's frequency-dependent rope scaling as the per-frequency divisors llama.cpp
-    reads from `rope_freqs.weight` (the same formula as its converter and keras-hub), or None."""
-    import math
-
-    import numpy as np
+    reads from `rope_freqs.weight`, or None."""
+    from kerasft.models.families import llama3_rope_factors
 
     factor = getattr(backbone, "rope_frequency_adjustment_factor", None)
     if not factor:
         return None
-    head_dim = backbone.hidden_dim // backbone.num_query_heads
-    base, old_context = float(backbone.rope_max_wavelength), float(backbone.rope_pretraining_sequence_length)
-    low, high = float(backbone.rope_low_freq_factor), float(backbone.rope_high_freq_factor)
-    low_wavelength, high_wavelength = old_context / low, old_context / high
-    factors = []
-    for i in range(0, head_dim, 2):
-        wavelength = 2 * math.pi * base ** (i / head_dim)
-        if wavelength < high_wavelength:
-            factors.append(1.0)
-        elif wavelength > low_wavelength:
-            factors.append(float(factor))
-        else:
-            smooth = (old_context / wavelength - low) / (high - low)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(factors, dtype=np.float32)
+    return llama3_rope_factors(backbone.hidden_dim // backbone.num_query_heads, float(backbone.rope_max_wavelength),
+                               float(factor), float(backbone.rope_low_freq_factor),
+                               float(backbone.rope_high_freq_factor), float(backbone.rope_pretraining_sequence_length))
 
 
 def gguf_vocabulary(tokenizer, size: int | None = None) -> dict:

@@ -157,3 +157,25 @@ def trainable_turn_tokens(configured: tuple, template: str) -> tuple:
     if tuple(configured) == LoraConfig.trainable_tokens and template != "gemma":
         return TURN_TOKENS.get(template, ())
     return tuple(configured)
+
+
+def llama3_rope_factors(head_dim: int, base: float, factor: float, low: float, high: float, original: float):
+    """Llama 3.1+'s per-frequency rope divisors (llama.cpp's `rope_freqs.weight`): 1 for short
+    wavelengths, `factor` for long ones, smoothly between (the formula of transformers,
+    keras-hub and llama.cpp's converter)."""
+    import math
+
+    import numpy as np
+
+    low_wavelength, high_wavelength = original / low, original / high
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (i / head_dim)
+        if wavelength < high_wavelength:
+            factors.append(1.0)
+        elif wavelength > low_wavelength:
+            factors.append(float(factor))
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)

@@ -1,4 +1,5 @@
-"""Import Gemma-family GGUF files (llama.cpp's `gemma`, `gemma2`, `gemma3`) as keras-hub presets.
+"""Import GGUF files of llama.cpp's `gemma`, `gemma2`, `gemma3` and `llama` architectures (Llama 2,
+TinyLlama, Llama 3: what Ollama serves) as keras-hub presets.
 
 The header is parsed here rather than with `gguf.GGUFReader`: the reader builds a numpy view per
 array element, which costs 13 s on the 262144-token Gemma 3 vocabulary; this parser takes 0.5 s.
@@ -17,7 +18,7 @@ from typing import NamedTuple
 
 from kerasft.errors import KerasftError
 
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "llama")
 
 # GGUF metadata value types (gguf.GGUFValueType) with a fixed width, as struct and numpy formats.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -77,8 +78,13 @@ def import_gguf(gguf_path, out_dir, *, overwrite: bool = False) -> Path:
         raise KerasftError(f"{out_dir}: already exists; pass overwrite=True to replace it")
     header = read_gguf_header(gguf_path)
     arch = _architecture(header)
-    backbone_kwargs = _backbone_kwargs(header, arch)
-    spm_proto = _sentencepiece_proto(header)
+    if arch == "llama":
+        backbone_kwargs = _llama_backbone_kwargs(header)
+        bpe = header.metadata.get("tokenizer.ggml.model") == "gpt2"
+        spm_proto = None if bpe else _sentencepiece_proto(header)
+    else:
+        backbone_kwargs = _backbone_kwargs(header, arch)
+        spm_proto = _sentencepiece_proto(header)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     building = out_dir.with_name(f".{out_dir.name}.building-{uuid.uuid4().hex[:8]}")
@@ -329,6 +335,66 @@ def _backbone_kwargs(header: GGUFHeader, arch: str) -> dict:
     return kwargs
 
 
+def _llama_backbone_kwargs(header: GGUFHeader) -> dict:
+    """LlamaBackbone / Llama3Backbone arguments from a `llama` file; Llama 3.1+'s rope_freqs
+    tensor becomes keras-hub's llama3 rope-scaling arguments."""
+    key = lambda name, default=_REQUIRED: _metadata(header, f"llama.{name}", default)  # noqa: E731
+    hidden_dim = int(key("embedding_length"))
+    num_query_heads = int(key("attention.head_count"))
+    head_dim = hidden_dim // num_query_heads
+    _require(header, int(key("rope.dimension_count", head_dim)) == head_dim,
+             "rotary embeddings on part of each head")
+    embedding = header.tensors.get("token_embd.weight")
+    if embedding is None:
+        raise KerasftError(f"{header.path}: missing tensor 'token_embd.weight'")
+    kwargs = dict(
+        vocabulary_size=int(embedding.dims[1]),
+        num_layers=int(key("block_count")),
+        num_query_heads=num_query_heads,
+        num_key_value_heads=int(key("attention.head_count_kv", num_query_heads)),
+        hidden_dim=hidden_dim,
+        intermediate_dim=int(key("feed_forward_length")),
+        layer_norm_epsilon=float(key("attention.layer_norm_rms_epsilon")),
+        rope_max_wavelength=float(key("rope.freq_base", 10_000.0)),
+        tie_word_embeddings="output.weight" not in header.tensors,
+        dtype="float32",
+    )
+    scaling = header.metadata.get("llama.rope.scaling.type", "none")
+    if scaling == "linear":
+        kwargs["rope_position_scaling_factor"] = float(key("rope.scaling.factor"))
+    elif scaling not in ("none", "llama3"):
+        _require(header, False, f"rope scaling {scaling!r}")
+    if "rope_freqs.weight" in header.tensors:
+        kwargs.update(_llama3_rope_arguments(header, head_dim, kwargs["rope_max_wavelength"]))
+    return kwargs
+
+
+def _llama3_rope_arguments(header: GGUFHeader, head_dim: int, base: float) -> dict:
+    """keras-hub's (factor, low, high, original length) that reproduce the file's rope_freqs.
+
+    The divisors depend on low, high and the original length only through two combinations, so
+    low = 1 and high = 4 (every Llama 3.x release) are kept and the original length is solved
+    from the smoothed frequencies (8192 when none is smoothed); the result must reproduce every
+    divisor."""
+    import numpy as np
+
+    from kerasft.models.families import llama3_rope_factors
+
+    freqs = read_tensor(header, "rope_freqs.weight").astype(np.float64)
+    factor, low, high = float(freqs.max()), 1.0, 4.0
+    original = float(header.metadata.get("llama.rope.scaling.original_context_length", 8192))
+    wavelengths = 2 * np.pi * base ** (np.arange(0, head_dim, 2) / head_dim)
+    smoothed = (freqs > 1.0) & (freqs < factor)
+    if factor > 1.0 and smoothed.any():
+        smooth = (1.0 / freqs[smoothed] - 1.0 / factor) / (1.0 - 1.0 / factor)
+        original = float(np.median(wavelengths[smoothed] * (low + smooth * (high - low))))
+    rebuilt = llama3_rope_factors(head_dim, base, factor, low, high, original)
+    _require(header, len(rebuilt) == len(freqs) and np.allclose(rebuilt, freqs, rtol=1e-4),
+             "rope_freqs that Llama 3's rope scaling (low 1, high 4) does not produce")
+    return dict(rope_frequency_adjustment_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=high,
+                rope_pretraining_sequence_length=int(round(original)))
+
+
 def _close(value, expected) -> bool:
     return math.isclose(float(value), expected, rel_tol=1e-6)
 
@@ -431,6 +497,9 @@ def _write_preset(header, arch, backbone_kwargs, spm_proto, folder: Path):
     import keras_hub
 
     models = keras_hub.models
+    if arch == "llama":
+        _write_llama_preset(header, backbone_kwargs, spm_proto, folder)
+        return
     if arch == "gemma3":
         backbone_cls, tokenizer_cls = models.Gemma3Backbone, models.Gemma3Tokenizer
         preprocessor_cls = models.Gemma3CausalLMPreprocessor
@@ -451,6 +520,84 @@ def _write_preset(header, arch, backbone_kwargs, spm_proto, folder: Path):
     # Saving the preprocessor (it saves its tokenizer too) lets Gemma3CausalLM.from_preset load
     # the folder: without preprocessor.json keras-hub looks for an image_converter.json.
     preprocessor_cls(tokenizer=tokenizer).save_to_preset(str(folder))
+
+
+def _write_llama_preset(header, backbone_kwargs, spm_proto, folder: Path):
+    """LlamaBackbone + LlamaTokenizer for a SentencePiece file (Llama 2, TinyLlama),
+    Llama3Backbone + Llama3Tokenizer for a byte-level BPE one (Llama 3)."""
+    import json
+
+    import keras_hub
+
+    models = keras_hub.models
+    md = header.metadata
+    try:
+        if spm_proto is not None:
+            backbone_cls, preprocessor_cls = models.LlamaBackbone, models.LlamaCausalLMPreprocessor
+            tokenizer = models.LlamaTokenizer(proto=spm_proto)
+        else:
+            backbone_cls, preprocessor_cls = models.Llama3Backbone, models.Llama3CausalLMPreprocessor
+            tokens = list(_metadata(header, "tokenizer.ggml.tokens"))
+            types = list(md.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
+            bos = tokens[int(_metadata(header, "tokenizer.ggml.bos_token_id"))]
+            eos = tokens[int(_metadata(header, "tokenizer.ggml.eos_token_id"))]
+            special = {t for t, kind in zip(tokens, types) if int(kind) == _CONTROL} - {bos, eos}
+            tokenizer = models.Llama3Tokenizer(
+                vocabulary={t: i for i, t in enumerate(tokens)}, merges=list(_metadata(header, "tokenizer.ggml.merges")),
+                bos_token=bos, eos_token=eos, misc_special_tokens=special)
+    except ValueError as error:  # a special token keras-hub looks up by name is missing
+        raise KerasftError(f"{header.path}: the vocabulary does not fit keras-hub's Llama tokenizer: {error}") from error
+    backbone = backbone_cls(**backbone_kwargs)
+    _assign_llama_weights(backbone, header)
+    folder.mkdir()
+    backbone.save_to_preset(str(folder))
+    # keras-hub 0.32's LlamaBackbone.get_config leaves tie_word_embeddings out: without it a tied
+    # preset reloads untied and fails on the missing output matrix.
+    config_path = folder / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["config"]["tie_word_embeddings"] = bool(backbone_kwargs["tie_word_embeddings"])
+    config_path.write_text(json.dumps(saved, indent=4))
+    preprocessor_cls(tokenizer=tokenizer).save_to_preset(str(folder))
+
+
+def _assign_llama_weights(backbone, header: GGUFHeader):
+    """Mirrors keras-hub's convert_llama3.py, after undoing llama.cpp's rotary row permutation."""
+    import numpy as np
+
+    def tensor(name, shape):
+        value = read_tensor(header, name)
+        if tuple(value.shape) != tuple(shape):
+            raise KerasftError(f"{header.path}: tensor {name!r} has shape {tuple(value.shape)}; the "
+                               f"metadata implies {tuple(shape)}")
+        return value
+
+    def unpermute(weight, heads):  # llama.cpp pairs adjacent rotary dims; keras-hub rotates halves
+        return weight.reshape(heads, weight.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    hidden, heads, kv_heads = backbone.hidden_dim, backbone.num_query_heads, backbone.num_key_value_heads
+    head_dim, vocab = hidden // heads, backbone.vocabulary_size
+    embedding = backbone.get_layer("token_embedding")
+    embedding.embeddings.assign(tensor("token_embd.weight", (vocab, hidden)))
+    if not backbone.tie_word_embeddings:
+        embedding.reverse_embeddings.assign(np.ascontiguousarray(tensor("output.weight", (vocab, hidden)).T))
+    for i in range(backbone.num_layers):
+        block, prefix = backbone.get_layer(f"transformer_layer_{i}"), f"blk.{i}."
+        attention = block._self_attention_layer
+        block._self_attention_layernorm.scale.assign(tensor(prefix + "attn_norm.weight", (hidden,)))
+        block._feedforward_layernorm.scale.assign(tensor(prefix + "ffn_norm.weight", (hidden,)))
+        for dense, name, count, rotary in ((attention._query_dense, "attn_q", heads, True),
+                                           (attention._key_dense, "attn_k", kv_heads, True),
+                                           (attention._value_dense, "attn_v", kv_heads, False)):
+            weight = tensor(prefix + name + ".weight", (count * head_dim, hidden))
+            weight = unpermute(weight, count) if rotary else weight
+            dense.kernel.assign(np.ascontiguousarray(weight.T).reshape(hidden, count, head_dim))
+        output = tensor(prefix + "attn_output.weight", (hidden, heads * head_dim))
+        attention._output_dense.kernel.assign(np.ascontiguousarray(output.T).reshape(heads, head_dim, hidden))
+        for dense, name in ((block._feedforward_gate_dense, "ffn_gate"), (block._feedforward_intermediate_dense, "ffn_up"),
+                            (block._feedforward_output_dense, "ffn_down")):
+            weight = tensor(prefix + name + ".weight", tuple(reversed(dense.kernel.shape)))
+            dense.kernel.assign(np.ascontiguousarray(weight.T))
+    backbone.get_layer("sequence_output_layernorm").scale.assign(tensor("output_norm.weight", (hidden,)))
 
 
 def _assign_weights(backbone, header: GGUFHeader, arch: str):
