@@ -97,15 +97,17 @@ def test_int8_lora_run_learns_reports_bytes_and_reloads(tiny_preset, tmp_path):
 def test_plan_counts_quantized_weights(tiny_preset):
     from kerasft.train.plan import format_plan, plan_step
 
-    weights = {}
+    weights, parameters = {}, set()
     for mode in ("none", "int8", "int4"):
         cfg = load_config(ROOT / "configs/quickstart.yaml", [f"model.preset={tiny_preset}", "data.sequence_length=64",
                                                               "train.batch_size=2", f"model.quantize={mode}"])
         plan = plan_step(cfg, "cpu", search=False)
         weights[mode] = plan.step.weights
+        parameters.add(plan.parameters)  # scales are not parameters; packed int4 holds two a byte
         if mode != "none":
             assert f"projections {mode}" in format_plan(plan, "cpu")
     assert weights["int4"] < weights["int8"] < weights["none"]
+    assert len(parameters) == 1
     backbone = load_model(ModelConfig(preset=str(tiny_preset))).backbone
     quantize_backbone(backbone, "int8")
     apply_lora(backbone, LoraConfig())

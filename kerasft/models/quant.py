@@ -112,6 +112,21 @@ def weight_bytes(backbone) -> int:
     return sum(int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in backbone.weights)
 
 
+def parameter_count(backbone) -> int:
+    """Parameters of a backbone as a float model has them: quantization scales, zero points and
+    group indices are not parameters, and a packed int4 kernel holds two per byte."""
+    import numpy as np
+
+    packed = {id(layer._kernel): layer for layer in _projections(backbone) if layer.quantization_mode == "int4"}
+    total = 0
+    for variable in backbone.weights:
+        if variable.path.rsplit("/", 1)[-1] in ("kernel_scale", "kernel_zero", "g_idx"):
+            continue
+        layer = packed.get(id(variable))
+        total += int(np.prod(layer.original_kernel_shape if layer else variable.shape, dtype=np.int64))
+    return total
+
+
 def quantized_modes(backbone) -> set:
     """The keras quantization modes present in a backbone's layers (empty for a float model)."""
     return {layer.quantization_mode for layer in backbone._flatten_layers()

@@ -396,7 +396,12 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     jax.block_until_ready(trainable)
     seconds = time.perf_counter() - started
     if primary and cfg.plots:
-        write_plots(run_dir, schedule, steps)
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # plots are on by default; the eval extra brings it
+            print("  no plots: matplotlib is not installed (pip install 'kerasft[eval]')", flush=True)
+        else:
+            write_plots(run_dir, schedule, steps)
     return TrainResult(
         steps=step,
         final_loss=loss,

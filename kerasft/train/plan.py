@@ -178,6 +178,7 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
     """
     import jax
 
+    from kerasft.models.quant import parameter_count
     from kerasft.runtime import set_distribution
     from kerasft.train.loop import apply_remat
 
@@ -219,7 +220,7 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
     step = measure(cfg.train.batch_size)
     plan = Plan(target=target, usable=usable, compiler=backend, devices=device_count,
                 mesh=f"{cfg.runtime.mesh} {cfg.runtime.mesh_shape}", sequence_length=sequence_length, targets_per_row=k,
-                parameters=sum(_size(v) for v in backbone.weights),
+                parameters=parameter_count(backbone),
                 trainable_parameters=sum(_size(v) for v in backbone.trainable_variables), step=step, notes=notes,
                 quantize=cfg.model.quantize, remat=cfg.train.remat)
     plan.tried.append((step.batch_size, step.peak))
