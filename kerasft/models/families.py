@@ -41,6 +41,7 @@ class Family:
 _LLAMA_MLP = (("ffw_gating", "feedforward_gate_dense"), ("ffw_gating_2", "feedforward_intermediate_dense"),
               ("ffw_linear", "feedforward_output_dense"))
 
+# "llama" context: TinyLlama's 2048 (Llama 2 has 4096; a server or Modelfile may raise it).
 FAMILIES = {
     "gemma": Family("gemma", "GemmaBackbone", "GemmaCausalLM", "GemmaForCausalLM", "gemma", "gemma", 8192,
                     "decoder_block", "final_normalization"),
