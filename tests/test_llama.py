@@ -346,11 +346,10 @@ def test_llama_gguf_reads_back_with_llama_cpp_names(gguf_export):
     assert check["ok"], check
 
 
+@pytest.mark.parametrize("gguf_export", ["llama3"], indirect=True)
 def test_llama3_rope_factors_match_transformers(gguf_export):
     """rope_freqs.weight holds the divisors that turn the base rotary frequencies into
     transformers' llama3-scaled ones."""
-    if gguf_export.family != "llama3":
-        pytest.skip("only Llama 3.1+ scales its rope frequencies")
     import torch
     import transformers
     from gguf import GGUFReader
@@ -368,7 +367,7 @@ def test_llama3_rope_factors_match_transformers(gguf_export):
     assert factors[0] == 1.0 and 1.0 < factors[1] < 8.0 and factors[-1] == 8.0  # kept, smoothed, scaled
 
 
-def test_untied_llama_gguf_matches_transformers_gguf_loader(gguf_export):
+def test_gguf_matches_transformers_gguf_loader(gguf_export):
     """transformers' own GGUF loader (an independent reader: it undoes llama.cpp's rotary
     permutation itself) computes the Keras model's logits; its tokenizer, built from the GGUF
     vocabulary, gives kerasft's ids. (It ignores rope_freqs, so Llama 3's scaled rope is checked
