@@ -180,6 +180,9 @@ def merge_lora(backbone) -> int:
     """
     merged = 0
     for layer in lora_layers(backbone):
+        if getattr(layer, "quantization_mode", None):
+            raise KerasftError(f"{layer.name}: cannot merge LoRA into a {layer.quantization_mode} kernel in place; "
+                               "export the model instead (exports dequantize and merge)")
         kernel = layer.kernel  # keras returns base + (alpha/rank) * A @ B
         layer._kernel.assign(kernel)
         layer.lora_enabled = False
