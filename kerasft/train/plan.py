@@ -300,7 +300,7 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
     import jax.numpy as jnp
     import numpy as np
 
-    from kerasft.train.loop import apply_remat, dropout_key, make_optimizer, make_train_step
+    from kerasft.train.loop import dropout_key, make_optimizer, make_train_step
 
     optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
     token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
