@@ -150,3 +150,13 @@ def test_eval_command_compare_base_on_an_hf_source(tiny_preset, hf_dir, tmp_path
     assert report["models"]["base"]["f1"] == report["models"]["tuned"]["f1"]
     assert main(["eval", str(config), "compare=tuned"]) == 2
     assert "compare=tuned" in capsys.readouterr().err
+
+
+def test_long_prompts_keep_their_question_in_the_report():
+    from kerasft.evaluate.report import PROMPT_CHARS, _shortened
+
+    prompt = "Responde.\n\nTexto: " + "palabra " * 200 + "\n\nPregunta: ¿Quién descubrió el cometa?"
+    short = _shortened(prompt)
+    assert len(short) < len(prompt) and len(short) <= PROMPT_CHARS + len(" [...] ")
+    assert short.startswith("Responde.\n\nTexto: palabra") and short.endswith("¿Quién descubrió el cometa?")
+    assert " [...] " in short and _shortened("corto") == "corto"

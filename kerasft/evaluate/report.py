@@ -14,6 +14,7 @@ from pathlib import Path
 from kerasft.evaluate.evaluator import headline
 
 PROMPT_CHARS = 300  # prompts in report.md are cut to this many characters (report.json keeps them whole)
+PROMPT_TAIL_CHARS = 160  # of which this many come from the end, where QA prompts put the question
 
 
 def read_training_log(path: str | Path) -> list[dict]:
@@ -110,7 +111,7 @@ def _markdown(report: dict) -> str:
         lines.append("No failure kind was detected.")
     lines += ["", f"## Worst {len(report['worst'])} examples ({names[-1]})", ""]
     for row in report["worst"]:
-        prompt = row["prompt"] if len(row["prompt"]) <= PROMPT_CHARS else row["prompt"][:PROMPT_CHARS] + " [...]"
+        prompt = _shortened(row["prompt"])
         lines += [f"### {row['id']} (score {row['score']:.2f}; {', '.join(row['failures']) or 'no failure kind'})", "",
                   "Prompt:", "", *_quoted(prompt), "", "Gold:", "", *_quoted(row["gold"]), "",
                   "Prediction:", "", *_quoted(row["prediction"]), ""]
@@ -119,6 +120,15 @@ def _markdown(report: dict) -> str:
     elif report.get("plots_skipped"):
         lines += [f"Plots skipped: {report['plots_skipped']}.", ""]
     return "\n".join(lines)
+
+
+def _shortened(prompt: str) -> str:
+    """The prompt's start and end with " [...] " between them when it is longer than PROMPT_CHARS:
+    an instruction and a context come first, the question last."""
+    if len(prompt) <= PROMPT_CHARS:
+        return prompt
+    head = PROMPT_CHARS - PROMPT_TAIL_CHARS
+    return prompt[:head] + " [...] " + prompt[-PROMPT_TAIL_CHARS:]
 
 
 def _quoted(text: str) -> list[str]:
