@@ -428,6 +428,21 @@ def test_short_answer_scores_by_group():
     assert short_answer_scores(predictions, references, meta, threshold=0.25)["accuracy"] == 75.0
 
 
+def test_short_answers_with_the_wrong_number_are_wrong():
+    from kerasft.evaluate.metrics import numbers_in, short_answer_correct
+
+    assert numbers_in("1.080 €, a las 14:00 o 3") == ["1080", "1400", "3"]
+    # "540 €" shares only "€" with "1.080 €": F1 0.5, at the threshold, but the amount is wrong.
+    assert f1("540 €", "1.080 €") == 0.5
+    assert not short_answer_correct("540 €", ["1.080 €"], threshold=0.5)
+    assert short_answer_correct("1080 €", ["1.080 €"], threshold=0.5)
+    assert short_answer_correct("cuesta 65 euros", ["65 €", "65 euros"], threshold=0.5)
+    assert not short_answer_correct("15 €", ["65 €"], threshold=0.5)
+    assert short_answer_correct("el monte Carral", ["monte Carral"], threshold=0.5)  # no numbers: F1 alone
+    scores = short_answer_scores({"a": "540 €", "b": "1.080 €"}, {"a": ["1.080 €"], "b": ["1.080 €"]})
+    assert scores["accuracy"] == 50.0 and scores["f1"] == 75.0
+
+
 # --- ROUGE-L, perplexity, percentiles -------------------------------------------------------
 
 

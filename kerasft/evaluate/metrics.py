@@ -443,15 +443,36 @@ def _same_json(a, b):
 # --- short answers ---------------------------------------------------------------------------
 
 
+_DIGIT_SEPARATOR = re.compile(r"(?<=\d)[.,:'](?=\d)")
+_NUMBER = re.compile(r"\d+")
+
+
+def numbers_in(text):
+    """The numbers written in digits in a text, as digit strings with the separators inside them
+    removed (1.080 -> 1080, 14:00 -> 1400), so the two ways of writing one amount compare equal."""
+    return _NUMBER.findall(_DIGIT_SEPARATOR.sub("", text))
+
+
+def short_answer_correct(prediction, golds, threshold=0.5, lang="es"):
+    """Whether a short answer counts as correct: token F1 >= threshold against some gold, and every
+    number that gold writes in digits appears in the prediction. Without the number rule, "540 €"
+    for a gold "1.080 €" has F1 0.5 from the shared "€" and passes at the usual threshold."""
+    for gold in golds:
+        if f1(prediction, gold, lang) >= threshold and set(numbers_in(gold)) <= set(numbers_in(prediction)):
+            return True
+    return False
+
+
 def short_answer_scores(predictions, references, groups=None, threshold=0.5, lang="es"):
-    """Normalised exact match, mean token F1 and accuracy (F1 >= threshold), overall and by group.
+    """Normalised exact match, mean token F1 and accuracy (short_answer_correct: F1 >= threshold and
+    the gold's numbers present), overall and by group.
 
     Args:
         predictions: Id -> predicted text (missing ids score 0).
         references: Id -> gold texts (best over golds).
         groups: Optional id -> {column: value} (an Example's meta); each column is broken down
             by its values. Ids without a column are left out of that column's breakdown.
-        threshold: Token F1 at or above which an answer counts as correct.
+        threshold: Token F1 at or above which an answer with the gold's numbers counts as correct.
         lang: Normalisation language.
 
     Returns:
@@ -466,7 +487,7 @@ def short_answer_scores(predictions, references, groups=None, threshold=0.5, lan
         prediction = predictions.get(example_id, "")
         em = best_over_golds(exact_match, prediction, gold, lang)
         f = best_over_golds(f1, prediction, gold, lang)
-        per_example[example_id] = (em, f, float(f >= threshold))
+        per_example[example_id] = (em, f, float(short_answer_correct(prediction, gold, threshold, lang)))
 
     def summary(ids):
         n = len(ids)
