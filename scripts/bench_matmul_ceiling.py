@@ -22,27 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-def best_time(m: int, k: int, n: int, repeats: int) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
-    product = jax.jit(lambda x, y: x @ y)
-    product(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,7 +42,7 @@ def main() -> int:
 
     init_backend()
     sys.path.insert(0, str(ROOT / "scripts"))
-    from bench import matmul_peak, step_products
+    from bench import matmul_peak, matmul_seconds, step_products
 
     dims = dict(backbone_spec(ModelConfig(preset="embedded"))[1])
     dims["ffw_dim"] = dims["intermediate_dim"]  # Gemma 3: one projection's width
@@ -68,7 +51,7 @@ def main() -> int:
     print(f"square f32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s")
     rows, total_flops, total_seconds = [], 0.0, 0.0
     for name, (m, k, n), times in step_products(dims, args.batch, args.seq, args.batch * args.seq, LOSS_CHUNK):
-        seconds = best_time(m, k, n, args.repeats)
+        seconds = matmul_seconds(m, k, n, args.repeats)
         flops = 2.0 * m * k * n
         share = flops / seconds / peak
         rows.append({"product": name, "shape": [m, k, n], "per_step": times, "gflop": flops / 1e9,
