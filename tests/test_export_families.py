@@ -2,17 +2,16 @@
 their real consumers: transformers, keras-hub's Hugging Face importer and peft."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from kerasft.config import LoraConfig, ModelConfig
+from kerasft.config import ModelConfig
 from kerasft.errors import KerasftError
 from kerasft.export.hf import FLAT, PER_HEAD, export_hf, hf_kernel, keras_logits, verify_hf_export
 from kerasft.export.peft import export_peft, peft_factors
-from kerasft.models.lora import LORA_TARGETS, apply_lora, lora_layers
 from kerasft.models.presets import load_model
+from tiny_models import export_base_and_lora
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
 RANK, ALPHA = 4, 8.0
@@ -27,24 +26,9 @@ def exported(request, tiny_presets, tmp_path_factory):
     its merged export and its PEFT adapter."""
     family = request.param
     root = tmp_path_factory.mktemp(f"export_{family}")
-    loaded = load_model(ModelConfig(preset=str(tiny_presets[family])))
-    backbone = loaded.backbone
-    base_dir = export_hf(backbone, loaded.tokenizer, root / "base")
-    base_logits = keras_logits(backbone, TOKENS)
-    apply_lora(backbone, LoraConfig(rank=RANK, alpha=ALPHA, targets=LORA_TARGETS))
-    rng = np.random.default_rng(7)
-    for layer in lora_layers(backbone):
-        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
-            variable.assign(rng.normal(0, 0.2, size=variable.shape).astype("float32"))
-    return SimpleNamespace(
-        family=family,
-        backbone=backbone,
-        base_logits=base_logits,
-        lora_logits=keras_logits(backbone, TOKENS),
-        base_dir=base_dir,
-        merged_dir=export_hf(backbone, loaded.tokenizer, root / "merged"),
-        adapter_dir=export_peft(backbone, root / "adapter", base_model_name_or_path=str(base_dir)),
-    )
+    exported = export_base_and_lora(tiny_presets[family], root, TOKENS, RANK, ALPHA, seed=7)
+    exported.family = family
+    return exported
 
 
 def _hf_model(path):

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kerasft.config import LoraConfig, ModelConfig
+from kerasft.config import ModelConfig
 from kerasft.errors import KerasftError
-from kerasft.export.hf import export_hf, keras_logits, verify_hf_export
-from kerasft.models.lora import LORA_TARGETS, apply_lora, lora_layers
+from kerasft.export.hf import keras_logits, verify_hf_export
+from kerasft.models.lora import LORA_TARGETS, lora_layers
 from kerasft.models.presets import load_model
+from tiny_models import export_base_and_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FAMILIES = ("llama", "llama3")
@@ -34,29 +35,11 @@ MESSAGES = [{"role": "system", "content": "Eres un guía."}, {"role": "user", "c
 def exported(request, tiny_llama_presets, tmp_path_factory):
     """A family's base export, then LoRA on every projection with random non-zero A and B, its
     merged export and its PEFT adapter."""
-    from kerasft.export.peft import export_peft
-
     family = request.param
     root = tmp_path_factory.mktemp(f"llama_export_{family}")
-    loaded = load_model(ModelConfig(preset=str(tiny_llama_presets[family])))
-    backbone = loaded.backbone
-    base_dir = export_hf(backbone, loaded.tokenizer, root / "base")
-    base_logits = keras_logits(backbone, TOKENS)
-    apply_lora(backbone, LoraConfig(rank=RANK, alpha=ALPHA, targets=LORA_TARGETS))
-    rng = np.random.default_rng(3)
-    for layer in lora_layers(backbone):
-        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
-            variable.assign(rng.normal(0, 0.2, size=variable.shape).astype("float32"))
-    return SimpleNamespace(
-        family=family,
-        loaded=loaded,
-        backbone=backbone,
-        base_logits=base_logits,
-        lora_logits=keras_logits(backbone, TOKENS),
-        base_dir=base_dir,
-        merged_dir=export_hf(backbone, loaded.tokenizer, root / "merged"),
-        adapter_dir=export_peft(backbone, root / "adapter", base_model_name_or_path=str(base_dir)),
-    )
+    exported = export_base_and_lora(tiny_llama_presets[family], root, TOKENS, RANK, ALPHA, seed=3)
+    exported.family = family
+    return exported
 
 
 def _hf_model(path):

@@ -347,3 +347,40 @@ def build_tiny_preset(family: str, out_dir, *, seed: int = 0) -> Path:
     # its default preprocessor looks for image_converter.json and fails.
     preprocessor.save_to_preset(str(out_dir))
     return out_dir
+
+
+def export_base_and_lora(preset, root, tokens, rank=4, alpha=8.0, seed=7):
+    """Loads a preset, exports it, adds LoRA on every projection with random non-zero A and B
+    (so the merge is really tested), and exports the merged model and its PEFT adapter.
+
+    Returns a namespace with loaded, backbone, base/lora Keras logits on `tokens`, base_dir,
+    merged_dir and adapter_dir.
+    """
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from kerasft.config import LoraConfig, ModelConfig
+    from kerasft.export.hf import export_hf, keras_logits
+    from kerasft.export.peft import export_peft
+    from kerasft.models.lora import LORA_TARGETS, apply_lora, lora_layers
+    from kerasft.models.presets import load_model
+
+    loaded = load_model(ModelConfig(preset=str(preset)))
+    backbone = loaded.backbone
+    base_dir = export_hf(backbone, loaded.tokenizer, root / "base")
+    base_logits = keras_logits(backbone, tokens)
+    apply_lora(backbone, LoraConfig(rank=rank, alpha=alpha, targets=LORA_TARGETS))
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(backbone):
+        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+            variable.assign(rng.normal(0, 0.2, size=variable.shape).astype("float32"))
+    return SimpleNamespace(
+        loaded=loaded,
+        backbone=backbone,
+        base_logits=base_logits,
+        lora_logits=keras_logits(backbone, tokens),
+        base_dir=base_dir,
+        merged_dir=export_hf(backbone, loaded.tokenizer, root / "merged"),
+        adapter_dir=export_peft(backbone, root / "adapter", base_model_name_or_path=str(base_dir)),
+    )
