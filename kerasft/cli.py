@@ -229,7 +229,7 @@ def _cmd_eval(args) -> int:
     overrides = [item for item in args.overrides if item not in compare] + (["eval.compare_base=true"] if compare else [])
     cfg = load_config(args.config, overrides)
     check_eval_config(cfg.eval)
-    examples = build_datasets(cfg.data, need_train=False, need_eval=True).eval
+    examples = build_datasets(cfg.data, need_train=False, need_eval=True).held_out(cfg.eval.split)
     if cfg.data.eval_limit:
         examples = examples[: cfg.data.eval_limit]
     source = cfg.eval.source or str(cfg.run_dir)

@@ -321,6 +321,8 @@ class EvalConfig:
     source: what `kerasft eval` scores as the tuned model: empty means RUN_DIR's adapter, else
         a run dir, a preset, or a Hugging Face folder (run in transformers).
     compare_base: also evaluate the base model (model.preset) on the same split.
+    split: which held-out split is scored: "" (test, or validation when there is no test) |
+        test | validation. Choose settings on validation and report test once.
     schema: JSON-schema file for the json task. threshold: token F1 that counts as correct.
     temperature / top_k / top_p / seed: sampling; temperature 0 is greedy.
     worst: how many of the worst examples the report lists. plots: PNG plots in the report.
@@ -333,6 +335,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     lang: str = "es"
     compare_base: bool = True
+    split: str = ""
     schema: str = ""
     threshold: float = 0.5
     temperature: float = 0.0
@@ -360,6 +363,8 @@ class EvalConfig:
             raise KerasftError("eval: temperature, top_k and worst must be >= 0 and top_p in (0, 1]")
         if not 0 <= self.threshold <= 1:
             raise KerasftError(f"eval.threshold: {self.threshold} must be between 0 and 1")
+        if self.split not in ("", "test", "validation"):
+            raise KerasftError(f"eval.split: {self.split!r} is not one of test, validation (or empty for the default)")
 
 
 @dataclass(frozen=True)

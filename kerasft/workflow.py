@@ -47,7 +47,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     # Read and check every input before anything is written or any slow stage starts.
     evaluate = evaluate and cfg.data.task != "pretrain"  # raw text has no answers to generate
     splits = build_datasets(cfg.data, need_train=train, need_eval=evaluate)
-    train_set, eval_set = splits.train, splits.eval
+    train_set, eval_set = splits.train, (splits.held_out(cfg.eval.split) if evaluate else splits.eval)
     if cfg.data.eval_limit and eval_set:
         eval_set = eval_set[: cfg.data.eval_limit]
     if evaluate:

@@ -250,6 +250,19 @@ def test_stratified_split_is_seeded_disjoint_and_keeps_proportions(tmp_path):
     assert [e.id for e in other.test] != [e.id for e in splits.test]
 
 
+def test_eval_split_picks_the_held_out_examples(tmp_path):
+    path = _write(tmp_path / "faq.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in _faq_rows()))
+    splits = build_datasets(load_config(None, [f"data.train={path}", "data.split.ratios=[0.7,0.2,0.1]"]).data)
+    assert splits.held_out("") == splits.test == splits.held_out("test")
+    assert splits.held_out("validation") == splits.validation and splits.validation != splits.test
+    two = build_datasets(load_config(None, [f"data.train={path}", "data.split.ratios=[0.8,0.2]"]).data)
+    assert two.held_out("") == two.validation
+    with pytest.raises(KerasftError, match="eval.split: test: this data has no test split"):
+        two.held_out("test")
+    with pytest.raises(KerasftError, match="eval.split: 'dev' is not one of test, validation"):
+        load_config(None, ["eval.split=dev"])
+
+
 def test_stratify_column_must_exist(tmp_path):
     path = _write(tmp_path / "faq.jsonl", '{"prompt": "a", "response": "b"}\n')
     cfg = load_config(None, [f"data.train={path}", "data.split.ratios=[0.5,0.5]", "data.split.stratify=nivel"]).data

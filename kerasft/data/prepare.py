@@ -36,6 +36,16 @@ class DataSplits:
         """The held-out examples evaluation scores: test, or validation when there is no test."""
         return self.test or self.validation
 
+    def held_out(self, split: str = "") -> list[Example]:
+        """The examples of eval.split: "" is `eval`; "test" / "validation" that split, which must exist."""
+        if not split:
+            return self.eval
+        examples = getattr(self, split)
+        if not examples:
+            source = "data.eval" if split == "test" else "data.validation"
+            raise KerasftError(f"eval.split: {split}: this data has no {split} split (set {source} or data.split.ratios)")
+        return examples
+
 
 def build_datasets(cfg, *, need_train: bool = True, need_eval: bool = True) -> DataSplits:
     """Reads, cleans, de-duplicates, splits and augments the configured data.
