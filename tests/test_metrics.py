@@ -443,6 +443,17 @@ def test_short_answers_with_the_wrong_number_are_wrong():
     assert scores["accuracy"] == 50.0 and scores["f1"] == 75.0
 
 
+def test_numbers_in_words_and_digits_are_the_same_answer():
+    from kerasft.evaluate.metrics import number_words_to_digits, short_answer_correct
+
+    assert number_words_to_digits("Siete mecánicos, treinta y dos socios, veintidós o veintidos") == "7 mecánicos, 32 socios, 22 o 22"
+    assert number_words_to_digits("un árbol y una tienda") == "un árbol y una tienda"  # articles stay words
+    assert number_words_to_digits("forty-two, Forty two, eleven", lang="en") == "42, 42, 11"
+    assert short_answer_correct("7", ["siete"]) and short_answer_correct("siete", ["7"])
+    assert short_answer_correct("dos tiendas", ["2"]) and not short_answer_correct("ocho", ["siete"])
+    assert not short_answer_correct("treinta y uno", ["32"])
+
+
 # --- ROUGE-L, perplexity, percentiles -------------------------------------------------------
 
 

@@ -453,11 +453,62 @@ def numbers_in(text):
     return _NUMBER.findall(_DIGIT_SEPARATOR.sub("", text))
 
 
+_UNITS = {
+    "es": ["cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve", "diez", "once", "doce",
+           "trece", "catorce", "quince", "dieciséis", "diecisiete", "dieciocho", "diecinueve", "veinte", "veintiuno",
+           "veintidós", "veintitrés", "veinticuatro", "veinticinco", "veintiséis", "veintisiete", "veintiocho",
+           "veintinueve"],
+    "en": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+           "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"],
+}
+_TENS = {
+    "es": {"treinta": 30, "cuarenta": 40, "cincuenta": 50, "sesenta": 60, "setenta": 70, "ochenta": 80, "noventa": 90},
+    "en": {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90},
+}
+_HUNDREDS = {"es": {"cien": 100, "mil": 1000}, "en": {"hundred": 100, "thousand": 1000}}
+
+
+def _number_word_table(lang):
+    """Spoken number word -> value for 0-99 (Spanish also without accents), plus 100 and 1000."""
+    table = {word: value for value, word in enumerate(_UNITS[lang])}
+    table.update({_strip_accents(word): value for word, value in table.items()})
+    table.update(_TENS[lang])
+    table.update(_HUNDREDS[lang])
+    return table
+
+
+def _strip_accents(word):
+    return "".join(char for char in unicodedata.normalize("NFD", word) if unicodedata.category(char) != "Mn")
+
+
+_NUMBER_WORDS = {lang: _number_word_table(lang) for lang in LANGUAGES}
+_COMPOUND = {  # "treinta y dos", "forty-two", "forty two": tens, joiner, unit
+    lang: re.compile(r"\b(" + "|".join(_TENS[lang]) + r")(?:\s+y\s+|-|\s+)(" + "|".join(
+        sorted({word for value, word in enumerate(_UNITS[lang]) if 0 < value < 10}
+               | {_strip_accents(word) for value, word in enumerate(_UNITS[lang]) if 0 < value < 10})) + r")\b",
+        re.IGNORECASE)
+    for lang in LANGUAGES
+}
+
+
+def number_words_to_digits(text, lang="es"):
+    """Writes the spoken numbers of a text in digits ("siete" -> "7", "treinta y dos" -> "32",
+    "forty-two" -> "42"), so a short answer given in digits matches a gold written in words and
+    back. "un"/"una" stay words: in Spanish they are mostly articles."""
+    _check_lang(lang)
+    table = _NUMBER_WORDS[lang]
+    text = _COMPOUND[lang].sub(lambda m: str(table[m.group(1).lower()] + table[m.group(2).lower()]), text)
+    return re.sub(r"\w+", lambda m: str(table.get(m.group(0).lower(), m.group(0))), text)
+
+
 def short_answer_correct(prediction, golds, threshold=0.5, lang="es"):
     """Whether a short answer counts as correct: token F1 >= threshold against some gold, and every
     number that gold writes in digits appears in the prediction. Without the number rule, "540 €"
-    for a gold "1.080 €" has F1 0.5 from the shared "€" and passes at the usual threshold."""
+    for a gold "1.080 €" has F1 0.5 from the shared "€" and passes at the usual threshold. Numbers
+    written in words count as the same number in digits ("7" answers "siete")."""
+    prediction = number_words_to_digits(prediction, lang)
     for gold in golds:
+        gold = number_words_to_digits(gold, lang)
         if f1(prediction, gold, lang) >= threshold and set(numbers_in(gold)) <= set(numbers_in(prediction)):
             return True
     return False
