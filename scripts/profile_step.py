@@ -1,0 +1,130 @@
+"""Where does a training step of the embedded Gemma 3 270M spend its time? A jax.profiler trace of
+kerasft's own jitted step, summed by XLA operation kind.
+
+    .venv/bin/python scripts/profile_step.py [--workload pretrain|qa] [--steps 3] [--json profile.json]
+
+Builds the batches and the step exactly as scripts/bench.py does (same data, batch 2 x 256, LoRA r=8
+on query and value), compiles and warms up, then traces --steps steps. Every operation XLA's CPU
+runtime executes is one event in the trace (a thunk: a matrix product, a fusion of elementwise work,
+a copy, a loop); this sums their durations into kinds:
+  matmul     dot / convolution thunks, and YNNPACK fusions that contain a product
+  fusion     XLA loop/input fusions: elementwise work, reductions, softmax, norms
+  copy       copies and transposes that only move data
+  other      everything else XLA runs (sort, scatter, custom calls, control flow bodies)
+and reports each kind's share of the traced step time, with the 15 most expensive operations. The
+matmul share is the most a faster elementwise path could leave for the products; bench.py's FLOP/s
+against the square-matmul peak says how fast the products themselves run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+# Events that belong to the runtime around the executable, not to its operations.
+_RUNTIME = re.compile(r"^\$|PjitFunction|PjRt|Execute|Thunk|Threadpool|Allocate|Handle |Parse|Wait |Await|"
+                      r"CollectGarbage|^end: |CreateOutputs")
+
+
+def kind_of(name: str) -> str:
+    """The operation kind of one trace event name (see the module docstring)."""
+    lower = name.lower()
+    if re.search(r"dot|conv|gemm|matmul", lower):
+        return "matmul"
+    if lower.startswith("ynn"):
+        return "matmul"  # YNNPACK is used for products (and the fusions around them)
+    if re.search(r"copy|transpose", lower):
+        return "copy"
+    if "fusion" in lower:
+        return "fusion"
+    return "other"
+
+
+def summarize(events: list[dict], steps: int) -> dict:
+    """Per-kind seconds per step and the most expensive operations, from complete ('X') events."""
+    by_name = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and not _RUNTIME.search(event["name"]):
+            by_name[event["name"]] += event.get("dur", 0.0) / 1e6
+    by_kind = collections.Counter()
+    for name, seconds in by_name.items():
+        by_kind[kind_of(name)] += seconds
+    total = sum(by_kind.values()) or 1.0
+    return {
+        "op_seconds_per_step": total / steps,
+        "kinds": {kind: {"seconds_per_step": seconds / steps, "share": seconds / total}
+                  for kind, seconds in by_kind.most_common()},
+        "top": [{"name": name, "kind": kind_of(name), "seconds_per_step": seconds / steps}
+                for name, seconds in by_name.most_common(15)],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["pretrain", "qa"], default="pretrain")
+    parser.add_argument("--preset", default="embedded")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+
+    import jax
+    import numpy as np
+
+    from bench import _load, _write_batches
+    from kerasft.config import TrainConfig
+    from kerasft.runtime import init_backend
+    from kerasft.train.loop import make_optimizer, make_train_step
+
+    init_backend()
+    work = Path(tempfile.mkdtemp(prefix="kerasft-profile-"))
+    _write_batches(args, args.workload, work)  # --steps batches after two warm-up ones
+    loaded = _load(args)
+    backbone = loaded.backbone
+    arrays = dict(np.load(work / "batches.npz"))
+    optimizer, _ = make_optimizer(TrainConfig(learning_rate=2e-4), arrays["token_ids"].shape[0])
+    step = make_train_step(backbone, optimizer, None)
+    trainable = {"lora": [v.value for v in backbone.trainable_variables], "token_delta": None}
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+    opt_state = optimizer.init(trainable)
+    batches = [{k: v[i] for k, v in arrays.items()} for i in range(arrays["token_ids"].shape[0])]
+    for batch in batches[:2]:  # compile and warm up
+        trainable, opt_state, stats = step(trainable, opt_state, non_trainable, batch)
+        jax.block_until_ready(stats["loss"])
+    trace_dir = work / "trace"
+    start = time.perf_counter()
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for batch in batches[2:2 + args.steps]:
+            trainable, opt_state, stats = step(trainable, opt_state, non_trainable, batch)
+            jax.block_until_ready(stats["loss"])
+    wall = (time.perf_counter() - start) / args.steps
+    trace = next(trace_dir.rglob("*.trace.json.gz"))
+    result = summarize(json.load(gzip.open(trace))["traceEvents"], args.steps)
+    result.update({"workload": args.workload, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                   "wall_seconds_per_step": wall, "trace": str(trace)})
+    print(f"{args.workload}: {wall:.2f} s per traced step (wall, tracing on); operations {result['op_seconds_per_step']:.2f} s")
+    for kind, row in result["kinds"].items():
+        print(f"  {kind:<7} {row['seconds_per_step']:6.2f} s  {row['share']:6.1%}")
+    print("most expensive operations (s per step):")
+    for row in result["top"]:
+        print(f"  {row['seconds_per_step']:6.3f}  {row['kind']:<7} {row['name']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
