@@ -2,6 +2,7 @@
 of the embedded Gemma 3 270M is made of?
 
     .venv/bin/python scripts/bench_matmul_ceiling.py [--batch 2] [--seq 256] [--json ceiling.json]
+    .venv/bin/python scripts/bench_matmul_ceiling.py --head-rows 128,256,512   # the head's gradient product only
 
 Issue 9 asks a full-sequence LoRA step for 90% of the f32 matmul peak. A step is at best as fast as its
 matrix products run on their own, so this times each distinct product of the step in isolation (same
@@ -33,6 +34,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="")
+    parser.add_argument("--head-rows", default="", help="comma-separated chunk sizes: time only the vocabulary "
+                        "head's gradient product (rows x vocabulary) @ (vocabulary x hidden) at each")
     args = parser.parse_args()
 
     from kerasft.config import ModelConfig
@@ -49,6 +52,14 @@ def main() -> int:
 
     peak = matmul_peak(2048)
     print(f"square f32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s")
+    if args.head_rows:
+        vocabulary, hidden = dims["vocabulary_size"], dims["hidden_dim"]
+        for rows in (int(r) for r in args.head_rows.split(",")):
+            seconds = matmul_seconds(rows, vocabulary, hidden, args.repeats)
+            rate = 2.0 * rows * vocabulary * hidden / seconds
+            print(f"  head gradient {rows:>5} x {vocabulary} x {hidden}: {seconds * 1e3:7.1f} ms, "
+                  f"{rate / 1e9:6.1f} GFLOP/s ({rate / peak:.0%}); {seconds * 512 / rows * 1e3:7.1f} ms per 512 rows")
+        return 0
     rows, total_flops, total_seconds = [], 0.0, 0.0
     for name, (m, k, n), times in step_products(dims, args.batch, args.seq, args.batch * args.seq, LOSS_CHUNK):
         seconds = matmul_seconds(m, k, n, args.repeats)
