@@ -116,6 +116,11 @@ def test_shipped_config_runs_two_steps_on_tiny_preset(config, family, tiny_prese
         (run_dir / "eval.json").unlink()
         assert main(["eval", str(config), *overrides]) == 0
         assert json.loads((run_dir / "eval.json").read_text())["count"] == min(4, len(heldout.read_text().splitlines()))
+        if config.stem == "recipe_company_qa":  # settings are chosen on the validation split
+            assert main(["eval", str(config), *overrides, "eval.split=validation"]) == 0
+            scored = {row["id"] for row in json.loads((run_dir / "eval.json").read_text())["examples"]}
+            validation = [json.loads(line)["id"] for line in (run_dir / "data" / "validation.jsonl").read_text().splitlines()]
+            assert scored == set(validation[:4])
 
     # The HF export is itself a model source (a local Hugging Face folder).
     assert main(["generate", str(run_dir / "export_hf"), "Hola", "--max-new-tokens", "2"]) == 0
