@@ -482,11 +482,9 @@ def _strip_accents(word):
 
 
 _NUMBER_WORDS = {lang: _number_word_table(lang) for lang in LANGUAGES}
-_COMPOUND = {  # "treinta y dos", "forty-two", "forty two": tens, joiner, unit
-    lang: re.compile(r"\b(" + "|".join(_TENS[lang]) + r")(?:\s+y\s+|-|\s+)(" + "|".join(
-        sorted({word for value, word in enumerate(_UNITS[lang]) if 0 < value < 10}
-               | {_strip_accents(word) for value, word in enumerate(_UNITS[lang]) if 0 < value < 10})) + r")\b",
-        re.IGNORECASE)
+_COMPOUND = {  # "treinta y dos", "forty-two", "forty two": tens, joiner, unit 1-9
+    lang: re.compile(r"\b(" + "|".join(_TENS[lang]) + r")(?:\s+y\s+|-|\s+)(" + "|".join(_UNITS[lang][1:10]) + r")\b",
+                     re.IGNORECASE)
     for lang in LANGUAGES
 }
 
