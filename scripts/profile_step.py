@@ -40,10 +40,8 @@ _RUNTIME = re.compile(r"^\$|PjitFunction|PjRt|Execute|Thunk|Threadpool|Allocate|
 def kind_of(name: str) -> str:
     """The operation kind of one trace event name (see the module docstring)."""
     lower = name.lower()
-    if re.search(r"dot|conv|gemm|matmul", lower):
+    if re.search(r"dot|conv|gemm|matmul", lower) or lower.startswith("ynn"):  # YNNPACK runs the products
         return "matmul"
-    if lower.startswith("ynn"):
-        return "matmul"  # YNNPACK is used for products (and the fusions around them)
     if re.search(r"copy|transpose", lower):
         return "copy"
     if "fusion" in lower:
