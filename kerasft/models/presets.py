@@ -136,7 +136,7 @@ def _embedded_preset(cache: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf_path = gguf.assemble_embedded_gguf(cache / "gguf")
-    return gguf.import_gguf(gguf_path, target)
+    return _import_into_cache(gguf_path, target)
 
 
 def _gguf_preset(path: Path, cache: Path) -> Path:
@@ -148,7 +148,20 @@ def _gguf_preset(path: Path, cache: Path) -> Path:
     target = cache / "presets" / f"{path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
-    return gguf.import_gguf(path, target)
+    return _import_into_cache(path, target)
+
+
+def _import_into_cache(gguf_path: Path, target: Path) -> Path:
+    """Converts into the cache; when another process sharing the cache finished the same
+    conversion first, its preset is used."""
+    from kerasft.models import gguf
+
+    try:
+        return gguf.import_gguf(gguf_path, target)
+    except KerasftError:
+        if (target / "config.json").is_file():
+            return target
+        raise
 
 
 def _check_preset_name(name: str) -> str:
