@@ -212,6 +212,9 @@ class DataConfig:
 class TrainConfig:
     """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping.
 
+    epochs: passes over the training rows (fractions allowed).
+    max_steps: when above 0, the run's length in optimizer steps, in place of epochs: the rows
+        repeat, reshuffled each pass, as often as that takes (as HF Trainer's max_steps does).
     checkpoint_every: save trainable weights, optimizer state, step and data position every N
         optimizer steps (and at the end) under RUN_DIR/checkpoints, for `kerasft train --resume`;
         0 turns checkpoints off.
@@ -256,9 +259,14 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "sample_prompts", "sample_tokens"):
             if getattr(self, key) < 1:
                 raise KerasftError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
-        for key in ("checkpoint_every", "eval_every", "eval_batches", "early_stopping_patience", "sample_every"):
+        for key in ("max_steps", "checkpoint_every", "eval_every", "eval_batches", "early_stopping_patience",
+                    "sample_every"):
             if getattr(self, key) < 0:
                 raise KerasftError(f"train.{key}: must be 0 (off) or more, got {getattr(self, key)}")
+        if not self.max_steps and not self.epochs > 0:
+            raise KerasftError(f"train.epochs: must be above 0 (or set train.max_steps), got {self.epochs}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise KerasftError(f"train.warmup_ratio: must be between 0 and 1, got {self.warmup_ratio}")
         if (self.early_stopping_patience or self.keep_best) and not self.eval_every:
             raise KerasftError("train.early_stopping_patience and train.keep_best need train.eval_every > 0")
         for name in self.loggers:

@@ -235,3 +235,33 @@ def _divisible_model_parallel(keras):
             return keras.distribution.TensorLayout(axes, mesh)
 
     return DivisibleModelParallel
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's peak resident memory (Linux VmHWM) to its current RSS, so that a
+    later peak_rss_bytes() measures only what runs in between. False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the last reset_peak_rss() (or since the process started)."""
+    try:
+        return proc_status("VmHWM")
+    except (OSError, KerasftError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def proc_status(key: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM ...) in bytes."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KerasftError(f"/proc/self/status has no {key}")

@@ -38,6 +38,13 @@ def test_unknown_override_and_bad_types(tmp_path):
         load_config(None, ["train.batch_size=2.5"])
     with pytest.raises(KerasftError, match="expected key=value"):
         load_config(None, ["train.batch_size"])
+    with pytest.raises(KerasftError, match=r"train\.epochs: must be above 0 \(or set train\.max_steps\), got 0"):
+        load_config(None, ["train.epochs=0"])
+    assert load_config(None, ["train.epochs=0", "train.max_steps=4"]).train.max_steps == 4
+    with pytest.raises(KerasftError, match="train.max_steps: must be 0 .off. or more, got -1"):
+        load_config(None, ["train.max_steps=-1"])
+    with pytest.raises(KerasftError, match="train.warmup_ratio: must be between 0 and 1, got 1.5"):
+        load_config(None, ["train.warmup_ratio=1.5"])
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):

@@ -42,6 +42,12 @@ def hf_dir(keras_model, tmp_path_factory):
 
 
 def test_qa_result_has_v2_scores_auroc_system_and_examples(keras_model):
+    import numpy as np
+
+    from kerasft.runtime import peak_rss_bytes
+
+    np.ones(2**28, np.float32).sum()  # 1 GiB touched and freed before: the process's peak, not the evaluation's
+    process_peak = peak_rss_bytes() / 2**20
     result = evaluate(keras_model, QA, EvalConfig(**FAST), DataConfig())
     for key in ("f1", "exact_match", "f1_en", "has_answer_f1", "no_answer_f1", "no_answer_recall"):
         assert key in result, key
@@ -50,6 +56,8 @@ def test_qa_result_has_v2_scores_auroc_system_and_examples(keras_model):
     system = result["system"]
     assert system["latency_p50_s"] > 0 and system["latency_p95_s"] >= system["latency_p50_s"]
     assert system["prefill_tokens_per_s"] > 0 and system["peak_rss_mib"] > 100
+    assert system["peak_rss_since"] == "evaluation"
+    assert system["peak_rss_mib"] < process_peak - 500, (system["peak_rss_mib"], process_peak)
     assert [row["id"] for row in result["examples"]] == ["q1", "q2", "q3"]
     assert all(set(row) >= {"prompt", "gold", "prediction", "score", "failures"} for row in result["examples"])
     assert sum(result["failures"].values()) == sum(len(r["failures"]) for r in result["examples"])

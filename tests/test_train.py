@@ -36,6 +36,16 @@ def test_same_seed_same_adapter_and_accumulation(tiny_preset, tmp_path):
     assert any(not np.array_equal(first[k], other[k]) for k in first)
 
 
+def test_max_steps_sets_the_run_length_over_epochs():
+    from kerasft.config import TrainConfig
+    from kerasft.train.loop import planned_steps
+
+    assert planned_steps(10, TrainConfig(batch_size=4, epochs=2.5)) == 8  # 3 batches an epoch
+    assert planned_steps(10, TrainConfig(batch_size=4, epochs=2, grad_accum=2)) == 3
+    assert planned_steps(10, TrainConfig(batch_size=4, epochs=1, max_steps=7)) == 7  # beyond one epoch: rows repeat
+    assert planned_steps(10, TrainConfig(batch_size=4, epochs=5, max_steps=2)) == 2
+
+
 def test_loss_falls_when_memorising_a_few_answers(tiny_preset, tmp_path):
     lines = [json.dumps({"prompt": f"Pregunta {i}", "response": "La respuesta es Zaragoza."}) for i in range(8)]
     (tmp_path / "few.jsonl").write_text("\n".join(lines) + "\n")

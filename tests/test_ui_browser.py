@@ -151,7 +151,7 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     # Model: a few steps; schedule plot and memory plan.
     _tab(page, "Model")
     _set_number(page, "epochs", 20000)
-    _set_number(page, "max_steps", 12)  # a cap: 17 training rows in batches of 2 are 9 steps an epoch
+    _set_number(page, "max_steps", 12)  # the run length, in place of the epochs
     _set_number(page, "checkpoint_every", 3)
     _set_number(page, "batch_size", 2)
     _set_number(page, "sequence_length", 128)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import resource
 import sys
 from pathlib import Path
 
 from kerasft.errors import KerasftError
 from kerasft.evaluate import metrics
+from kerasft.runtime import peak_rss_bytes, reset_peak_rss
 
 DEFAULT_NO_ANSWER = "Sin respuesta"
 # Extra per metric group that needs one (checked before anything slow starts).
@@ -96,6 +96,8 @@ def evaluate(model, examples, eval_cfg, data_cfg) -> dict:
               "lang": eval_cfg.lang, "by": {}, "failures": {}}
     predictions = {}
     timing = None
+    # Peak memory is this evaluation's own, not that of training earlier in the same process.
+    peak_since = "evaluation" if reset_peak_rss() else "process start"
     if wanted != ("perplexity",):
         new_ids, timing = model.generate(prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, sampling)
         predictions = {ex.id: model.decode(ids).strip() for ex, ids in zip(examples, new_ids)}
@@ -104,7 +106,7 @@ def evaluate(model, examples, eval_cfg, data_cfg) -> dict:
         result["seconds"] = round(timing["seconds"], 2)
         result["generated_tokens"] = timing["generated_tokens"]
         if "system" in wanted:
-            result["system"] = system_metrics(model, prompts, timing, eval_cfg.batch_size)
+            result["system"] = system_metrics(model, prompts, timing, eval_cfg.batch_size, peak_since)
     result["examples"] = _example_rows(examples, predictions, scores, eval_cfg, data_cfg)
     for row in result["examples"]:
         for kind in row["failures"]:
@@ -227,11 +229,13 @@ def _text(model, examples, prompts, predictions, eval_cfg, data_cfg, wanted, res
 _TASKS = {"qa": _qa, "json": _json, "short_answer": _short_answer, "text": _text}
 
 
-def system_metrics(model, prompts, timing: dict, batch_size: int) -> dict:
+def system_metrics(model, prompts, timing: dict, batch_size: int, peak_since: str = "process start") -> dict:
     """Latency per example (its batch's wall time), prefill and decode tokens/s, peak memory.
 
     Prefill is timed as a separate forward pass over up to three of the run's prompt batches;
-    decode time is the generation time less the prefill time that rate implies.
+    decode time is the generation time less the prefill time that rate implies. The peak RSS
+    counts from `peak_since` (see evaluate); the accelerator's peak, which JAX cannot reset,
+    always counts from the process start.
     """
     batches = timing["batches"]
     latencies = [seconds for seconds, rows, _ in batches for _ in rows]
@@ -247,8 +251,8 @@ def system_metrics(model, prompts, timing: dict, batch_size: int) -> dict:
         "decode_tokens_per_s": timing["generated_tokens"] / decode_seconds if decode_seconds > 0 else None,
         "generate_seconds": timing["seconds"],
         "batches": len(batches),
-        # ru_maxrss is KiB on Linux.
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_bytes() / 2**20,
+        "peak_rss_since": peak_since,
         "device_peak_mib": None,
     }
     if "jax" in sys.modules:  # never import jax just to ask (the transformers path does not need it)

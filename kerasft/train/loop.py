@@ -238,10 +238,11 @@ def apply_remat(backbone, mode: str) -> None:
 
 
 def planned_steps(num_examples: int, cfg) -> int:
-    """Optimizer steps for a run: epochs over the data, or max_steps when set."""
+    """Optimizer steps for a run: max_steps when set, otherwise epochs over the data."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
     micro = math.ceil(num_examples / cfg.batch_size)
-    steps = math.ceil(micro * cfg.epochs / cfg.grad_accum)
-    return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
+    return math.ceil(micro * cfg.epochs / cfg.grad_accum)
 
 
 def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str | Path, pad_id: int = 0,

@@ -397,8 +397,9 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     from kerasft.models.quant import quantize_backbone
     from kerasft.train.loop import apply_remat, dropout_key, make_optimizer, make_train_step
 
-    clear_refs = Path("/proc/self/clear_refs")
-    if not clear_refs.exists():
+    from kerasft.runtime import peak_rss_bytes, proc_status, reset_peak_rss
+
+    if not Path("/proc/self/clear_refs").exists():
         raise KerasftError("--measure needs Linux (/proc/self/clear_refs)")
     loaded = load_model(cfg.model)
     backbone = loaded.backbone
@@ -428,11 +429,12 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     compiled = step_fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile()
     arguments = sum(x.nbytes for x in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
     jax.block_until_ready([trainable, opt_state, non_trainable, batch])
-    before = _proc_status("VmRSS")
-    clear_refs.write_text("5")  # resets VmHWM to the current RSS
+    before = proc_status("VmRSS")
+    if not reset_peak_rss():
+        raise KerasftError("--measure could not reset the peak RSS (/proc/self/clear_refs)")
     out = compiled(trainable, opt_state, non_trainable, batch, *rng)
     jax.block_until_ready(out)
-    peak_rise = _proc_status("VmHWM") - before
+    peak_rise = peak_rss_bytes() - before
     return {"arguments": arguments, "peak_rise": peak_rise, "measured_peak": arguments + peak_rise}
 
 
@@ -494,13 +496,6 @@ def _available_memory() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _proc_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KerasftError(f"/proc/self/status has no {key}")
 
 
 def _gib(value: float) -> str:
