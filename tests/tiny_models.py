@@ -90,78 +90,56 @@ _CORPUS = (
 )
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_spm_proto() -> bytes:
-    """Trains a tiny BPE SentencePiece model with Gemma's conventions.
-
-    Returns:
-        The serialized model proto (cached: training takes about a second).
-    """
+def _train_spm(sentences, vocab_size: int, **conventions) -> bytes:
+    """Trains a tiny BPE SentencePiece model on `sentences` with the settings both families share
+    (raw text in, bytes for anything unseen, no normalisation, whitespace kept as written, digits
+    split) plus the family's `conventions`; returns the serialized proto."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS),
+        sentence_iterator=iter(sentences),
         model_writer=model,
         model_type="bpe",
-        vocab_size=VOCABULARY_SIZE,
-        # Gemma's tokenizer: raw text in, bytes for anything unseen, no
-        # normalisation, leading spaces and newlines kept as written.
+        vocab_size=vocab_size,
         byte_fallback=True,
         normalization_rule_name="identity",
-        add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         split_digits=True,
         character_coverage=1.0,
-        pad_id=PAD_ID,
-        eos_id=EOS_ID,
-        bos_id=BOS_ID,
-        unk_id=UNK_ID,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=list(USER_DEFINED_SYMBOLS),
         # One thread and the whole corpus keep the output byte-identical.
         num_threads=1,
         input_sentence_size=0,
         shuffle_input_sentence=False,
         minloglevel=2,
+        **conventions,
     )
     return model.getvalue()
 
 
 @functools.lru_cache(maxsize=1)
+def tiny_spm_proto() -> bytes:
+    """A tiny BPE SentencePiece model with Gemma's conventions: <pad> 0, <eos> 1, <bos> 2,
+    <unk> 3, no dummy prefix (leading spaces and newlines kept as written), the chat tokens as
+    user-defined symbols. Cached: training takes about a second."""
+    return _train_spm(
+        _CORPUS, VOCABULARY_SIZE, add_dummy_prefix=False,
+        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=list(USER_DEFINED_SYMBOLS),
+    )
+
+
+@functools.lru_cache(maxsize=1)
 def tiny_llama_spm_proto() -> bytes:
     """A tiny BPE SentencePiece model with Llama 2 / TinyLlama's conventions: <unk> 0, <s> 1,
-    </s> 2, no pad, a dummy-prefix space, byte fallback, identity normalisation."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS + ("<|user|>\n¿Qué tal?</s>\n<|assistant|>\nBien.", "<|system|>\nEres útil.")),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=LLAMA_VOCABULARY_SIZE,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        character_coverage=1.0,
-        unk_id=LLAMA_UNK_ID,
-        bos_id=LLAMA_BOS_ID,
-        eos_id=LLAMA_EOS_ID,
-        pad_id=-1,
-        unk_piece="<unk>",
-        bos_piece="<s>",
-        eos_piece="</s>",
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
+    </s> 2, no pad, a dummy-prefix space."""
+    return _train_spm(
+        _CORPUS + ("<|user|>\n¿Qué tal?</s>\n<|assistant|>\nBien.", "<|system|>\nEres útil."),
+        LLAMA_VOCABULARY_SIZE, add_dummy_prefix=True,
+        unk_id=LLAMA_UNK_ID, bos_id=LLAMA_BOS_ID, eos_id=LLAMA_EOS_ID, pad_id=-1,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
     )
-    return model.getvalue()
 
 
 @functools.lru_cache(maxsize=1)
