@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.models.attention import use_mqa_layout
 from kerasft.models.families import model_family  # noqa: F401  (callers import it from here too)
 
 EMBEDDED = "embedded"
@@ -114,6 +115,7 @@ def load_model(cfg) -> LoadedModel:
             f"{cfg.preset}: {type(backbone).__name__} is not a supported model; kerasft supports "
             "Gemma 1, 2 and 3, Llama 2 / TinyLlama and Llama 3"
         )
+    use_mqa_layout(backbone)
     return LoadedModel(backbone=backbone, tokenizer=tokenizer, source=cfg.preset, path=path)
 
 

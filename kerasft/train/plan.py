@@ -147,6 +147,7 @@ def abstract_backbone(model_cfg, lora_cfg):
     import jax
     import keras_hub
 
+    from kerasft.models.attention import use_mqa_layout
     from kerasft.models.lora import apply_lora
     from kerasft.models.quant import quantize_abstract
 
@@ -159,6 +160,7 @@ def abstract_backbone(model_cfg, lora_cfg):
         backbone = getattr(keras_hub.models, class_name)(**kwargs, dtype=model_cfg.dtype)
         quantize_abstract(backbone, model_cfg.quantize)
         apply_lora(backbone, lora_cfg)
+        use_mqa_layout(backbone)  # as load_model does: the planned step is the one that runs
         built["backbone"] = backbone
         return [v.value for v in backbone.weights]
 
