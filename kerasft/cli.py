@@ -198,8 +198,10 @@ def _cmd_plan(args) -> int:
     if devices > 1 and "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # Without TPUs, plan the 8-device layout on 8 simulated CPU devices (fixed when jax loads).
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    from kerasft.runtime import init_backend
     from kerasft.train.plan import format_plan, measure_step, plan_step
 
+    init_backend()
     plan = plan_step(cfg, args.target, args.targets or None, search=not args.no_search)
     print(format_plan(plan, args.target))
     if args.measure:

@@ -3,8 +3,10 @@ backend, seeds, the distributed runtime of multi-host jobs, the device mesh."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
 
 from kerasft.errors import KerasftError
 
@@ -15,8 +17,7 @@ def init_backend(seed: int | None = None):
     Raises KerasftError when keras was already imported with another backend.
     """
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    # TensorFlow comes in through keras-hub; keep it quiet and off the accelerators JAX uses.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _tensorflow_quiet_and_off_gpus()
     import keras
 
     if keras.backend.backend() != "jax":
@@ -28,6 +29,42 @@ def init_backend(seed: int | None = None):
         random.seed(seed)
         keras.utils.set_random_seed(seed)
     return keras
+
+
+def _tensorflow_quiet_and_off_gpus() -> None:
+    """TensorFlow comes in through keras-hub, whose tokenizers run on it. Left alone it would
+    initialise every GPU it can see and claim most of its memory ahead of JAX (the JAX guides that
+    load data with TensorFlow hide the GPUs from it the same way), and its import writes start-up
+    lines (oneDNN, CUDA drivers) to stderr that TF_CPP_MIN_LOG_LEVEL does not govern: they are
+    written before absl's logging starts. So it is imported here with stderr closed, unless
+    TF_CPP_MIN_LOG_LEVEL is set to 0; an import that fails still raises its own error."""
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"
+        try:
+            with _stderr_closed() if quiet else contextlib.nullcontext():
+                import tensorflow  # noqa: F401
+        except ImportError:
+            return  # keras-hub will say what is missing
+    try:
+        sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError, AttributeError):  # its devices are initialised already
+        pass
+
+
+@contextlib.contextmanager
+def _stderr_closed():
+    """Sends file descriptor 2 (what C++ libraries write to) to /dev/null for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def set_distribution(cfg, devices=None):
