@@ -38,18 +38,17 @@ def _tensorflow_quiet_and_off_gpus() -> None:
     lines (oneDNN, CUDA drivers) to stderr that TF_CPP_MIN_LOG_LEVEL does not govern: they are
     written before absl's logging starts. So it is imported here with stderr closed, unless
     TF_CPP_MIN_LOG_LEVEL is set to 0; an import that fails still raises its own error."""
-    if "tensorflow" not in sys.modules:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"
+    with _stderr_closed() if quiet else contextlib.nullcontext():  # listing the GPUs can log a cuInit failure
         try:
-            with _stderr_closed() if quiet else contextlib.nullcontext():
-                import tensorflow  # noqa: F401
+            import tensorflow as tf
         except ImportError:
             return  # keras-hub will say what is missing
-    try:
-        sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError, AttributeError):  # its devices are initialised already
-        pass
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except (RuntimeError, ValueError, AttributeError):  # its devices are initialised already
+            pass
 
 
 @contextlib.contextmanager
