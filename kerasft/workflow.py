@@ -215,22 +215,21 @@ def verify_gguf_export(gguf_path: Path, backbone, token_ids, *, atol: float = 1e
     logits with the Keras model's; the same report as kerasft.export.hf.verify_hf_export."""
     import tempfile
 
-    import keras_hub
     import numpy as np
 
     from kerasft.export.gguf import verify_llama_gguf
     from kerasft.export.hf import keras_logits
-    from kerasft.models.attention import use_mqa_layout
+    from kerasft.config import ModelConfig
     from kerasft.models.families import LLAMA_FAMILIES, model_family
     from kerasft.models.gguf import import_gguf
+    from kerasft.models.presets import load_model
 
     if model_family(backbone) in LLAMA_FAMILIES:  # kerasft's importer reads Gemma files only
         return verify_llama_gguf(gguf_path, backbone, token_ids, atol=atol, rtol=rtol)
     with tempfile.TemporaryDirectory(prefix="kerasft-gguf-check-") as folder:
         preset = import_gguf(gguf_path, Path(folder) / "preset")
-        reimported = keras_hub.models.Backbone.from_preset(str(preset))
-        use_mqa_layout(reimported)  # the attention load_model gives: the check compares the weights
-        theirs = keras_logits(reimported, token_ids)
+        # Loaded as every model is (same attention code): the check compares the weights.
+        theirs = keras_logits(load_model(ModelConfig(preset=str(preset))).backbone, token_ids)
     ours = keras_logits(backbone, token_ids)
     diff, scale = float(np.max(np.abs(theirs - ours))), float(np.max(np.abs(ours)))
     tolerance = atol + rtol * scale

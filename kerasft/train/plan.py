@@ -401,7 +401,7 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
 
     from kerasft.runtime import peak_rss_bytes, proc_status, reset_peak_rss
 
-    if not Path("/proc/self/clear_refs").exists():
+    if not reset_peak_rss():  # checked before the slow part; reset again just before the step
         raise KerasftError("--measure needs Linux (/proc/self/clear_refs)")
     loaded = load_model(cfg.model)
     backbone = loaded.backbone
@@ -432,8 +432,7 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     arguments = sum(x.nbytes for x in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
     jax.block_until_ready([trainable, opt_state, non_trainable, batch])
     before = proc_status("VmRSS")
-    if not reset_peak_rss():
-        raise KerasftError("--measure could not reset the peak RSS (/proc/self/clear_refs)")
+    reset_peak_rss()
     out = compiled(trainable, opt_state, non_trainable, batch, *rng)
     jax.block_until_ready(out)
     peak_rise = peak_rss_bytes() - before
