@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.paths import staged_dir
 from kerasft.models.families import FAMILIES
 
 QUANTS = ("f32", "f16", "q8_0")
@@ -90,7 +91,7 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
         raise KerasftError(
             f"the tokenizer has {len(vocabulary['tokens'])} pieces but the model {backbone.vocabulary_size} embeddings"
         )
-    with hf.staged_dir(out, overwrite) as staging:
+    with staged_dir(out, overwrite) as staging:
         writer = gguf.GGUFWriter(str(staging / file_name), FAMILIES[family].gguf_architecture)
         _write_metadata(writer, backbone, family, quant, vocabulary, template)
         for name, array in gguf_tensors(backbone, family).items():

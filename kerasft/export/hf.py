@@ -14,15 +14,13 @@ and swaps bos/eos in the Gemma 3 config.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from kerasft.data.template import hf_chat_template
 from kerasft.errors import KerasftError
 from kerasft.models.families import FAMILIES
+from kerasft.paths import staged_dir
 
 # family -> (transformers architecture, config model_type)
 HF_ARCHITECTURES = {name: (family.hf_architecture, family.hf_model_type) for name, family in FAMILIES.items()}
@@ -541,32 +539,6 @@ def verify_hf_export(out_dir: str | Path, backbone, token_ids, *, atol: float = 
     tolerance = atol + rtol * scale
     return {"max_abs_diff": diff, "tolerance": tolerance, "logit_scale": scale, "ok": diff <= tolerance,
             "reference": "transformers float64"}
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path, overwrite: bool):
-    """Yields an empty folder beside `out` that replaces `out` when the block succeeds and is
-    removed when it fails, so readers never see a half-written export.
-
-    Raises KerasftError before anything is written when `out` exists and not `overwrite`.
-    """
-    if out.exists() and not overwrite:
-        raise KerasftError(f"{out}: already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            # Move the old folder aside first: `out` is never missing for longer than two renames.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(old / out.name)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _eot_id(tokenizer) -> int:

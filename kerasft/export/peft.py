@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.paths import staged_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -116,7 +117,7 @@ def export_peft(
         "modules_to_save": None,
         "trainable_token_indices": {"embed_tokens": token_ids} if token_ids else None,
     }
-    with hf.staged_dir(out, overwrite) as staging:
+    with staged_dir(out, overwrite) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if card is None:

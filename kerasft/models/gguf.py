@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import socket
 import struct
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
 from kerasft.errors import KerasftError
+from kerasft.paths import staged_dir
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "llama")
 
@@ -87,13 +86,8 @@ def import_gguf(gguf_path, out_dir, *, overwrite: bool = False) -> Path:
         backbone_kwargs = _backbone_kwargs(header, arch)
         spm_proto = _sentencepiece_proto(header)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = out_dir.with_name(f".{out_dir.name}.building-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_dir(out_dir, overwrite) as building:
         _write_preset(header, arch, backbone_kwargs, spm_proto, building)
-        _move_into_place(building, out_dir, overwrite)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     return out_dir
 
 
@@ -674,20 +668,3 @@ def _assign_weights(backbone, header: GGUFHeader, arch: str):
     assign_norm(backbone.get_layer("final_normalization"), "output_norm.weight")
 
 
-def _move_into_place(building: Path, out_dir: Path, overwrite: bool):
-    """Renames the finished preset onto `out_dir`; an old one is removed only after the swap."""
-    old = None
-    if out_dir.exists():
-        if not overwrite:  # appeared while we were converting
-            raise KerasftError(f"{out_dir}: already exists; pass overwrite=True to replace it")
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, old)
-    try:
-        os.rename(building, out_dir)
-    except OSError as error:
-        if old is not None:
-            os.rename(old, out_dir)
-        raise KerasftError(f"{out_dir}: could not move the converted preset into place "
-                           f"({error})") from error
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

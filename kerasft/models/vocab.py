@@ -28,6 +28,7 @@ import unicodedata
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.paths import staged_dir
 
 SPACE = "\u2581"  # SentencePiece's escaped space
 VOCAB_FILE = "kerasft_vocab.json"  # written into a preset by add_words: which rows are new
@@ -283,7 +284,6 @@ def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: 
     """
     import numpy as np
 
-    from kerasft.export.hf import staged_dir
     from kerasft.models.presets import cache_dir, model_family, resolve_preset
 
     if init not in INITS:
