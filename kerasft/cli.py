@@ -9,6 +9,7 @@ import json
 import sys
 
 from kerasft import __version__
+from kerasft.config import EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES
 from kerasft.errors import KerasftError
 
 
@@ -70,25 +71,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true", help="compile only the configured batch size")
     p.add_argument("--measure", action="store_true",
                    help="also run one real step on this machine and compare its measured peak with the plan")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as one JSON object (bytes as integers) instead of the report")
 
     p = command("eval", _cmd_eval, "evaluate a run's adapter, or eval.source (a preset, run dir or Hugging Face "
                 "folder), on the held-out split; compare=base adds the base model; writes RUN_DIR/report.md")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, or compare=base")
 
-    p = command("export", _cmd_export, "merge LoRA and export: Hugging Face safetensors, a PEFT adapter or GGUF, "
-                                       "with a model card, checked in the consumer")
+    p = command("export", _cmd_export, "merge LoRA and export with a model card: Hugging Face safetensors "
+                                       "(logits checked in transformers), GGUF (checked by re-import) or a "
+                                       "PEFT adapter (not checked)")
     p.add_argument("src", help="a run dir, a keras-hub preset dir, a .gguf file or any preset string")
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
+    p.add_argument("--format", default="hf", choices=EXPORT_FORMATS,
                    help="hf: merged safetensors (default); peft: LoRA adapter; gguf: llama.cpp file")
-    p.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF matrix type (--format gguf)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="safetensors dtype (--format hf)")
+    p.add_argument("--quant", default="f16", choices=GGUF_QUANTS,
+                   help="GGUF matrix type (--format gguf); only f32 must match exactly, others report their error")
+    p.add_argument("--dtype", default="float32", choices=HF_DTYPES,
+                   help="safetensors dtype (--format hf); only float32 must match exactly, others report their error")
     p.add_argument("--max-shard-mb", type=float, default=5000.0,
                    help="split hf weights above this size into shards with model.safetensors.index.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits check of the export")
+    p.add_argument("--no-verify", action="store_true", help="skip the logits check of the export (the output says so)")
 
     p = command("serve", _cmd_serve, "OpenAI-style HTTP server (/v1/completions, /v1/chat/completions) with "
                                      "batched greedy generation")
@@ -189,6 +194,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_plan(args) -> int:
+    import dataclasses
     import os
 
     from kerasft.config import load_config
@@ -203,6 +209,12 @@ def _cmd_plan(args) -> int:
 
     init_backend()
     plan = plan_step(cfg, args.target, args.targets or None, search=not args.no_search)
+    if args.json:
+        result = {"target_key": args.target, **dataclasses.asdict(plan), "fits": plan.fits}
+        if args.measure:
+            result["measured"] = measure_step(cfg, args.targets or None)
+        print(json.dumps(result), flush=True)
+        return 0 if plan.fits else 1
     print(format_plan(plan, args.target))
     if args.measure:
         measured = measure_step(cfg, args.targets or None)
@@ -215,13 +227,7 @@ def _cmd_plan(args) -> int:
 
 def _cmd_eval(args) -> int:
     from kerasft.config import load_config
-    from kerasft.data.prepare import build_datasets
-    from kerasft.evaluate.evaluator import check_eval_config, comparison_table, evaluate, open_model, write_eval
-    from kerasft.evaluate.generate import KerasModel
-    from kerasft.evaluate.report import write_report
-    from kerasft.models.lora import load_adapter
-    from kerasft.models.presets import load_model
-    from kerasft.runtime import init_backend
+    from kerasft.workflow import evaluate_run
 
     # `compare=base` is the command's own switch, the same as eval.compare_base=true.
     compare = [item for item in args.overrides if item.partition("=")[0].strip() == "compare"]
@@ -229,35 +235,7 @@ def _cmd_eval(args) -> int:
         if item.partition("=")[2].strip() != "base":
             raise KerasftError(f"{item}: the only comparison is compare=base")
     overrides = [item for item in args.overrides if item not in compare] + (["eval.compare_base=true"] if compare else [])
-    cfg = load_config(args.config, overrides)
-    check_eval_config(cfg.eval)
-    examples = build_datasets(cfg.data, need_train=False, need_eval=True).held_out(cfg.eval.split)
-    if cfg.data.eval_limit:
-        examples = examples[: cfg.data.eval_limit]
-    source = cfg.eval.source or str(cfg.run_dir)
-    adapter = cfg.run_dir / "adapter"
-    if not cfg.eval.source and not (adapter / "adapter_config.json").is_file():
-        raise KerasftError(f"{cfg.run_dir}: no trained adapter; run `kerasft train {args.config}` first "
-                           "or set eval.source")
-    init_backend(cfg.train.seed)
-    results = {}
-    tuned = None
-    if cfg.eval.compare_base:
-        loaded = load_model(cfg.model)
-        results["base"] = evaluate(KerasModel(loaded.backbone, loaded.tokenizer, name=cfg.model.preset), examples,
-                                   cfg.eval, cfg.data)
-        if not cfg.eval.source:  # the run's own adapter goes on the base already in memory
-            load_adapter(loaded.backbone, adapter)
-            tuned = KerasModel(loaded.backbone, loaded.tokenizer, name=f"{cfg.model.preset} + {adapter}")
-    tuned = tuned or open_model(source, name=source if cfg.eval.source else f"{cfg.model.preset} + {adapter}")
-    results["tuned"] = evaluate(tuned, examples, cfg.eval, cfg.data)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if "base" in results:
-        write_eval(results["base"], cfg.run_dir / "eval_base.json")
-    write_eval(results["tuned"], cfg.run_dir / "eval.json")
-    write_report(cfg.run_dir, results, cfg.run_dir / "metrics.jsonl", cfg.eval.worst, cfg.eval.plots)
-    print(comparison_table(results))
-    print(f"report: {cfg.run_dir / 'report.md'}")
+    evaluate_run(load_config(args.config, overrides))
     return 0
 
 
@@ -265,12 +243,14 @@ def _cmd_export(args) -> int:
     from kerasft.config import ExportConfig, ModelConfig, RunConfig
     from kerasft.data.records import Example
     from kerasft.data.template import chat_tokens
+    from kerasft.models.presets import load_source
+    from kerasft.paths import RunDir
     from kerasft.runtime import init_backend
-    from kerasft.workflow import export_and_verify, load_source
+    from kerasft.workflow import export_and_verify
 
     init_backend()
     loaded, run_cfg = load_source(args.src)
-    run_dir = _path(args.src) if (_path(args.src) / "adapter" / "adapter_config.json").is_file() else None
+    run_dir = RunDir(args.src).root if RunDir(args.src).has_adapter else None
     cfg = run_cfg or RunConfig(model=ModelConfig(preset=loaded.source))
     export_cfg = ExportConfig(format=args.format, quant=args.quant, dtype=args.dtype, max_shard_mb=args.max_shard_mb,
                               verify=not args.no_verify, atol=cfg.export.atol, rtol=cfg.export.rtol)
@@ -293,8 +273,8 @@ def _cmd_serve(args) -> int:
 def _cmd_generate(args) -> int:
     from kerasft.data.template import chat_tokens, encode_prompt
     from kerasft.evaluate.generate import causal_lm_for, generate_ids
+    from kerasft.models.presets import load_source
     from kerasft.runtime import init_backend
-    from kerasft.workflow import load_source
 
     init_backend()
     loaded, run_cfg = load_source(args.src)

@@ -16,6 +16,9 @@ from pathlib import Path
 from kerasft.errors import KerasftError
 
 MODEL_DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "float16", "mixed_float16")
+# Every projection in a decoder block that LoRA can wrap (keras-hub layer names; Llama's MLP layers
+# are mapped onto them in kerasft.models.lora). Here so the config checks them without keras.
+LORA_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,15 @@ class LoraConfig:
     train_new_tokens: bool = False
 
     def __post_init__(self):
-        if not 0 <= self.dropout < 1:
-            raise KerasftError(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise KerasftError(f"lora.rank: must be a whole number > 0, got {self.rank!r}")
+        _check_number("lora.alpha", self.alpha, above=0)
+        if not self.targets:
+            raise KerasftError(f"lora.targets: must name at least one of {', '.join(LORA_TARGETS)}")
+        for name in self.targets:
+            if name not in LORA_TARGETS:
+                raise KerasftError(f"lora.targets: unknown target {name}; choose from {', '.join(LORA_TARGETS)}")
+        _check_number("lora.dropout", self.dropout, at_least=0, below=1)
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,13 @@ class TrainConfig:
     """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping.
 
     epochs: passes over the training rows (fractions allowed).
+    batch_size / grad_accum: rows per micro-batch, and micro-batches per optimizer step; the loss
+        of a step is normalised by the loss weights of all its micro-batches together, so
+        batch_size=2, grad_accum=2 takes the same step as batch_size=4, grad_accum=1.
+    learning_rate: the peak of the schedule (> 0); warmup_ratio: its share of the steps spent
+        warming up, in [0, 1); weight_decay: AdamW's decoupled decay (>= 0).
+    max_grad_norm: the gradient's global norm is clipped to this before the update; 0 turns
+        clipping off.
     max_steps: when above 0, the run's length in optimizer steps, in place of epochs: the rows
         repeat, reshuffled each pass, as often as that takes (as HF Trainer's max_steps does).
     checkpoint_every: save trainable weights, optimizer state, step and data position every N
@@ -265,8 +282,10 @@ class TrainConfig:
                 raise KerasftError(f"train.{key}: must be 0 (off) or more, got {getattr(self, key)}")
         if not self.max_steps and not self.epochs > 0:
             raise KerasftError(f"train.epochs: must be above 0 (or set train.max_steps), got {self.epochs}")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise KerasftError(f"train.warmup_ratio: must be between 0 and 1, got {self.warmup_ratio}")
+        _check_number("train.learning_rate", self.learning_rate, above=0)
+        _check_number("train.weight_decay", self.weight_decay, at_least=0)
+        _check_number("train.warmup_ratio", self.warmup_ratio, at_least=0, below=1)
+        _check_number("train.max_grad_norm", self.max_grad_norm, at_least=0)
         if (self.early_stopping_patience or self.keep_best) and not self.eval_every:
             raise KerasftError("train.early_stopping_patience and train.keep_best need train.eval_every > 0")
         for name in self.loggers:
@@ -375,6 +394,12 @@ class EvalConfig:
             raise KerasftError(f"eval.split: {self.split!r} is not one of test, validation (or empty for the default)")
 
 
+# The export formats and their options: the CLI, the studio and the exporters take them from here.
+EXPORT_FORMATS = ("hf", "peft", "gguf")
+HF_DTYPES = ("float32", "bfloat16", "float16")
+GGUF_QUANTS = ("f32", "f16", "q8_0")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """The run's export, checked against its consumer when `verify` is on.
@@ -399,8 +424,7 @@ class ExportConfig:
 
     def __post_init__(self):
         # Checked when the config loads, not after training, when the export runs.
-        choices = {"format": ("hf", "peft", "gguf"), "dtype": ("float32", "bfloat16", "float16"),
-                   "quant": ("f32", "f16", "q8_0")}
+        choices = {"format": EXPORT_FORMATS, "dtype": HF_DTYPES, "quant": GGUF_QUANTS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise KerasftError(f"export.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -505,6 +529,19 @@ def _parse_value(text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _check_number(key: str, value, *, above=None, at_least=None, below=None) -> None:
+    """Raises a one-line error naming `key` unless `value` is a finite number within the bounds."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    if ok and above is not None and not value > above:
+        raise KerasftError(f"{key}: must be > {above}, got {value!r}")
+    if ok and at_least is not None and not value >= at_least:
+        raise KerasftError(f"{key}: must be >= {at_least}, got {value!r}")
+    if ok and below is not None and not value < below:
+        raise KerasftError(f"{key}: must be < {below}, got {value!r}")
+    if not ok:
+        raise KerasftError(f"{key}: must be a finite number, got {value!r}")
 
 
 def _build(cls, raw, source: str, prefix: str):

@@ -23,7 +23,12 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from kerasft.data.template import chat_tokens, encode_prompt
 from kerasft.errors import KerasftError
+from kerasft.evaluate.generate import PROMPT_BUCKET, causal_lm_for, generate_ids
+from kerasft.models.families import FAMILIES, model_family
+from kerasft.models.presets import load_source
+from kerasft.runtime import init_backend
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -73,17 +78,12 @@ class Engine:
 
     def __init__(self, loaded, *, model_id: str, template: str = "auto", system: str = "", max_batch: int = 8,
                  batch_window_s: float = 0.02, max_tokens_limit: int = 512, context_length: int | None = None):
-        from kerasft.data.template import chat_tokens
-        from kerasft.evaluate.generate import causal_lm_for
-        from kerasft.export.gguf import CONTEXT_LENGTH
-        from kerasft.models.presets import model_family
-
         if max_batch < 1 or max_tokens_limit < 1:
             raise KerasftError("serve: --max-batch and --max-tokens must be at least 1")
         self.model_id, self.template, self.system = model_id, template, system
         self.tokens = chat_tokens(loaded.tokenizer)
         self.causal_lm = causal_lm_for(loaded.backbone)
-        self.context_length = context_length or CONTEXT_LENGTH.get(model_family(loaded.backbone), 8192)
+        self.context_length = context_length or FAMILIES[model_family(loaded.backbone)].context_length
         self.max_batch, self.batch_window_s, self.max_tokens_limit = max_batch, batch_window_s, max_tokens_limit
         self.created = int(time.time())
         self.stats = {"requests": 0, "batches": 0, "batch_sizes": []}
@@ -107,8 +107,6 @@ class Engine:
 
     def chat(self, body: dict) -> dict:
         """Validates a /v1/chat/completions body and renders it with the training template."""
-        from kerasft.data.template import encode_prompt
-
         messages = body.get("messages")
         if messages is None:
             raise RequestError("you must provide messages", param="messages", code="missing_required_parameter")
@@ -204,8 +202,6 @@ class Engine:
     def warm_up(self, prompts: list[list[int]], max_tokens: int) -> float:
         """Compiles the generate program of every batch size the worker can form (powers of two
         up to max_batch) for each prompt-length bucket among `prompts`; returns the seconds."""
-        from kerasft.evaluate.generate import PROMPT_BUCKET
-
         started = time.perf_counter()
         by_bucket = {-(-len(ids) // PROMPT_BUCKET): ids for ids in prompts}
         for prompt_ids in by_bucket.values():
@@ -245,8 +241,6 @@ class Engine:
             self._decode(jobs)
 
     def _decode(self, jobs: list[_Job]) -> None:
-        from kerasft.evaluate.generate import generate_ids
-
         try:
             # Powers of two rows and a 16-token grid of lengths: few compiled shapes.
             rows = 1 << (len(jobs) - 1).bit_length()
@@ -282,9 +276,6 @@ def load_engine(source: str, **options) -> Engine:
     """An Engine for a run dir (base + adapter), a keras-hub preset dir, a Hugging Face export
     dir, a .gguf file or any preset string kerasft's loader takes."""
     from pathlib import Path
-
-    from kerasft.runtime import init_backend
-    from kerasft.workflow import load_source
 
     init_backend()
     loaded, cfg = load_source(source)

@@ -8,10 +8,11 @@ import pytest
 
 from kerasft.config import ModelConfig
 from kerasft.errors import KerasftError
-from kerasft.export.hf import FLAT, PER_HEAD, export_hf, hf_kernel, keras_logits, verify_hf_export
+from kerasft.export.hf import FLAT, PER_HEAD, export_hf, hf_kernel, keras_logits
+from kerasft.export.verify import verify_hf_export
 from kerasft.export.peft import export_peft, peft_factors
 from kerasft.models.presets import load_model
-from tiny_models import export_base_and_lora
+from kerasft.testing import export_base_and_lora
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
 RANK, ALPHA = 4, 8.0
@@ -165,7 +166,7 @@ def test_peft_factors_reproduce_the_keras_update(layout, shape_a, shape_b):
 
 def test_export_refuses_what_transformers_would_compute_differently(tmp_path):
     import keras_hub
-    from tiny_models import backbone_config
+    from kerasft.testing import backbone_config
 
     # HF's Gemma 1 always scales queries by head_dim.
     backbone = keras_hub.models.GemmaBackbone(**dict(backbone_config("gemma", 512), query_head_dim_normalize=False))

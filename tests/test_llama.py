@@ -2,7 +2,7 @@
 templates chosen from the model, train / eval / export, export parity with transformers'
 LlamaForCausalLM (grouped-query attention, tied and untied heads), GGUF and the Ollama Modelfile.
 
-The tiny presets (tests/tiny_models.py): "llama" is TinyLlama-like (SentencePiece with a
+The tiny presets (kerasft/testing.py): "llama" is TinyLlama-like (SentencePiece with a
 dummy-prefix space, untied head), "llama3" is Llama 3.2-like (byte-level BPE, tied head, llama3
 rope scaling); both have 4 query heads and 2 key/value heads.
 """
@@ -16,10 +16,11 @@ import pytest
 
 from kerasft.config import ModelConfig
 from kerasft.errors import KerasftError
-from kerasft.export.hf import keras_logits, verify_hf_export
+from kerasft.export.hf import keras_logits
+from kerasft.export.verify import verify_hf_export
 from kerasft.models.lora import LORA_TARGETS, lora_layers
 from kerasft.models.presets import load_model
-from tiny_models import export_base_and_lora
+from kerasft.testing import export_base_and_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FAMILIES = ("llama", "llama3")
@@ -302,7 +303,7 @@ def test_llama_gguf_reads_back_with_llama_cpp_names(gguf_export):
     from gguf import GGUFReader
 
     from kerasft.data.template import hf_chat_template
-    from kerasft.export.gguf import verify_llama_gguf
+    from kerasft.export.verify import verify_llama_gguf
 
     backbone, family = gguf_export.loaded.backbone, gguf_export.family
     reader = GGUFReader(str(gguf_export.path))

@@ -8,7 +8,8 @@ import pytest
 
 from kerasft.config import LoraConfig, ModelConfig
 from kerasft.errors import KerasftError
-from kerasft.export.hf import export_hf, keras_logits, verify_hf_export
+from kerasft.export.hf import export_hf, keras_logits
+from kerasft.export.verify import verify_hf_export
 from kerasft.models.lora import adapter_weights, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from kerasft.models.presets import load_model
 

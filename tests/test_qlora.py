@@ -11,7 +11,8 @@ import pytest
 from kerasft.cli import main
 from kerasft.config import LoraConfig, ModelConfig, load_config
 from kerasft.errors import KerasftError
-from kerasft.export.hf import export_hf, keras_logits, verify_hf_export
+from kerasft.export.hf import export_hf, keras_logits
+from kerasft.export.verify import verify_hf_export
 from kerasft.models.lora import apply_lora, load_adapter, lora_layers, save_adapter
 from kerasft.models.presets import load_model
 from kerasft.models.quant import quantize_backbone, quantized_modes, weight_bytes
@@ -71,7 +72,7 @@ def test_adapter_reloads_exactly_and_exports_dequantized(tiny_preset, tmp_path, 
 
 
 def test_int8_lora_run_learns_reports_bytes_and_reloads(tiny_preset, tmp_path):
-    from kerasft.workflow import load_source
+    from kerasft.models.presets import load_source
 
     lines = [json.dumps({"prompt": f"Pregunta {i}", "response": "La respuesta es Zaragoza."}) for i in range(8)]
     (tmp_path / "few.jsonl").write_text("\n".join(lines) + "\n")

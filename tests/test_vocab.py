@@ -10,7 +10,7 @@ import pytest
 from kerasft.cli import main
 from kerasft.errors import KerasftError
 from kerasft.models import vocab
-from tiny_models import tiny_spm_proto
+from kerasft.testing import tiny_spm_proto
 
 WORDS = ["cierzo", "rasmia", "maño", "zagal", "esbarizar"]
 
@@ -124,7 +124,8 @@ def test_hf_export_tokenizes_new_words_as_one_token_and_matches_keras(tiny_prese
     import keras_hub
     import transformers
 
-    from kerasft.export.hf import export_hf, verify_hf_export
+    from kerasft.export.hf import export_hf
+    from kerasft.export.verify import verify_hf_export
 
     grown = tmp_path / "grown"
     vocab.add_words(str(tiny_preset), words_file, grown, init="subtokens", piece_type=piece_type)
@@ -233,7 +234,7 @@ def _compare_script():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "compare_dialect_routes.py"
+    path = Path(__file__).resolve().parent.parent / "scripts" / "experiments" / "compare_dialect_routes.py"
     spec = importlib.util.spec_from_file_location("compare_dialect_routes", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -15,7 +15,7 @@ import numpy as np
 
 from kerasft.data.prepare import SPLITS, build_datasets, normalized_key
 from kerasft.data.template import chat_tokens, encode_conversation, encode_text
-from kerasft.errors import KerasftError
+from kerasft.models.presets import load_tokenizer
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -32,7 +32,7 @@ def inspect_data(cfg, out_dir: str | Path) -> dict:
     data_cfg = replace(cfg.data, on_error="skip")
     splits = build_datasets(data_cfg, need_train=bool(cfg.data.train), need_eval=bool(
         cfg.data.eval or cfg.data.validation or cfg.data.split.ratios))
-    tokens = chat_tokens(_tokenizer(cfg.model))
+    tokens = chat_tokens(load_tokenizer(cfg.model))
     report = {"errors": [], "warnings": [], "splits": {}, "sequence_length": cfg.data.sequence_length}
     report["errors"] = [f"{item['error']}" for item in splits.report["skipped"]]
     if splits.report["duplicates_removed"]:
@@ -140,30 +140,3 @@ def _histogram(lengths_by_split: dict, sequence_length: int, path: Path) -> str:
     fig.savefig(path)
     plt.close(fig)
     return str(path)
-
-
-class _Proto:
-    def __init__(self, proto: bytes):
-        self.proto = proto
-
-
-def _tokenizer(model_cfg):
-    """The model's tokenizer without building the model: a SentencePiece proto read from the
-    preset folder (keras-hub presets keep it in assets/tokenizer/, HF folders as tokenizer.model),
-    else keras-hub's tokenizer of the folder (Llama 3's byte-level BPE)."""
-    from kerasft.models.presets import cache_dir, resolve_preset
-
-    path = Path(resolve_preset(model_cfg.preset, cache_dir(model_cfg.cache_dir)))
-    for candidate in (path / "assets" / "tokenizer" / "vocabulary.spm", path / "tokenizer.model"):
-        if candidate.is_file():
-            return _Proto(candidate.read_bytes())
-    from kerasft.runtime import init_backend
-
-    init_backend()
-    import keras_hub
-
-    try:
-        return keras_hub.tokenizers.Tokenizer.from_preset(str(path))
-    except Exception as err:  # keras-hub raises many types; the user needs one line
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise KerasftError(f"{path}: no tokenizer kerasft can read ({first_line})") from err

@@ -11,12 +11,13 @@ import html
 import json
 import random
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kerasft.data.records import Example, RecordError
-from kerasft.data.sources import SourceResult, read_source
+from kerasft.data.sources import iter_source, read_source, source_identity, SourceResult
 from kerasft.errors import KerasftError
 
 SPLITS = ("train", "validation", "test")
@@ -105,8 +106,6 @@ def build_datasets(cfg, *, need_train: bool = True, need_eval: bool = True) -> D
     report["counts"] = {name: len(getattr(splits, name)) for name in SPLITS
                         if not isinstance(getattr(splits, name), Corpus)}
     if report["skipped"]:
-        import sys
-
         print(f"warning: skipped {len(report['skipped'])} bad records (data.on_error=skip), first: "
               f"{report['skipped'][0]['error']}", file=sys.stderr)
     return splits
@@ -133,8 +132,6 @@ class Corpus:
     fit in memory. `count` and `skipped` describe the last complete pass."""
 
     def __init__(self, spec: str, cfg):
-        from kerasft.data.sources import source_identity
-
         self.spec, self.cfg = spec, cfg
         self.identity = source_identity(spec) + json.dumps([cfg.text_unit, cfg.separator, cfg.encoding,
                                                              cfg.clean.strip_html, cfg.clean.unicode_nfc,
@@ -142,8 +139,6 @@ class Corpus:
         self.count, self.skipped = 0, []
 
     def __iter__(self):
-        from kerasft.data.sources import iter_source
-
         count, skipped = 0, []
         for item in iter_source(self.spec, self.cfg):
             if isinstance(item, RecordError):
@@ -235,8 +230,6 @@ def _check_disjoint(splits: DataSplits, report: dict) -> None:
     train = {normalized_key(ex.prompt) for ex in splits.train}
     overlap = [ex.id for ex in splits.validation + splits.test if normalized_key(ex.prompt) in train]
     if overlap:
-        import sys
-
         report["heldout_in_train"] = overlap
         print(f"warning: {len(overlap)} held-out examples also appear in the training data (first: {overlap[0]})",
               file=sys.stderr)

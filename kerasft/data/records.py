@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import string
 from dataclasses import dataclass, field, replace
 
 from kerasft.errors import KerasftError
@@ -170,8 +171,6 @@ def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
 def _templated_example(row: dict, origin: str, cfg, qid: str, meta: dict, system: str) -> Example:
     """A prompt built from several columns with data.prompt_template; integer labels in the
     response column become texts through data.labels (classification sets such as PAWS-X)."""
-    import string
-
     fields = {name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name}
     for name in sorted(fields):
         if name not in row:

@@ -12,13 +12,16 @@ Bad records raise a one-line error naming the file, line or row and field, or wi
 
 from __future__ import annotations
 
-import csv
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kerasft.data.records import Example, RecordError, example_from_row, meta_keys, squad_example
+import csv
+
+from kerasft.config import DataConfig
+from kerasft.data.records import Example, example_from_row, meta_keys, RecordError, squad_example
 from kerasft.errors import KerasftError
 
 EXTENSIONS = {
@@ -59,7 +62,7 @@ def iter_source(spec: str, cfg):
         return _squad_file(path, cfg)
     if kind == "text":
         return _text_examples(path, cfg)
-    rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "tsv": _csv_rows, "excel": _excel_rows,
+    rows = {"jsonl": jsonl_rows, "csv": csv_rows, "tsv": csv_rows, "excel": excel_rows,
             "parquet": _parquet_rows}[kind](path, cfg)
     return _rows_to_examples(rows, cfg, str(path))
 
@@ -81,16 +84,12 @@ def load_examples(spec, cfg=None) -> list[Example]:
         spec: a source string (see the module doc).
         cfg: a DataConfig; None means the defaults.
     """
-    from kerasft.config import DataConfig
-
     result = read_source(spec, cfg or DataConfig())
     _report_skipped(result, spec)
     return result.examples
 
 
 def _report_skipped(result: SourceResult, spec) -> None:
-    import sys
-
     if result.skipped:
         print(f"warning: {spec}: skipped {len(result.skipped)} bad records (data.on_error=skip), "
               f"first: {result.skipped[0]['error']}", file=sys.stderr)
@@ -216,7 +215,7 @@ def _field(record, key: str, kind, path: Path, where: str):
     return record[key]
 
 
-def _jsonl_rows(path: Path, cfg):
+def jsonl_rows(path: Path, cfg):
     """One JSON object per line (blank lines ignored); streamed, never read whole."""
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
@@ -244,7 +243,7 @@ class _Invalid(dict):
         self.message = message
 
 
-def _csv_rows(path: Path, cfg):
+def csv_rows(path: Path, cfg):
     delimiter = cfg.delimiter or ("\t" if path.suffix.lower() == ".tsv" or cfg.format == "tsv" else ",")
     delimiter = delimiter.replace("\\t", "\t")
     reader = csv.reader(io.StringIO(read_text(path, cfg.encoding), newline=""), delimiter=delimiter)
@@ -262,7 +261,7 @@ def _csv_rows(path: Path, cfg):
         yield f"{path}: row {n}", {h: (v if v.strip() else None) for h, v in zip(header, values)}
 
 
-def _excel_rows(path: Path, cfg):
+def excel_rows(path: Path, cfg):
     try:
         import pandas
     except ImportError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kerasft.errors import KerasftError
+from kerasft.models.families import tokenizer_kind
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
@@ -232,8 +233,6 @@ def chat_tokens(tokenizer) -> ChatTokens:
     Raw strings never go through TF ops: keras-hub's tokenizers hit a flaky SentencePieceOp
     resource error inside tf.data.
     """
-    from kerasft.models.families import tokenizer_kind
-
     if tokenizer_kind(tokenizer) == "sentencepiece":
         encoder = _SentencePiece(tokenizer.proto)
         sp = encoder.sp

@@ -14,8 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+from kerasft.data.template import example_prompt_ids, render_chat
 from kerasft.errors import KerasftError
 from kerasft.evaluate import metrics
+from kerasft.evaluate.generate import HFModel, KerasModel, Sampling
+from kerasft.models.presets import load_source
 from kerasft.runtime import peak_rss_bytes, reset_peak_rss
 
 DEFAULT_NO_ANSWER = "Sin respuesta"
@@ -41,8 +44,6 @@ def metrics_for(eval_cfg) -> tuple[str, ...]:
 def open_model(src: str, name: str = ""):
     """A KerasModel for a keras-hub preset string or a run dir (base + adapter), or an HFModel
     for a Hugging Face folder (its config.json has a model_type), run in transformers."""
-    from kerasft.evaluate.generate import HFModel, KerasModel
-
     config = Path(src) / "config.json"
     if config.is_file():
         try:
@@ -51,7 +52,6 @@ def open_model(src: str, name: str = ""):
             raise KerasftError(f"{config}: not a JSON config: {err}") from None
         if is_hf:
             return HFModel(src, name=name or src)
-    from kerasft.workflow import load_source
 
     loaded, _ = load_source(src)
     return KerasModel(loaded.backbone, loaded.tokenizer, name=name or src)
@@ -59,15 +59,11 @@ def open_model(src: str, name: str = ""):
 
 def prompt_ids(model, example, data_cfg) -> list[int]:
     """The example's prompt rendered exactly as training renders it, in the model's tokenizer."""
-    from kerasft.data.template import render_chat
-
     system = example.system or data_cfg.system
     template = getattr(data_cfg, "template", "auto")
     if template == "auto":
         template = getattr(model, "template", "gemma")
     if model.kind == "keras":
-        from kerasft.data.template import example_prompt_ids
-
         return example_prompt_ids(model.tokens, example, data_cfg)
     return model.encode_prompt_text(render_chat(example.prompt, None, system, example.history, template))
 
@@ -85,8 +81,6 @@ def evaluate(model, examples, eval_cfg, data_cfg) -> dict:
         breakdowns), "failures" (kind -> count), "system" (latency, tokens/s, memory),
         "examples": [{"id", "prompt", "gold", "prediction", "score", "failures", "meta"}]}.
     """
-    from kerasft.evaluate.generate import Sampling
-
     if not examples:
         raise KerasftError("evaluation: no held-out examples")
     wanted = metrics_for(eval_cfg)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kerasft.data.template import chat_tokens, encode_prompt
 from kerasft.errors import KerasftError
+from kerasft.models.families import family_of, output_head, ties_embeddings
 
 PROMPT_BUCKET = 32
 TARGET_BUCKET = 16
@@ -47,8 +49,6 @@ class Sampling:
 def causal_lm_for(backbone):
     """keras-hub's causal LM around a backbone, without a TF preprocessor (we tokenise ourselves)."""
     import keras_hub
-
-    from kerasft.models.families import family_of
 
     causal_lm_class = getattr(keras_hub.models, family_of(backbone).causal_lm_class)
     return causal_lm_class(backbone=backbone, preprocessor=None)
@@ -168,8 +168,6 @@ def make_response_scorer(backbone):
     import jax
     import jax.numpy as jnp
 
-    from kerasft.models.families import output_head, ties_embeddings
-
     embedding = backbone.token_embedding
     soft_cap = getattr(embedding, "logit_soft_cap", None)
     variables = [*backbone.trainable_variables, *backbone.non_trainable_variables]
@@ -235,8 +233,6 @@ class KerasModel:
     kind = "keras"
 
     def __init__(self, backbone, tokenizer, name: str = ""):
-        from kerasft.data.template import chat_tokens
-
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.tokens = chat_tokens(tokenizer)
@@ -246,8 +242,6 @@ class KerasModel:
         self._forward = None
 
     def encode_prompt(self, prompt: str, system: str = "") -> list[int]:
-        from kerasft.data.template import encode_prompt
-
         return encode_prompt(self.tokens, prompt, system)
 
     def encode(self, text: str) -> list[int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kerasft.models.presets import model_family
+
 GEMMA_NOTICE = (
     "Gemma is provided under and subject to the Gemma Terms of Use found at "
     "ai.google.dev/gemma/terms. This model is a modification of Gemma; its use is subject to the "
@@ -43,8 +45,6 @@ def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | No
             reported.
         extra: format details to list ("dtype": "bfloat16", "quantization": "q8_0", "file": ...).
     """
-    from kerasft.models.presets import model_family
-
     run = _run_facts(Path(run_dir)) if run_dir else {}
     base = run.get("base_model") or source or "unknown"
     family = model_family(backbone) or type(backbone).__name__

@@ -18,16 +18,24 @@ system prompt) lets `ollama create NAME -f Modelfile` serve the file as it was t
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
-from kerasft.errors import KerasftError
-from kerasft.paths import staged_dir
-from kerasft.models.families import FAMILIES
+import numpy as np
 
-QUANTS = ("f32", "f16", "q8_0")
+from kerasft.config import GGUF_QUANTS
+from kerasft.data.template import chat_tokens, closing_id, EOT, hf_chat_template, resolve_template
+from kerasft.errors import KerasftError
+from kerasft.export import hf
+from kerasft.export.card import model_card
+from kerasft.export.hf import decoder_block, hf_state_dict
+from kerasft.models.families import FAMILIES, llama3_rope_factors, LLAMA_FAMILIES, tokenizer_kind
+from kerasft.models.gguf import QUERY_SCALED_BY_HIDDEN
+from kerasft.paths import staged_dir
+
 
 # transformers module under model.layers.N -> llama.cpp tensor under blk.N
-_BLOCK_TENSORS = {
+BLOCK_TENSORS = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
@@ -44,13 +52,10 @@ _BLOCK_TENSORS = {
 }
 
 # Llama's two norms (transformers' post_attention_layernorm is llama.cpp's ffn_norm there).
-_LLAMA_NORM_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+LLAMA_NORM_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 # SentencePiece piece types, which llama.cpp's token types number the same way.
 _USER_DEFINED = 4
-
-# Context lengths of the released models of each family (transformers' config defaults too).
-CONTEXT_LENGTH = {name: family.context_length for name, family in FAMILIES.items()}
 
 MODELFILE = "Modelfile"
 # Ollama defaults written into the Modelfile; num_ctx is capped by the family's context length.
@@ -74,12 +79,8 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
     """
     import gguf
 
-    from kerasft.data.template import chat_tokens, resolve_template
-    from kerasft.export import hf
-    from kerasft.export.card import model_card
-
-    if quant not in QUANTS:
-        raise KerasftError(f"GGUF quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if quant not in GGUF_QUANTS:
+        raise KerasftError(f"GGUF quantization must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
     family = hf.hf_family(backbone)
     _check_query_scaling(backbone, family)
     tokens = chat_tokens(tokenizer)
@@ -101,7 +102,7 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
         writer.write_tensors_to_file()
         writer.close()
         settings = {**MODELFILE_PARAMETERS, **(parameters or {})}
-        settings["num_ctx"] = min(int(settings["num_ctx"]), CONTEXT_LENGTH[family])
+        settings["num_ctx"] = min(int(settings["num_ctx"]), FAMILIES[family].context_length)
         (staging / MODELFILE).write_text(modelfile(file_name, tokens, template, system, settings), encoding="utf-8")
         if card is None:
             card = model_card("gguf", backbone, extra={"file": file_name, "quantization": quant})
@@ -111,9 +112,6 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
 
 def gguf_tensors(backbone, family: str) -> dict:
     """float32 numpy tensors under llama.cpp names (Gemma norms as 1 + w)."""
-    from kerasft.export.hf import hf_state_dict
-    from kerasft.models.families import LLAMA_FAMILIES
-
     if family in LLAMA_FAMILIES:
         return _llama_tensors(backbone, hf_state_dict(backbone))
     tensors = {}
@@ -127,7 +125,7 @@ def gguf_tensors(backbone, family: str) -> dict:
             module = module.removesuffix(".weight")
             if family == "gemma" and module == "post_attention_layernorm":
                 module = "pre_feedforward_layernorm"  # Gemma 1's HF name for the pre-FFW norm
-            gguf_name = f"blk.{layer}.{_BLOCK_TENSORS[module]}.weight"
+            gguf_name = f"blk.{layer}.{BLOCK_TENSORS[module]}.weight"
         # keras-hub and transformers scale by (1 + w); llama.cpp multiplies by the stored weight.
         tensors[gguf_name] = array + 1.0 if gguf_name.endswith("norm.weight") else array
     return tensors
@@ -135,8 +133,6 @@ def gguf_tensors(backbone, family: str) -> dict:
 
 def _llama_tensors(backbone, state: dict) -> dict:
     """llama.cpp's names for a LlamaForCausalLM state dict, as its convert_hf_to_gguf.py writes them."""
-    import numpy as np
-
     heads, kv_heads = backbone.num_query_heads, backbone.num_key_value_heads
     tensors = {"token_embd.weight": state.pop("model.embed_tokens.weight")}
     if "lm_head.weight" in state:
@@ -152,81 +148,11 @@ def _llama_tensors(backbone, state: dict) -> dict:
             array = _permute_rotary(array, heads)
         elif module == "self_attn.k_proj":
             array = _permute_rotary(array, kv_heads)
-        tensors[f"blk.{layer}.{(_BLOCK_TENSORS | _LLAMA_NORM_TENSORS)[module]}.weight"] = np.ascontiguousarray(array)
+        tensors[f"blk.{layer}.{(BLOCK_TENSORS | LLAMA_NORM_TENSORS)[module]}.weight"] = np.ascontiguousarray(array)
     return tensors
 
 
-def verify_llama_gguf(gguf_path: str | Path, backbone, token_ids, *, atol: float = 1e-4, rtol: float = 1e-5) -> dict:
-    """Reads a Llama GGUF export back with the `gguf` package (metadata, names, shapes, values:
-    dequantized, rotary rows un-permuted, rope factors) and runs the weights in transformers'
-    LlamaForCausalLM (float64) under the export's config, comparing logits with the Keras model.
-
-    transformers' own GGUF loader would do, but it drops Llama 3's rope_freqs; this check reads
-    them and requires them equal to the backbone's scaling. Returns the report of
-    kerasft.export.hf.verify_hf_export; raises KerasftError on a structural mismatch.
-    """
-    import numpy as np
-
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise KerasftError("checking a Llama GGUF export needs transformers and torch: pip install 'kerasft[verify]'") from None
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    from kerasft.export.hf import hf_family, keras_logits, llama_config
-
-    expected = gguf_tensors(backbone, hf_family(backbone))
-    reader = GGUFReader(str(gguf_path))
-    fields = {"llama.block_count": backbone.num_layers, "llama.embedding_length": backbone.hidden_dim,
-              "llama.attention.head_count": backbone.num_query_heads,
-              "llama.attention.head_count_kv": backbone.num_key_value_heads,
-              "llama.feed_forward_length": backbone.intermediate_dim}
-    for key, value in fields.items():
-        field = reader.get_field(key)
-        if field is None or int(field.contents()) != int(value):
-            raise KerasftError(f"{gguf_path}: {key} is {None if field is None else field.contents()}, expected {value}")
-    found = {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(expected[t.name].shape)
-             for t in reader.tensors if t.name in expected}
-    names = {t.name for t in reader.tensors}
-    if names != set(expected):
-        raise KerasftError(f"{gguf_path}: tensors differ from the model's: {sorted(names ^ set(expected))[:3]}")
-    rope = found.pop("rope_freqs.weight", None)
-    if rope is not None and not np.allclose(rope, expected["rope_freqs.weight"], rtol=1e-6):
-        raise KerasftError(f"{gguf_path}: rope_freqs differ from the backbone's llama3 rope scaling")
-    state = {}
-    for name, array in found.items():
-        if name.startswith("blk."):
-            _, layer, module, _ = name.split(".")
-            hf_module = {v: k for k, v in (_BLOCK_TENSORS | _LLAMA_NORM_TENSORS).items()}[module]
-            if module in ("attn_q", "attn_k"):
-                heads = backbone.num_query_heads if module == "attn_q" else backbone.num_key_value_heads
-                array = _unpermute_rotary(array, heads)
-            state[f"model.layers.{layer}.{hf_module}.weight"] = array
-        else:
-            state[{"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
-                   "output_norm.weight": "model.norm.weight"}[name]] = array
-    special = [int(reader.get_field(f"tokenizer.ggml.{name}_token_id").contents()) for name in ("bos", "eos")]
-    config = transformers.LlamaConfig(**{k: v for k, v in llama_config(backbone, "float32", *special).items()
-                                         if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
-    model = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)).double() for k, v in state.items()}, strict=False)
-    if unexpected or [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]:
-        raise KerasftError(f"{gguf_path}: weights do not fill LlamaForCausalLM (missing {missing[:2]}, extra {unexpected[:2]})")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    ids = np.asarray(token_ids, dtype=np.int64)
-    with torch.no_grad():
-        theirs = model(torch.from_numpy(ids)).logits.numpy()
-    ours = keras_logits(backbone, ids.astype(np.int32))
-    diff, scale = float(np.max(np.abs(theirs - ours))), float(np.max(np.abs(theirs)))
-    tolerance = atol + rtol * scale
-    return {"max_abs_diff": diff, "tolerance": tolerance, "logit_scale": scale, "ok": diff <= tolerance,
-            "reference": "GGUF read back (gguf package) in transformers LlamaForCausalLM float64"}
-
-
-def _unpermute_rotary(weight, heads: int):
+def unpermute_rotary(weight, heads: int):
     """The inverse of _permute_rotary."""
     return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
@@ -240,8 +166,6 @@ def _permute_rotary(weight, heads: int):
 def _llama3_rope_factors(backbone):
     """Llama 3.1/3.2's frequency-dependent rope scaling as the per-frequency divisors llama.cpp
     reads from `rope_freqs.weight`, or None."""
-    from kerasft.models.families import llama3_rope_factors
-
     factor = getattr(backbone, "rope_frequency_adjustment_factor", None)
     if not factor:
         return None
@@ -254,8 +178,6 @@ def gguf_vocabulary(tokenizer, size: int | None = None) -> dict:
     """Pieces, scores, types and special ids of a keras-hub SentencePiece tokenizer (or tokens,
     types and merges of a byte-level BPE one, filled up to `size` entries), as llama.cpp stores them."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    from kerasft.models.families import tokenizer_kind
 
     if tokenizer_kind(tokenizer) == "bpe":
         return _bpe_vocabulary(tokenizer, size)
@@ -294,8 +216,6 @@ def _bpe_vocabulary(tokenizer, size: int | None = None) -> dict:
     128002-128005, 128011-128255 in Llama 3.1/3.2), while GGUF stores one token per embedding
     row: the gaps, and the ids up to `size`, get those names back in order.
     """
-    from kerasft.data.template import EOT
-
     by_id = {int(i): token for token, i in tokenizer.vocabulary.items()}
     count = max(size or 0, max(by_id) + 1)
     reserved = (f"<|reserved_special_token_{n}|>" for n in range(count))
@@ -322,10 +242,6 @@ def _bpe_vocabulary(tokenizer, size: int | None = None) -> dict:
 def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict, chat_template: str = "gemma") -> None:
     import gguf
 
-    from kerasft.data.template import hf_chat_template
-    from kerasft.export.hf import decoder_block
-    from kerasft.models.families import LLAMA_FAMILIES
-
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_type("model")
@@ -334,7 +250,7 @@ def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict,
         writer.add_license("gemma")
     writer.add_file_type(file_types[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(CONTEXT_LENGTH[family])
+    writer.add_context_length(FAMILIES[family].context_length)
     writer.add_embedding_length(backbone.hidden_dim)
     writer.add_block_count(backbone.num_layers)
     # keras-hub's Gemma 1/2 intermediate_dim counts both gate and up projections.
@@ -453,8 +369,6 @@ def go_template(template: str, eos_text: str) -> str:
 def modelfile(gguf_name: str, tokens, template: str, system: str, parameters: dict) -> str:
     """An Ollama Modelfile for a GGUF file beside it: FROM, TEMPLATE, a PARAMETER stop for each
     stop token of the template, the sampling/context PARAMETERs, and SYSTEM if there is one."""
-    from kerasft.data.template import closing_id
-
     stops = dict.fromkeys(tokens.encoder.piece(i) for i in (closing_id(tokens, template), tokens.eos))
     for text in [system, *stops]:
         if '"""' in text:
@@ -470,8 +384,6 @@ def modelfile(gguf_name: str, tokens, template: str, system: str, parameters: di
 def read_modelfile(path: str | Path) -> dict:
     """Parses a Modelfile written by `modelfile` back into {"FROM", "TEMPLATE", "SYSTEM",
     "PARAMETER": {name: [values]}} (triple-quoted values may span lines)."""
-    import shlex
-
     text = Path(path).read_text(encoding="utf-8")
     parsed: dict = {"PARAMETER": {}}
     position = 0
@@ -502,7 +414,6 @@ def read_modelfile(path: str | Path) -> dict:
 
 
 def _add_tensor(writer, name: str, array, quant: str) -> None:
-    import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -520,10 +431,8 @@ def _add_tensor(writer, name: str, array, quant: str) -> None:
 def _check_query_scaling(backbone, family: str) -> None:
     """llama.cpp scales queries by 1/sqrt(head_dim), except in the 27B models (recognised by
     their layer count), where it uses hidden / heads; keras-hub always uses head_dim."""
-    from kerasft.models.gguf import _QUERY_SCALED_BY_HIDDEN
-
     per_head = backbone.hidden_dim // backbone.num_query_heads
-    if (family, backbone.num_layers) in _QUERY_SCALED_BY_HIDDEN and per_head != backbone.head_dim:
+    if (family, backbone.num_layers) in QUERY_SCALED_BY_HIDDEN and per_head != backbone.head_dim:
         raise KerasftError(
             f"llama.cpp would scale this {backbone.num_layers}-layer {family} model's queries by "
             f"1/sqrt({per_head}) instead of 1/sqrt(head size {backbone.head_dim}); it cannot be exported to GGUF exactly"

@@ -17,9 +17,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kerasft.data.template import hf_chat_template
+import numpy as np
+
+from kerasft.data.template import chat_tokens, hf_chat_template
 from kerasft.errors import KerasftError
-from kerasft.models.families import FAMILIES
+from kerasft.export.card import model_card
+from kerasft.models.families import (FAMILIES, LLAMA_FAMILIES, LLAMA_NORMS, LLAMA_PROJECTIONS, family_of, model_family,
+                                     ties_embeddings)
+from kerasft.models.quant import float_kernel
+from kerasft.models.vocab import hf_word_pieces
 from kerasft.paths import staged_dir
 
 # family -> (transformers architecture, config model_type)
@@ -96,10 +102,6 @@ def export_hf(
         card: README.md text (kerasft.export.card.model_card); None writes the card of the
             backbone alone.
     """
-    from kerasft.export.card import model_card
-
-    from kerasft.models.families import LLAMA_FAMILIES
-
     out = Path(out_dir)
     llama = hf_family(backbone) in LLAMA_FAMILIES
     config = hf_config(backbone, dtype, tokenizer if llama else None)  # checks the backbone before anything is written
@@ -157,8 +159,6 @@ def save_sharded(tensors: dict, folder: Path, max_shard_bytes: int) -> list[str]
 def hf_family(backbone) -> str:
     """The backbone's family ("gemma", "gemma2", "gemma3"), once checked that transformers'
     class for that family computes the same function. Raises KerasftError otherwise."""
-    from kerasft.models.presets import model_family
-
     family = model_family(backbone)
     if family not in HF_ARCHITECTURES:
         raise KerasftError(f"Hugging Face export supports Gemma 1, 2 and 3, not {type(backbone).__name__}")
@@ -189,15 +189,11 @@ def hf_family(backbone) -> str:
 
 def decoder_block(backbone, index: int):
     """Decoder block `index` of a keras-hub Gemma or Llama backbone."""
-    from kerasft.models.families import family_of
-
     return backbone.get_layer(f"{family_of(backbone).block_prefix}_{index}")
 
 
 def projections(backbone) -> tuple:
     """The PROJECTIONS table of the backbone's family (Llama's attribute paths and layouts differ)."""
-    from kerasft.models.families import LLAMA_FAMILIES, LLAMA_PROJECTIONS, model_family
-
     return LLAMA_PROJECTIONS if model_family(backbone) in LLAMA_FAMILIES else PROJECTIONS
 
 
@@ -221,10 +217,6 @@ def hf_kernel(kernel, layout: str):
 def hf_state_dict(backbone) -> dict:
     """transformers tensors (numpy, float32, LoRA merged, int8 dequantized) of a keras-hub
     Gemma 1, 2 or 3 backbone."""
-    import numpy as np
-
-    from kerasft.models.families import ties_embeddings
-
     family = hf_family(backbone)
     state = {"model.embed_tokens.weight": float_embeddings(backbone.token_embedding)}
     for i in range(backbone.num_layers):
@@ -240,20 +232,8 @@ def hf_state_dict(backbone) -> dict:
     return {name: np.ascontiguousarray(array) for name, array in state.items()}
 
 
-def float_kernel(layer):
-    """An EinsumDense's kernel as float32 numpy with LoRA merged; an int8 or int4 kernel is
-    dequantized first (kerasft.models.quant.float_kernel)."""
-    if getattr(layer, "quantization_mode", None) is None:
-        return _numpy(layer.kernel)  # keras merges LoRA in `kernel`
-    from kerasft.models.quant import float_kernel as dequantized_kernel
-
-    return dequantized_kernel(layer)
-
-
 def float_embeddings(layer):
     """A (Reversible)Embedding's table as float32 numpy; int8 rows are divided by their scale."""
-    import numpy as np
-
     if getattr(layer, "quantization_mode", None) != "int8":
         return _numpy(layer.embeddings)
     table = np.asarray(layer._embeddings, dtype=np.float32)
@@ -271,8 +251,6 @@ def _block_norms(family: str, block) -> list:
     keras-hub and transformers both compute x * (1 + w) in Gemma's RMSNorm and x * w in Llama's,
     so scales copy as is.
     """
-    from kerasft.models.families import LLAMA_FAMILIES, LLAMA_NORMS
-
     if family in LLAMA_FAMILIES:
         return [(module, getattr(block, attribute)) for module, attribute in LLAMA_NORMS]
     if family == "gemma":  # no post norms; transformers names the pre-FFW norm post_attention_layernorm
@@ -294,14 +272,11 @@ def hf_config(backbone, dtype: str = "float32", tokenizer=None) -> dict:
 
     tokenizer: for Llama, whose special-token ids vary by release (Gemma's are fixed).
     """
-    from kerasft.models.families import LLAMA_FAMILIES
-
     family = hf_family(backbone)
     architecture, model_type = HF_ARCHITECTURES[family]
     if family in LLAMA_FAMILIES:
         if tokenizer is None:
             raise KerasftError("a Llama config needs the tokenizer (its special-token ids)")
-        from kerasft.data.template import chat_tokens
 
         tokens = chat_tokens(tokenizer)
         return llama_config(backbone, dtype, tokens.bos, tokens.eos)
@@ -356,8 +331,6 @@ def hf_config(backbone, dtype: str = "float32", tokenizer=None) -> dict:
 
 def llama_config(backbone, dtype: str, bos_id: int, eos_id: int) -> dict:
     """LlamaForCausalLM's config.json; rope scaling as keras-hub's convert_llama3 reads it back."""
-    from kerasft.models.families import model_family, ties_embeddings
-
     base = float(backbone.rope_max_wavelength)
     rope = {"rope_type": "default", "rope_theta": base}
     if backbone.rope_frequency_adjustment_factor:
@@ -397,8 +370,6 @@ def llama_config(backbone, dtype: str, bos_id: int, eos_id: int) -> dict:
 
 
 def _stop_ids(tokenizer) -> list[int]:
-    from kerasft.data.template import chat_tokens
-
     return list(chat_tokens(tokenizer).stop_ids)
 
 
@@ -437,9 +408,6 @@ def write_tokenizer_files(tokenizer, out: Path, chat_template: str = "auto") -> 
     """tokenizer.model (the SentencePiece proto) or tokenizer.json (byte-level BPE),
     tokenizer_config.json with the chat template the model was trained with (data.template),
     and special_tokens_map.json, as transformers' tokenizer class for the family expects them."""
-    from kerasft.data.template import chat_tokens
-    from kerasft.models.vocab import hf_word_pieces
-
     tokens = chat_tokens(tokenizer)
     if tokens.template != "gemma":
         _write_llama_tokenizer(tokens, out, chat_template)
@@ -492,8 +460,6 @@ def _write_llama_tokenizer(tokens, out: Path, chat_template: str) -> None:
 
 def keras_logits(backbone, token_ids, padding_mask=None):
     """Full-vocabulary logits of a keras-hub Gemma backbone (soft cap included), as numpy."""
-    import numpy as np
-
     token_ids = np.asarray(token_ids, dtype=np.int32)
     if padding_mask is None:
         padding_mask = np.ones_like(token_ids, dtype=bool)
@@ -501,59 +467,15 @@ def keras_logits(backbone, token_ids, padding_mask=None):
     return np.asarray(backbone.token_embedding(hidden, reverse=True), dtype=np.float32)
 
 
-def verify_hf_export(out_dir: str | Path, backbone, token_ids, *, atol: float = 1e-4, rtol: float = 1e-5) -> dict:
-    """Loads the export with transformers and compares its logits with the Keras model's.
-
-    transformers runs in float64, the exact reference for a float32 Keras model. The check is
-    max |keras - reference| <= atol + rtol * max |reference|: float32 error grows with the
-    logits' scale (on the fine-tuned 270M, logits reach 105 and transformers' own float32 run
-    is 1.7e-4 off its float64 run), while a mapping mistake (a missing soft cap, a wrong window)
-    moves logits by 1e-2 or more.
-
-    Args:
-        token_ids: a (batch, length) integer array of unpadded sequences; make them longer than
-            the sliding window so local attention is checked too.
-
-    Returns:
-        {"max_abs_diff", "tolerance", "logit_scale", "ok", "reference"}. Raises KerasftError
-        when transformers is missing.
-    """
-    import numpy as np
-
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise KerasftError("checking an export needs transformers and torch: pip install 'kerasft[verify]'") from None
-    # Eager attention: the implementation that applies Gemma 2's attention soft cap.
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(out_dir), dtype=torch.float64, attn_implementation="eager"
-    )
-    model.eval()
-    ids = np.asarray(token_ids, dtype=np.int64)
-    with torch.no_grad():
-        theirs = model(torch.from_numpy(ids)).logits.numpy()
-    ours = keras_logits(backbone, ids.astype(np.int32))
-    diff = float(np.max(np.abs(theirs - ours)))
-    scale = float(np.max(np.abs(theirs)))
-    tolerance = atol + rtol * scale
-    return {"max_abs_diff": diff, "tolerance": tolerance, "logit_scale": scale, "ok": diff <= tolerance,
-            "reference": "transformers float64"}
-
-
 def _eot_id(tokenizer) -> int:
     return int(tokenizer.token_to_id("<end_of_turn>"))
 
 
 def _numpy(variable_or_tensor):
-    import numpy as np
-
     return np.asarray(variable_or_tensor, dtype=np.float32)
 
 
 def _cast(array, dtype: str):
-    import numpy as np
-
     if dtype == "float32":
         return array
     if dtype == "bfloat16":

@@ -23,7 +23,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from kerasft.errors import KerasftError
+from kerasft.export import hf
+from kerasft.export.card import model_card
+from kerasft.export.hf import IN_PER_HEAD, PER_HEAD
 from kerasft.paths import staged_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,10 +57,7 @@ def export_peft(
 
     The folder appears atomically (built beside the target, then renamed).
     """
-    import numpy as np
     from safetensors.numpy import save_file
-
-    from kerasft.export import hf
 
     out = Path(out_dir)
     hf.hf_family(backbone)  # the same checks as the merged export the adapter goes onto
@@ -121,8 +123,6 @@ def export_peft(
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if card is None:
-            from kerasft.export.card import model_card
-
             card = model_card("peft", backbone, source=base_model_name_or_path)
         (staging / "README.md").write_text(card, encoding="utf-8")
     return out
@@ -134,10 +134,6 @@ def peft_factors(kernel_a, kernel_b, layout: str) -> tuple:
     lora_B @ lora_A equals hf_kernel(kernel_a @ kernel_b, layout) exactly; for PER_HEAD
     kernels the rank grows from r to heads * r (see the module docstring).
     """
-    import numpy as np
-
-    from kerasft.export.hf import IN_PER_HEAD, PER_HEAD
-
     rank = kernel_b.shape[0]
     if layout == PER_HEAD:  # A (heads, hidden, r), B (r, head_dim)
         heads, hidden = kernel_a.shape[:2]

@@ -16,8 +16,12 @@ markers -> "gemma", Llama 3's header tokens -> "llama3", another SentencePiece v
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from kerasft.config import LoraConfig
 from kerasft.errors import KerasftError
 
 
@@ -153,8 +157,6 @@ def llama_layout_rules(model_dim: str = "model", data_dim: str = "batch") -> dic
 def trainable_turn_tokens(configured: tuple, template: str) -> tuple:
     """lora.trainable_tokens for a model whose chat template is `template`: the configured
     pieces, except that the default (Gemma's turn tokens) becomes the template's own turn tokens."""
-    from kerasft.config import LoraConfig
-
     if tuple(configured) == LoraConfig.trainable_tokens and template != "gemma":
         return TURN_TOKENS.get(template, ())
     return tuple(configured)
@@ -164,10 +166,6 @@ def llama3_rope_factors(head_dim: int, base: float, factor: float, low: float, h
     """Llama 3.1+'s per-frequency rope divisors (llama.cpp's `rope_freqs.weight`): 1 for short
     wavelengths, `factor` for long ones, smoothly between (the formula of transformers,
     keras-hub and llama.cpp's converter)."""
-    import math
-
-    import numpy as np
-
     low_wavelength, high_wavelength = original / low, original / high
     factors = []
     for i in range(0, head_dim, 2):

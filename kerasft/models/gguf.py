@@ -8,6 +8,7 @@ The `gguf` package still supplies the type tables and `gguf.quants.dequantize`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -15,8 +16,12 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from kerasft.errors import KerasftError
+from kerasft.models.families import llama3_rope_factors
 from kerasft.paths import staged_dir
+from kerasft.runtime import init_backend
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "llama")
 
@@ -32,7 +37,7 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 # llama.cpp scales queries by 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim) only for the
 # 27B models, which it recognises by their layer count (Gemma 2 27B, Gemma 3 27B).
-_QUERY_SCALED_BY_HIDDEN = {("gemma2", 46), ("gemma3", 62)}
+QUERY_SCALED_BY_HIDDEN = {("gemma2", 46), ("gemma3", 62)}
 
 _REQUIRED = object()  # default of _metadata(): a missing key is an error
 
@@ -130,8 +135,6 @@ def read_gguf_header(path) -> GGUFHeader:
 
     String arrays become lists of str; numeric arrays are read-only numpy views of the file.
     """
-    import numpy as np
-
     path = Path(path)
     if not path.is_file():
         raise KerasftError(f"{path}: no such file")
@@ -151,8 +154,6 @@ def read_gguf_header(path) -> GGUFHeader:
 
 
 def _parse_header(path: Path, buf: memoryview) -> GGUFHeader:
-    import numpy as np
-
     def read_string(pos):
         (length,) = struct.unpack_from("<Q", buf, pos)
         end = pos + 8 + length
@@ -219,7 +220,6 @@ def _tensor_bytes(info: TensorInfo) -> int:
 
 def read_tensor(header: GGUFHeader, name: str):
     """One tensor as float32 numpy in Hugging Face layout (GGUF dims reversed: (out, in))."""
-    import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -287,7 +287,7 @@ def _backbone_kwargs(header: GGUFHeader, arch: str) -> dict:
         raise KerasftError(f"{header.path}: missing tensor 'token_embd.weight'")
     # keras-hub 0.32's decoder blocks ignore query_head_dim_normalize and always scale queries by
     # the head size, so a model scaled by hidden / heads cannot be represented.
-    if (arch, num_layers) in _QUERY_SCALED_BY_HIDDEN:
+    if (arch, num_layers) in QUERY_SCALED_BY_HIDDEN:
         _require(header, hidden_dim // num_query_heads == head_dim,
                  f"queries scaled by 1/sqrt(hidden / heads = {hidden_dim // num_query_heads}) "
                  f"rather than 1/sqrt(head size {head_dim}) (llama.cpp's rule for 27B models)")
@@ -383,10 +383,6 @@ def _llama3_rope_arguments(header: GGUFHeader, head_dim: int, base: float) -> di
     low = 1 and high = 4 (every Llama 3.x release) are kept and the original length is solved
     from the smoothed frequencies (8192 when none is smoothed); the result must reproduce every
     divisor."""
-    import numpy as np
-
-    from kerasft.models.families import llama3_rope_factors
-
     freqs = read_tensor(header, "rope_freqs.weight").astype(np.float64)
     factor, low, high = float(freqs.max()), 1.0, 4.0
     original = float(header.metadata.get("llama.rope.scaling.original_context_length", 8192))
@@ -437,7 +433,6 @@ def _sentencepiece_proto(header: GGUFHeader) -> bytes:
     tokenizer.model does, after two repairs: control tokens other than bos/eos/pad/unk become
     user-defined, and user-defined pieces get back the U+2581 that llama.cpp turned into spaces.
     """
-    import numpy as np
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     path, md = header.path, header.metadata
@@ -498,8 +493,6 @@ def _sentencepiece_proto(header: GGUFHeader) -> bytes:
 
 
 def _write_preset(header, arch, backbone_kwargs, spm_proto, folder: Path):
-    from kerasft.runtime import init_backend
-
     init_backend()
     import keras_hub
 
@@ -532,8 +525,6 @@ def _write_preset(header, arch, backbone_kwargs, spm_proto, folder: Path):
 def _write_llama_preset(header, backbone_kwargs, spm_proto, folder: Path):
     """LlamaBackbone + LlamaTokenizer for a SentencePiece file (Llama 2, TinyLlama),
     Llama3Backbone + Llama3Tokenizer for a byte-level BPE one (Llama 3)."""
-    import json
-
     import keras_hub
 
     models = keras_hub.models
@@ -569,8 +560,6 @@ def _write_llama_preset(header, backbone_kwargs, spm_proto, folder: Path):
 
 def _assign_llama_weights(backbone, header: GGUFHeader):
     """Mirrors keras-hub's convert_llama3.py, after undoing llama.cpp's rotary row permutation."""
-    import numpy as np
-
     def tensor(name, shape):
         value = read_tensor(header, name)
         if tuple(value.shape) != tuple(shape):
@@ -609,8 +598,6 @@ def _assign_llama_weights(backbone, header: GGUFHeader):
 
 def _assign_weights(backbone, header: GGUFHeader, arch: str):
     """Mirrors keras-hub's Hugging Face converters (convert_gemma.py, convert_gemma3.py)."""
-    import numpy as np
-
     def check_shape(name, found, expected):
         if tuple(found) != tuple(expected):
             raise KerasftError(f"{header.path}: tensor {name!r} has shape {tuple(found)}; the "

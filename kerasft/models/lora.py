@@ -11,14 +11,15 @@ import contextlib
 import json
 from pathlib import Path
 
+import numpy as np
+
+from kerasft.config import LORA_TARGETS, LoraConfig
 from kerasft.errors import KerasftError
+from kerasft.models.families import lora_target_name, model_family
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TOKEN_ROWS = "token_embedding/embeddings/rows"
-
-# Every projection in a Gemma decoder block that LoRA can wrap (keras-hub layer names).
-LORA_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
 
 
 def apply_lora(backbone, cfg) -> list:
@@ -31,14 +32,7 @@ def apply_lora(backbone, cfg) -> list:
     Returns:
         The layers that now carry adapters.
     """
-    if cfg.rank < 1:
-        raise KerasftError(f"lora.rank must be at least 1, got {cfg.rank}")
-    unknown = [t for t in cfg.targets if t not in LORA_TARGETS]
-    if unknown or not cfg.targets:
-        raise KerasftError(
-            f"lora.targets: unknown target {unknown[0] if unknown else '(none)'}; choose from "
-            + ", ".join(LORA_TARGETS)
-        )
+    # rank, alpha and targets were checked when the LoraConfig was built (kerasft.config).
     # Order matters: `backbone.trainable = True` recurses into every sublayer, so it comes first.
     backbone.trainable = True
     for layer in backbone._flatten_layers(include_self=False):
@@ -61,8 +55,6 @@ def lora_layers(backbone) -> list:
 
 def adapter_weights(backbone) -> dict:
     """LoRA A and B matrices as numpy arrays keyed by keras variable path."""
-    import numpy as np
-
     weights = {}
     for layer in lora_layers(backbone):
         for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
@@ -93,7 +85,6 @@ def save_adapter(backbone, cfg, out_dir: str | Path, base_model: str, token_ids=
     The embedding rows of `token_ids` (trained with the adapters) are saved whole under
     TOKEN_ROWS, so loading the adapter onto the base model restores them.
     """
-    import numpy as np
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
@@ -140,8 +131,6 @@ def load_adapter(backbone, adapter_dir: str | Path) -> dict:
     """
     from safetensors.numpy import load_file
 
-    from kerasft.config import LoraConfig
-
     meta = read_adapter_config(adapter_dir)
     cfg = LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]),
                      trainable_tokens=tuple((meta.get("trainable_tokens") or {}).get("pieces", ())))
@@ -154,7 +143,6 @@ def load_adapter(backbone, adapter_dir: str | Path) -> dict:
         table = backbone.token_embedding.embeddings
         if not ids or len(ids) != len(rows) or rows.shape[1] != table.shape[1] or max(ids) >= table.shape[0]:
             raise KerasftError(f"{adapter_dir}: trained token rows do not fit this model's embedding")
-        import numpy as np
 
         updated = np.array(table.numpy())
         updated[ids] = rows
@@ -200,8 +188,6 @@ def merge_lora(backbone) -> int:
 
 def _target_name(backbone, layer) -> str:
     """The lora.targets name of a projection layer (Llama's MLP layers have their own names)."""
-    from kerasft.models.families import lora_target_name, model_family
-
     return lora_target_name(model_family(backbone), layer.name)
 
 

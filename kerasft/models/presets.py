@@ -15,14 +15,26 @@ import difflib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kerasft.config import ModelConfig, RunConfig, load_config
 from kerasft.errors import KerasftError
+from kerasft.models import gguf
 from kerasft.models.attention import use_mqa_layout
-from kerasft.models.families import model_family  # noqa: F401  (callers import it from here too)
+from kerasft.models.families import model_family
+from kerasft.models.lora import load_adapter, read_adapter_config
+from kerasft.models.quant import quantize_backbone
+from kerasft.paths import RunDir
+from kerasft.runtime import init_backend
 
 EMBEDDED = "embedded"
+
+# Remote handles keras-hub downloads, and the host each needs. Checked before keras-hub is asked:
+# offline, its hub clients retry for about 40 s before failing.
+REMOTE_HOSTS = {"hf://": ("huggingface.co", 443), "kaggle://": ("www.kaggle.com", 443)}
+REMOTE_SCHEMES = (*REMOTE_HOSTS, "gs://", "modelscope://")
 
 
 @dataclass
@@ -33,6 +45,15 @@ class LoadedModel:
     tokenizer: object
     source: str  # the preset string as the user wrote it
     path: str  # what keras-hub loaded: a local folder or a remote handle
+    quantization: dict = field(default_factory=dict)  # model.quantize's report (bytes before/after)
+
+
+@dataclass(frozen=True)
+class SentencePieceFile:
+    """A SentencePiece tokenizer read from a preset's files without keras: `chat_tokens` takes it
+    as it takes keras-hub's SentencePiece tokenizers (both have `.proto`)."""
+
+    proto: bytes
 
 
 def cache_dir(configured: str = "") -> Path:
@@ -50,7 +71,8 @@ def resolve_preset(preset: str, cache: Path) -> str:
     preset = (preset or EMBEDDED).strip()
     if preset == EMBEDDED:
         return str(_embedded_preset(cache))
-    if preset.startswith(("kaggle://", "hf://", "gs://", "modelscope://")):
+    if preset.startswith(REMOTE_SCHEMES):
+        _check_reachable(preset)
         return preset
     path = Path(preset).expanduser()
     if preset.lower().endswith(".gguf"):
@@ -72,13 +94,13 @@ def resolve_preset(preset: str, cache: Path) -> str:
 def load_model(cfg) -> LoadedModel:
     """Loads the backbone and tokenizer named by a ModelConfig, in its dtype.
 
+    model.quantize is applied here (weight-only int8/int4 projections), before any LoRA.
+
     Args:
         cfg: kerasft.config.ModelConfig.
     """
-    from kerasft.runtime import init_backend
-
     init_backend()
-    import keras_hub
+    import keras_hub  # after init_backend: it fixes the backend and quiets TensorFlow
 
     path = resolve_preset(cfg.preset, cache_dir(cfg.cache_dir))
     remote = not Path(path).is_dir()
@@ -110,13 +132,86 @@ def load_model(cfg) -> LoadedModel:
                 "access and credentials: download it where you have them and pass the local folder"
             ) from err
         raise KerasftError(f"{path}: could not load model: {first_line}") from err
+    _check_supported(backbone, cfg.preset)
+    use_mqa_layout(backbone)
+    return LoadedModel(backbone=backbone, tokenizer=tokenizer, source=cfg.preset, path=path,
+                       quantization=quantize(backbone, cfg.quantize))
+
+
+def _check_supported(backbone, preset: str) -> None:
     if model_family(backbone) is None:
         raise KerasftError(
-            f"{cfg.preset}: {type(backbone).__name__} is not a supported model; kerasft supports "
+            f"{preset}: {type(backbone).__name__} is not a supported model; kerasft supports "
             "Gemma 1, 2 and 3, Llama 2 / TinyLlama and Llama 3"
         )
-    use_mqa_layout(backbone)
-    return LoadedModel(backbone=backbone, tokenizer=tokenizer, source=cfg.preset, path=path)
+
+
+def quantize(backbone, mode: str) -> dict:
+    """Applies model.quantize to a freshly loaded backbone and prints the weight bytes saved."""
+    report = quantize_backbone(backbone, mode)
+    if mode != "none":
+        before, after = report["weights_bytes_before"], report["weights_bytes_after"]
+        print(f"  quantized {report['layers']} projections to {mode} (weight-only; embedding kept float): "
+              f"weights {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB", flush=True)
+    return report
+
+
+def load_source(src: str, model_overrides: dict | None = None) -> tuple[LoadedModel, RunConfig | None]:
+    """A model from a run dir (its base, quantized as it was trained, plus the adapter) or from any
+    preset string, with the run's config (None for a preset).
+
+    Args:
+        model_overrides: ModelConfig fields for a preset string (dtype, cache_dir, ...).
+    """
+    run = RunDir(src)
+    if run.has_adapter:
+        cfg = load_config(run.config) if run.config.is_file() else None
+        model_cfg = cfg.model if cfg else ModelConfig(preset=read_adapter_config(run.adapter)["base_model"])
+        loaded = load_model(model_cfg)  # the adapter trained on this (quantized) base
+        load_adapter(loaded.backbone, run.adapter)
+        return loaded, cfg
+    if RunDir.is_run_dir(src):
+        raise KerasftError(f"{src}: run dir has no adapter (did training finish?)")
+    return load_model(ModelConfig(preset=src, **(model_overrides or {}))), None
+
+
+def load_tokenizer(cfg):
+    """The tokenizer of a ModelConfig's preset without building the model.
+
+    A SentencePiece model in the preset's files (keras-hub presets keep it in
+    assets/tokenizer/vocabulary.spm, Hugging Face folders as tokenizer.model) is read without
+    keras; otherwise keras-hub loads the preset's tokenizer (Llama 3's byte-level BPE, remote
+    presets).
+    """
+    path = resolve_preset(cfg.preset, cache_dir(cfg.cache_dir))
+    folder = Path(path)
+    if folder.is_dir():
+        for candidate in (folder / "assets" / "tokenizer" / "vocabulary.spm", folder / "tokenizer.model"):
+            if candidate.is_file():
+                return SentencePieceFile(candidate.read_bytes())
+    init_backend()
+    import keras_hub
+
+    try:
+        return keras_hub.tokenizers.Tokenizer.from_preset(path)
+    except Exception as err:  # keras-hub raises many types; the user needs one line
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KerasftError(f"{cfg.preset}: no tokenizer kerasft can read ({first_line})") from err
+
+
+def _check_reachable(preset: str) -> None:
+    """One line, at once, when a remote preset's hub cannot be reached from this machine."""
+    for scheme, (host, port) in REMOTE_HOSTS.items():
+        if not preset.startswith(scheme):
+            continue
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise KerasftError(
+                f"{preset}: cannot reach {host} to download it ({reason}); download the model where "
+                "you have network access and credentials, and pass the local folder"
+            ) from None
 
 
 def _hf_llama_config(path: str) -> dict:
@@ -132,8 +227,6 @@ def _hf_llama_config(path: str) -> dict:
 
 
 def _embedded_preset(cache: Path) -> Path:
-    from kerasft.models import gguf
-
     target = cache / "presets" / "gemma3_270m_embedded"
     if (target / "config.json").is_file():
         return target
@@ -142,8 +235,6 @@ def _embedded_preset(cache: Path) -> Path:
 
 
 def _gguf_preset(path: Path, cache: Path) -> Path:
-    from kerasft.models import gguf
-
     stat = path.resolve().stat()
     key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -156,8 +247,6 @@ def _gguf_preset(path: Path, cache: Path) -> Path:
 def _import_into_cache(gguf_path: Path, target: Path) -> Path:
     """Converts into the cache; when another process sharing the cache finished the same
     conversion first, its preset is used."""
-    from kerasft.models import gguf
-
     try:
         return gguf.import_gguf(gguf_path, target)
     except KerasftError:
@@ -167,8 +256,6 @@ def _import_into_cache(gguf_path: Path, target: Path) -> Path:
 
 
 def _check_preset_name(name: str) -> str:
-    from kerasft.runtime import init_backend
-
     init_backend()
     import keras_hub
 

@@ -14,6 +14,8 @@ quantized projection's output (keras' int8/int4 EinsumDense compute that branch 
 
 from __future__ import annotations
 
+import numpy as np
+
 from kerasft.errors import KerasftError
 
 QUANTIZE_MODES = ("none", "int8", "int4")
@@ -76,7 +78,6 @@ def quantize_abstract(backbone, mode: str) -> None:
 def float_kernel(layer):
     """An EinsumDense's kernel as float32 numpy with LoRA merged; int8 and int4 kernels are
     dequantized first (keras stores q = round(w * scale), with a zero point for grouped int4)."""
-    import numpy as np
     from keras import ops, quantizers
 
     mode = getattr(layer, "quantization_mode", None)
@@ -107,16 +108,12 @@ def float_kernel(layer):
 
 def weight_bytes(backbone) -> int:
     """Bytes of every weight of a backbone (shapes and dtypes only; nothing is copied)."""
-    import numpy as np
-
     return sum(int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in backbone.weights)
 
 
 def parameter_count(backbone) -> int:
     """Parameters of a backbone as a float model has them: quantization scales, zero points and
     group indices are not parameters, and a packed int4 kernel holds two per byte."""
-    import numpy as np
-
     packed = {id(layer._kernel): layer for layer in _projections(backbone) if layer.quantization_mode == "int4"}
     total = 0
     for variable in backbone.weights:

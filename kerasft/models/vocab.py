@@ -22,13 +22,20 @@ Two piece types:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import unicodedata
 from pathlib import Path
 
+import numpy as np
+
+from kerasft.config import load_config, ModelConfig
 from kerasft.errors import KerasftError
+from kerasft.models.families import model_family
+from kerasft.models.presets import cache_dir, load_tokenizer, resolve_preset
 from kerasft.paths import staged_dir
+from kerasft.runtime import init_backend
 
 SPACE = "\u2581"  # SentencePiece's escaped space
 VOCAB_FILE = "kerasft_vocab.json"  # written into a preset by add_words: which rows are new
@@ -233,22 +240,8 @@ def format_check(report: dict) -> str:
 
 def read_proto(preset: str, cache: str = "") -> bytes:
     """The SentencePiece model of any preset string (a keras-hub or Hugging Face folder, a .gguf
-    file, embedded, ...), read from the folder's files when possible so keras is not imported."""
-    from kerasft.models.presets import cache_dir, resolve_preset
-
-    path = Path(resolve_preset(preset, cache_dir(cache)))
-    for name in ("assets/tokenizer/vocabulary.spm", "tokenizer.model"):
-        if (path / name).is_file():
-            return (path / name).read_bytes()
-    from kerasft.runtime import init_backend
-
-    init_backend()
-    import keras_hub
-
-    try:
-        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(path))
-    except Exception as err:  # keras-hub raises many types; one line for the user
-        raise KerasftError(f"{preset}: could not load its tokenizer: {str(err).splitlines()[0] if str(err) else err}") from err
+    file, embedded, ...); vocabulary expansion works on SentencePiece models only."""
+    tokenizer = load_tokenizer(ModelConfig(preset=preset, cache_dir=cache))
     if not getattr(tokenizer, "proto", None):
         raise KerasftError(f"{preset}: the tokenizer is not SentencePiece; kerasft needs a Gemma tokenizer")
     return tokenizer.proto
@@ -261,7 +254,6 @@ def check(source: str, *, words_file=None, corpus_file=None, add_file=None, piec
         raise KerasftError("vocab check: give exactly one of --words FILE or --corpus FILE")
     preset, cache = source, ""
     if source.endswith((".yaml", ".yml")):
-        from kerasft.config import load_config
 
         cfg = load_config(source)
         preset, cache = cfg.model.preset, cfg.model.cache_dir
@@ -282,10 +274,6 @@ def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: 
     Returns:
         The record written to kerasft_vocab.json.
     """
-    import numpy as np
-
-    from kerasft.models.presets import cache_dir, model_family, resolve_preset
-
     if init not in INITS:
         raise KerasftError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     out = Path(out_dir)
@@ -300,8 +288,6 @@ def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: 
         raise KerasftError(f"{src}: a Llama model: kerasft vocab add supports Gemma models only")
     old_proto = read_proto(path)
     new_proto, added = expand_proto(old_proto, words, piece_type, source=str(words_file))
-
-    from kerasft.runtime import init_backend
 
     init_backend()
     import keras_hub
@@ -405,8 +391,6 @@ def with_new_tokens(cfg, preset_path):
     A preset that `kerasft vocab add` did not make has no added pieces: the run says so and
     trains lora.trainable_tokens only (so one config serves the expanded model and the base).
     """
-    import dataclasses
-
     if not (Path(preset_path) / VOCAB_FILE).is_file():
         print(f"note: lora.train_new_tokens: {preset_path} has no {VOCAB_FILE} (not made by `kerasft vocab add`); "
               "no added rows to train", flush=True)

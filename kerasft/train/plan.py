@@ -396,7 +396,6 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
 
     from kerasft.models.lora import apply_lora
     from kerasft.models.presets import load_model
-    from kerasft.models.quant import quantize_backbone
     from kerasft.train.loop import apply_remat, dropout_key, make_optimizer, make_train_step
 
     from kerasft.runtime import peak_rss_bytes, proc_status, reset_peak_rss
@@ -404,8 +403,7 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     if not reset_peak_rss():  # checked before the slow part; reset again just before the step
         raise KerasftError("--measure needs Linux (/proc/self/clear_refs)")
     loaded = load_model(cfg.model)
-    backbone = loaded.backbone
-    quantize_backbone(backbone, cfg.model.quantize)
+    backbone = loaded.backbone  # model.quantize applied by load_model
     apply_lora(backbone, cfg.lora)
     apply_remat(backbone, cfg.train.remat)
     optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
