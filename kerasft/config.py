@@ -16,6 +16,9 @@ from pathlib import Path
 from kerasft.errors import KerasftError
 
 MODEL_DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "float16", "mixed_float16")
+# data.format and data.clean.dedup values (the studio offers the same lists).
+DATA_FORMATS = ("auto", "squad", "jsonl", "chat", "structured", "csv", "tsv", "excel", "text")
+DEDUP_MODES = ("none", "exact", "normalized")
 # Every projection in a decoder block that LoRA can wrap (keras-hub layer names; Llama's MLP layers
 # are mapped onto them in kerasft.models.lora). Here so the config checks them without keras.
 LORA_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
@@ -197,7 +200,7 @@ class DataConfig:
 
     def __post_init__(self):
         choices = {
-            "format": ("auto", "squad", "jsonl", "chat", "structured", "csv", "tsv", "excel", "text"),
+            "format": DATA_FORMATS,
             "task": ("sft", "pretrain"),
             "template": ("auto", "gemma", "llama3", "zephyr", "plain"),
             "text_unit": ("line", "paragraph", "separator"),
@@ -207,8 +210,8 @@ class DataConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise KerasftError(f"data.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.clean.dedup not in ("none", "exact", "normalized"):
-            raise KerasftError(f"data.clean.dedup: {self.clean.dedup!r} is not one of none, exact, normalized")
+        if self.clean.dedup not in DEDUP_MODES:
+            raise KerasftError(f"data.clean.dedup: {self.clean.dedup!r} is not one of {', '.join(DEDUP_MODES)}")
         if self.split.ratios and (len(self.split.ratios) not in (2, 3) or abs(sum(self.split.ratios) - 1) > 1e-6
                                   or min(self.split.ratios) < 0):
             raise KerasftError(f"data.split.ratios: {list(self.split.ratios)} must be 2 or 3 non-negative numbers summing to 1")
