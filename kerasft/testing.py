@@ -2,7 +2,8 @@
 
 Tests load these through the real keras-hub path (`from_preset` on a local
 directory), so nothing in the suite needs a model hub. The same functions back
-`scripts/make_tiny_presets.py`, which writes the presets for inspection.
+`scripts/make_tiny_presets.py`, which writes the presets for inspection, and
+`scripts/bench.py --smoke`. Not imported by `import kerasft` or the CLI.
 """
 
 from __future__ import annotations

@@ -54,8 +54,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="kerasft-bench-"))
     if args.smoke:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_models import build_tiny_preset
+        from kerasft.testing import build_tiny_preset
 
         args.preset = str(build_tiny_preset("gemma3", work / "tiny"))
         args.steps, args.seq, args.workloads = 2, 512, "qa"  # the tiny vocabulary needs long rows
@@ -155,14 +154,14 @@ def _write_batches(args, workload: str, folder: Path) -> None:
     import numpy as np
 
     from kerasft.config import ModelConfig, load_config
-    from kerasft.data.inspect import _tokenizer
+    from kerasft.models.presets import load_tokenizer
     from kerasft.data.pipeline import epoch_batches, make_batch, tokenize_documents, tokenize_examples
     from kerasft.data.prepare import build_datasets
     from kerasft.data.records import Example
     from kerasft.data.template import chat_tokens
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    tokens = chat_tokens(_tokenizer(ModelConfig(preset=args.preset)))
+    tokens = chat_tokens(load_tokenizer(ModelConfig(preset=args.preset)))
     examples = build_datasets(cfg.data, need_eval=False).train
     if workload == "qa":
         data = tokenize_examples(tokens, examples, args.seq)

@@ -7,14 +7,12 @@ OUT_DIR/tokenizer.model (the tiny SentencePiece model) in a few seconds.
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-# The builders live with the tests, which use them to make their fixtures.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from tiny_models import FAMILIES, build_tiny_preset, write_tiny_spm  # noqa: E402
+# The same builders make the tests' fixtures (tests/conftest.py).
+from kerasft.testing import FAMILIES, build_tiny_preset, write_tiny_spm  # noqa: E402
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from tiny_models import FAMILIES, LLAMA_FAMILIES, build_tiny_preset, write_tiny_spm  # noqa: E402
+from kerasft.testing import FAMILIES, LLAMA_FAMILIES, build_tiny_preset, write_tiny_spm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

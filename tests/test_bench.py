@@ -31,8 +31,7 @@ def test_bench_smoke_produces_every_figure(tmp_path):
 
 
 def test_profile_step_splits_a_traced_step_by_operation_kind(tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import build_tiny_preset
+    from kerasft.testing import build_tiny_preset
 
     preset = build_tiny_preset("gemma3", tmp_path / "tiny")
     out = tmp_path / "profile.json"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tiny_models import (
+from kerasft.testing import (
     BOS_ID,
     EOS_ID,
     FAMILIES,

@@ -1,13 +1,13 @@
 """How close to the square-matmul peak can XLA's CPU backend get on the matrix products a training step
 of the embedded Gemma 3 270M is made of?
 
-    .venv/bin/python scripts/bench_matmul_ceiling.py [--batch 2] [--seq 256] [--json ceiling.json]
-    .venv/bin/python scripts/bench_matmul_ceiling.py --head-rows 128,256,512   # the head's gradient product only
+    .venv/bin/python scripts/experiments/bench_matmul_ceiling.py [--batch 2] [--seq 256] [--json ceiling.json]
+    .venv/bin/python scripts/experiments/bench_matmul_ceiling.py --head-rows 128,256,512   # the head's gradient product only
 
 Issue 9 asks a full-sequence LoRA step for 90% of the f32 matmul peak. A step is at best as fast as its
 matrix products run on their own, so this times each distinct product of the step in isolation (same
 shapes, f32, jitted, best of several runs) and reports, in one run:
-  - the square n x n peak (what bench.py divides by);
+  - the square n x n peak (what scripts/bench.py divides by);
   - per shape: FLOPs, time, and share of that peak;
   - the ceiling: total matmul FLOPs of one step / total isolated time of its products, as a share of the
     peak; no step that does these products can beat it.
@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Tokenisation throughput on QA data with the embedded Gemma 3 tokenizer (262k vocabulary).
 
-    .venv/bin/python scripts/bench_tokenize.py [--examples 100000] [--json out.json]
+    .venv/bin/python scripts/experiments/bench_tokenize.py [--examples 100000] [--json out.json]
 
 Builds N distinct SQuAD-style examples from the shipped data/qa_es/train.json (each question
 numbered, so no two prompts are equal and no cache can help), then times: reading and mapping
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -30,7 +30,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from kerasft.config import load_config
-    from kerasft.data.inspect import _tokenizer
+    from kerasft.models.presets import load_tokenizer
     from kerasft.data.pipeline import tokenize_cached
     from kerasft.data.prepare import build_datasets
     from kerasft.data.template import chat_tokens
@@ -47,7 +47,7 @@ def main() -> int:
                                      "answer": answer["text"], "answer_start": answer["answer_start"]},
                                     ensure_ascii=False) + "\n")
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"data.train={source}"])
-    tokens = chat_tokens(_tokenizer(cfg.model))
+    tokens = chat_tokens(load_tokenizer(cfg.model))
 
     started = time.perf_counter()
     splits = build_datasets(cfg.data, need_eval=False)

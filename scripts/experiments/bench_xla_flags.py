@@ -1,8 +1,8 @@
 """Does an XLA CPU flag make kerasft's training step faster? bench.py's kerasft worker under several
 XLA_FLAGS settings, in one run, against the default.
 
-    .venv/bin/python scripts/bench_xla_flags.py [--workloads pretrain,qa] [--steps 4] [--json flags.json]
-    .venv/bin/python scripts/bench_xla_flags.py --variant "--xla_cpu_enable_fast_math=true"
+    .venv/bin/python scripts/experiments/bench_xla_flags.py [--workloads pretrain,qa] [--steps 4] [--json flags.json]
+    .venv/bin/python scripts/experiments/bench_xla_flags.py --variant "--xla_cpu_enable_fast_math=true"
 
 Each variant trains the same batches as bench.py (embedded Gemma 3 270M, f32, LoRA r=8 on query and
 value, batch 2 x 256) in its own process with XLA_FLAGS set, so compilation sees the flags. Printed per
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 # Flags of the jaxlib this project pins (jax 0.10) that change how CPU code is generated or which

@@ -11,8 +11,8 @@ conversations (per token and per character, since the routes tokenise differentl
 dialect word, parameter count, export size, and greedy answers to a fixed prompt list. Writes
 OUT/comparison.json and OUT/comparison.md.
 
-    python scripts/compare_dialect_routes.py --preset embedded --out runs/dialect_compare
-    python scripts/compare_dialect_routes.py --preset PATH --out DIR train.max_steps=2   # overrides go to every run
+    python scripts/experiments/compare_dialect_routes.py --preset embedded --out runs/dialect_compare
+    python scripts/experiments/compare_dialect_routes.py --preset PATH --out DIR train.max_steps=2   # overrides go to every run
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ROOT / "data" / "dialect" / "words.txt"
 PROMPTS = (
     "¿Qué es el cierzo?",
@@ -104,7 +104,7 @@ def compare(preset: str, out: Path, overrides: list[str], max_new_tokens: int) -
         "date": datetime.date.today().isoformat(),
         "preset": preset,
         "overrides": overrides,
-        "command": " ".join([Path(sys.executable).name, "scripts/compare_dialect_routes.py", *sys.argv[1:]]),
+        "command": " ".join([Path(sys.executable).name, "scripts/experiments/compare_dialect_routes.py", *sys.argv[1:]]),
         "routes": routes,
     }
     (out / "comparison.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -123,7 +123,7 @@ def measure(run_dir: Path, max_new_tokens: int) -> dict:
     from kerasft.export.hf import keras_logits
     from kerasft.models.vocab import processor, read_word_list, segmentation_stats
     from kerasft.runtime import init_backend
-    from kerasft.workflow import load_source
+    from kerasft.models.presets import load_source
 
     init_backend(0)
     loaded, cfg = load_source(str(run_dir))

@@ -1,6 +1,6 @@
 """Weight bytes, loss and step time of QLoRA-like training (model.quantize none / int8 / int4) on a model.
 
-    .venv/bin/python scripts/measure_qlora.py [--preset embedded] [--steps 6] [--out /tmp/kerasft-qlora]
+    .venv/bin/python scripts/experiments/measure_qlora.py [--preset embedded] [--steps 6] [--out /tmp/kerasft-qlora]
 
 Each mode runs `kerasft train configs/quickstart.yaml model.quantize=MODE train.max_steps=STEPS` (the
 same data, seed and batches) in its own process, then reads the run's summary.json (weight bytes
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
