@@ -10,8 +10,9 @@ import pytest
 
 from kerasft.config import load_config
 from kerasft.errors import KerasftError
+from kerasft.paths import RunDir
 from kerasft.ui.workspace import (
-    Job, Workspace, check_run_name, kerasft_argv, latest_checkpoint, nest_values, peek_columns,
+    Job, Workspace, check_run_name, kerasft_argv, latest_checkpoint, nest_values, peek_columns, read_json,
     sanitize_filename, training_progress,
 )
 
@@ -135,16 +136,121 @@ def test_peek_columns_uses_kerasft_readers(tmp_path):
         peek_columns(bad)
 
 
-def test_training_progress_reads_metrics_and_the_printed_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in (1, 2, 3))
-                                            + '{"step": 4, "lo')  # a run cut mid-write
-    log = ("training LoRA r=8 alpha=16 on ['query']: 20 in 20 rows (0 trimmed, 10% padding), 10 steps of batch 2x1\n"
-           "  step    3/10  loss 2.0000  lr 1.00e-04  1,234 tok/s  eta 0:12\n")
-    progress = training_progress(tmp_path, log)
+def _write_metrics(run_dir: Path, records: list[dict], tail: str = "") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    RunDir(run_dir).metrics.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_training_progress_reads_the_last_metrics_record(tmp_path):
+    """Step, total, tokens/s and ETA come from the trainer's per-step records in metrics.jsonl
+    (total_steps, tokens_per_second, eta_seconds), never from its printed lines."""
+    records = [{"step": s, "loss": 5.0 - s, "total_steps": 10, "tokens_per_second": 1234.5 * (s > 1),
+                "eta_seconds": 12.0 * (10 - s)} for s in (1, 2, 3)]
+    _write_metrics(tmp_path, records, '{"step": 4, "lo')  # a run cut mid-write
+    progress = training_progress(tmp_path)
     assert [r["step"] for r in progress["records"]] == [1, 2, 3]
     assert progress["step"] == 3 and progress["total"] == 10
-    assert progress["tokens_per_second"] == 1234.0 and progress["eta"] == "0:12"
-    assert training_progress(tmp_path / "none", log.splitlines()[0])["total"] == 10
+    assert progress["tokens_per_second"] == 1234.5 and progress["eta_seconds"] == 84.0
+    assert training_progress(RunDir(tmp_path))["step"] == 3  # a RunDir works as well as a path
+    # No run yet; a log written before these fields existed: nothing is made up.
+    assert training_progress(tmp_path / "none") == {"records": [], "step": 0, "total": None,
+                                                    "tokens_per_second": None, "eta_seconds": None}
+    _write_metrics(tmp_path / "old", [{"step": 1, "loss": 4.0}])
+    old = training_progress(tmp_path / "old")
+    assert old["step"] == 1 and old["total"] is None and old["tokens_per_second"] is None
+
+
+def test_training_progress_names_a_corrupt_metrics_line(tmp_path):
+    _write_metrics(tmp_path, [{"step": 1, "loss": 4.0}], "not json\n" + json.dumps({"step": 2, "loss": 3.0}) + "\n")
+    with pytest.raises(KerasftError, match=r"metrics\.jsonl:2"):
+        training_progress(tmp_path)
+
+
+def test_eta_is_shown_as_a_clock():
+    from kerasft.ui.app import _clock
+
+    assert [_clock(s) for s in (0, 59.9, 61, 3599, 3600, 7384)] == ["0:00", "0:59", "1:01", "59:59", "1:00:00",
+                                                                    "2:03:04"]
+
+
+def test_read_json_names_the_bad_file(tmp_path):
+    assert read_json(tmp_path / "missing.json") is None
+    (tmp_path / "eval.json").write_text('{"f1": 50.0}')
+    assert read_json(tmp_path / "eval.json") == {"f1": 50.0}
+    (tmp_path / "cut.json").write_text('{"f1": 5')
+    with pytest.raises(KerasftError, match=r"cut\.json: not readable as JSON"):
+        read_json(tmp_path / "cut.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(KerasftError, match=r"list\.json: expected a JSON object, got list"):
+        read_json(tmp_path / "list.json")
+
+
+def test_eval_views_read_the_run_dirs_json(tmp_path):
+    """The Evaluation tab's table, report and worst examples come from eval_base.json, eval.json,
+    report.md and report.json, named by RunDir."""
+    pytest.importorskip("pandas")
+    from kerasft.ui.app import _eval_views
+
+    run = RunDir(tmp_path)
+    run.eval_result("base").write_text(json.dumps({"task": "short_answer", "exact_match": 10.0, "count": 5}))
+    run.eval_result("tuned").write_text(json.dumps({"task": "short_answer", "exact_match": 62.5, "count": 5}))
+    run.report_md.write_text("# Report\n")
+    run.report_json.write_text(json.dumps({"worst": [{"prompt": "¿Hola?", "gold": "Hola.", "prediction": "x",
+                                                      "score": 0.0}]}))
+    table, report_md, worst = _eval_views(run)
+    assert table.to_dict("records") == [{"metric": "exact_match", "base": 10.0, "fine-tuned": 62.5}]
+    assert report_md == "# Report\n" and worst.to_dict("records")[0]["prompt"] == "¿Hola?"
+    run.report_json.write_text("{")
+    with pytest.raises(KerasftError, match="report.json"):
+        _eval_views(run)
+
+
+def test_heldout_prompts_come_from_the_run_dirs_data(tmp_path):
+    from kerasft.ui.app import _heldout_prompts
+
+    run = RunDir(tmp_path)
+    run.data.mkdir()
+    (run.data / "validation.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n"
+                                                       for i in range(5)))
+    assert _heldout_prompts(run, 3) == []  # no adapter: training has not finished
+    run.adapter.mkdir()
+    run.adapter_config.write_text("{}")
+    assert _heldout_prompts(run, 3) == ["p0", "p1", "p2"]
+    (run.data / "test.jsonl").write_text('{"response": "no prompt"}\n')
+    with pytest.raises(KerasftError, match=r"test\.jsonl: line 1"):
+        _heldout_prompts(run, 3)
+
+
+def test_plan_badge_from_the_plan_json():
+    from kerasft.ui.app import _last_json_object, _plan_badge
+
+    plan = {"fits": False, "usable": 15 * 2**30, "step": {"peak": 20 * 2**30}, "largest_batch": None,
+            "tried": [[8, 20 * 2**30], [4, 17 * 2**30], [2, 16 * 2**30]]}
+    badge = _plan_badge(plan)
+    assert "does not fit" in badge and "kft-nofit" in badge and "peak 20.00 GiB of 15.00 GiB" in badge
+    assert "suggested batch size: <b>none</b>" in badge
+    assert "suggested batch size: <b>4</b>" in _plan_badge({**plan, "fits": True, "largest_batch": 4})
+    with pytest.raises(KerasftError, match="kerasft plan --json: missing or bad key 'usable'"):
+        _plan_badge({"fits": True, "step": {"peak": 1}})
+    text = 'W0000 some warning\n{"not": "the last"}\n' + json.dumps(plan) + "\n{cut"
+    assert _last_json_object(text) == plan and _last_json_object("no json here") is None
+
+
+def test_studio_choices_come_from_the_core():
+    """The Model tab offers only presets the plan knows offline; the form's lists are the
+    config's own (so a value the studio offers always validates)."""
+    from kerasft.config import config_to_dict
+    from kerasft.train.plan import KNOWN_ARCHITECTURES
+    from kerasft.ui.app import HARDWARE_PRESETS, PLAN_TARGETS, PRESETS, TASK_PRESETS
+
+    assert set(PRESETS) <= set(KNOWN_ARCHITECTURES)
+    assert {p["plan_target"] for p in HARDWARE_PRESETS.values()} <= set(PLAN_TARGETS)
+    for preset in (*TASK_PRESETS.values(), *HARDWARE_PRESETS.values()):  # each one-click preset validates
+        values = {key: value for key, value in preset.items() if key != "plan_target"}
+        cfg = config_to_dict(load_config(None, [f"{key}={json.dumps(value)}" for key, value in values.items()]))
+        for key, value in values.items():
+            section, field = key.split(".")
+            assert cfg[section][field] == value, key
 
 
 def test_kerasft_help_does_not_import_gradio():
@@ -165,7 +271,7 @@ def test_studio_auth_must_be_user_colon_password(tmp_path, capsys):
 
 def test_train_subprocess_on_the_config_the_studio_wrote(tmp_path, tiny_preset):
     """The Training tab's path: a config written from form values, `kerasft train` as a subprocess,
-    progress read back from its log and metrics.jsonl, checkpoints for pause/resume."""
+    progress read back from metrics.jsonl, checkpoints for pause/resume."""
     ws = Workspace(tmp_path / "ws")
     data = ws.save_upload(ROOT / "data/examples/faq_horno.csv", "faq.csv")
     path = ws.write_config({
@@ -178,15 +284,15 @@ def test_train_subprocess_on_the_config_the_studio_wrote(tmp_path, tiny_preset):
     assert job.command_line == f"kerasft train {path}"
     assert job.wait(timeout=240) == 0, job.log_text()
     run_dir = ws.run_dir("tiny")
-    progress = training_progress(run_dir, job.log_text())
-    assert progress["step"] == 3 and progress["total"] == 3 and len(progress["records"]) == 3
-    assert progress["tokens_per_second"] > 0
+    assert isinstance(run_dir, RunDir)
+    progress = training_progress(run_dir)
+    assert progress["step"] == 3 and len(progress["records"]) == 3
     assert "I0000" not in job.log_text() and "step    3/3" in job.log_text()
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert run_dir.has_adapter
     assert latest_checkpoint(run_dir) == 3
     (run_dir / "checkpoints" / "6.orbax-checkpoint-tmp-123").mkdir()  # a save in progress does not count
     assert latest_checkpoint(run_dir) == 3
-    assert load_config(run_dir / "config.yaml").data.columns.prompt == "pregunta"
+    assert load_config(run_dir.config).data.columns.prompt == "pregunta"
 
 
 def test_served_on_loopback_with_login_and_upload_limit(tmp_path):

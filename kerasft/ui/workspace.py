@@ -10,6 +10,8 @@ Layout of a workspace folder:
     exports/RUN-FORMAT/     exports
     inspect/RUN/            `kerasft data inspect` reports
 
+A run dir's own files (metrics.jsonl, adapter/, eval.json, ...) are named by kerasft.paths.RunDir.
+
 Nothing from an uploaded file is executed or unpickled: files are copied as bytes and read only by
 kerasft's data readers (csv, json, openpyxl); configs are written with yaml.safe_dump.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,15 +31,16 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kerasft.config import DataConfig, load_config
+from kerasft.data import sources
 from kerasft.errors import KerasftError
+from kerasft.paths import RunDir
+from kerasft.train.logs import read_metrics
 
 UPLOAD_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".txt", ".xlsx")
 DEFAULT_MAX_UPLOAD_MB = 100.0
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# "  step   3/10  loss 5.1234  lr 1.00e-04  1,234 tok/s  eta 0:12" (kerasft/train/loop.py prints it)
-_PROGRESS = re.compile(r"step\s+(\d+)/(\d+)\s+loss\s+(\S+)\s+lr\s+\S+\s+([\d,.]+) tok/s\s+eta\s+(\d+:\d\d)")
 _NATIVE_LOG = re.compile(r"^([IWE]\d{4} [\d:.]+\s+\d+ \S+:\d+\]|WARNING: All log messages before absl)")
-_PLANNED = re.compile(r"in \d+ rows .*?\), (\d+) steps of batch")
 
 
 def sanitize_filename(name: str) -> str:
@@ -98,14 +102,17 @@ class Workspace:
     def config_path(self, name: str) -> Path:
         return self.root / "configs" / f"{check_run_name(name)}.yaml"
 
-    def run_dir(self, name: str) -> Path:
-        return self.root / "runs" / check_run_name(name)
+    def run_dir(self, name: str) -> RunDir:
+        return RunDir(self.root / "runs" / check_run_name(name))
 
     def log_path(self, name: str, command: str) -> Path:
         return self.root / "logs" / f"{check_run_name(name)}.{command}.log"
 
     def export_dir(self, name: str, fmt: str) -> Path:
         return self.root / "exports" / f"{check_run_name(name)}-{fmt}"
+
+    def inspect_dir(self, name: str) -> Path:
+        return self.root / "inspect" / check_run_name(name)
 
     def write_config(self, values: dict) -> Path:
         """Writes configs/NAME.yaml from dotted form values ({"train.learning_rate": 2e-4, ...}).
@@ -114,8 +121,6 @@ class Workspace:
         validated with kerasft.config.load_config before it replaces an earlier one, so a bad
         value gives a KerasftError naming the key and leaves nothing half-written.
         """
-        from kerasft.config import load_config
-
         raw = nest_values(values)
         name = check_run_name(str(raw.get("name", "")))
         raw["output_dir"] = str(self.root / "runs")
@@ -160,14 +165,11 @@ def peek_columns(path: str | Path, delimiter: str = "", encoding: str = "utf-8",
     """The column names of a CSV/TSV/XLSX file or the keys of a JSONL file's first record, read
     with kerasft's own readers (so delimiter and encoding behave as in training); [] for text
     and SQuAD JSON files, which have fixed fields."""
-    from kerasft.config import DataConfig
-    from kerasft.data import sources
-
     path = Path(path)
     cfg = DataConfig(delimiter=delimiter, encoding=encoding, sheet=sheet)
     kind = sources.EXTENSIONS.get(path.suffix.lower())
-    readers = {"csv": sources._csv_rows, "tsv": sources._csv_rows, "excel": sources._excel_rows,
-               "jsonl": sources._jsonl_rows}
+    readers = {"csv": sources.csv_rows, "tsv": sources.csv_rows, "excel": sources.excel_rows,
+               "jsonl": sources.jsonl_rows}
     if kind not in readers:
         return []
     for _, row in readers[kind](path, cfg):
@@ -238,40 +240,41 @@ def kerasft_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "kerasft", *map(str, args)]
 
 
-def training_progress(run_dir: Path, log_text: str) -> dict:
-    """What a training run has done so far: the loss curve from RUN_DIR/metrics.jsonl, and the
-    step count, tokens/s and ETA the trainer printed last."""
-    from kerasft.evaluate.report import read_training_log
+def training_progress(run_dir: str | Path) -> dict:
+    """What a training run has done so far, from RUN_DIR/metrics.jsonl: the loss curve, and the
+    step, planned total, tokens/s (0.0 until measured) and ETA in seconds of its last record.
 
-    records = read_training_log(Path(run_dir) / "metrics.jsonl")
-    progress = {"records": records, "step": records[-1]["step"] if records else 0, "total": None,
-                "tokens_per_second": None, "eta": None}
-    planned = _PLANNED.findall(log_text)
-    if planned:
-        progress["total"] = int(planned[-1])
-    printed = _PROGRESS.findall(log_text)
-    if printed:
-        step, total, _, rate, eta = printed[-1]
-        progress.update(total=int(total), tokens_per_second=float(rate.replace(",", "")), eta=eta)
-    return progress
+    Values the trainer did not record are None. A half-written last line (a run cut mid-write) is
+    left out; any other bad line raises KerasftError naming the file and line.
+    """
+    records = read_metrics(RunDir(run_dir).metrics)
+    last = records[-1] if records else {}
+    return {"records": records, "step": last.get("step", 0), "total": last.get("total_steps"),
+            "tokens_per_second": last.get("tokens_per_second"), "eta_seconds": last.get("eta_seconds")}
 
 
-def latest_checkpoint(run_dir: Path) -> int | None:
+def latest_checkpoint(run_dir: str | Path) -> int | None:
     """The newest complete checkpoint step under RUN_DIR/checkpoints (orbax writes into a
     temporary folder and renames it to the bare step number when done)."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = RunDir(run_dir).checkpoints
     steps = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
     return max(steps) if steps else None
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+def read_json(path: str | Path) -> dict | None:
+    """A JSON object a command wrote; None when the file is missing. Raises KerasftError naming the
+    file when it is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
         return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KerasftError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise KerasftError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _quote(arg: str) -> str:
-    import shlex
-
     return shlex.quote(str(arg))
