@@ -236,6 +236,27 @@ def test_plan_badge_from_the_plan_json():
     assert _last_json_object(text) == plan and _last_json_object("no json here") is None
 
 
+def test_form_values_become_the_config(tmp_path):
+    """What every whole-form handler writes: split shares and the model choice folded into config
+    keys, integer fields as integers (from the config's type hints), lists for multi-selects."""
+    from kerasft.ui.app import _Form
+
+    form = _Form(Workspace(tmp_path / "ws"))
+    for key in ("name", "train.batch_size", "train.learning_rate", "eval.top_k", "lora.targets", "data.columns.meta"):
+        form.fields[key] = object()  # the components; only their order matters here
+    values = ["x", 4.0, 2.0, 0.0, ("query",), None, 0.8, 0.2, 0, "embedded", "  gemma3_1b "]
+    named = form.config_values(values)
+    assert named == {"name": "x", "train.batch_size": 4, "train.learning_rate": 2.0, "eval.top_k": 0,
+                     "lora.targets": ["query"], "data.columns.meta": [], "model.preset": "gemma3_1b",
+                     "data.split.ratios": [0.8, 0.2]}
+    assert type(named["train.batch_size"]) is int and type(named["train.learning_rate"]) is float
+    assert form.config_values([*values[:-1], ""])["model.preset"] == "embedded"
+    assert form.config_values([*values[:6], 0.7, 0.2, 0.1, "embedded", ""])["data.split.ratios"] == [0.7, 0.2, 0.1]
+    name, path = form.save(values)
+    assert name == "x" and load_config(path).train.batch_size == 4
+    assert "batch_size: 4\n" in path.read_text()
+
+
 def test_studio_choices_come_from_the_core():
     """The Model tab offers only presets the plan knows offline; the form's lists are the
     config's own (so a value the studio offers always validates)."""

@@ -13,15 +13,17 @@ wires its own handlers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 import time
+import typing
 from pathlib import Path
 
 from kerasft.config import (
     DATA_FORMATS, DEDUP_MODES, EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES, LORA_TARGETS, MODEL_DTYPES, DataConfig,
-    load_config,
+    RunConfig, load_config,
 )
 from kerasft.data.inspect import format_report, inspect_data
 from kerasft.data.prepare import SPLITS, build_datasets
@@ -68,9 +70,21 @@ CSS = """
 .kft-bar > div {height:100%;background:#2563eb}
 """
 
-# Integer config keys (gradio Numbers hand back floats).
-_INT_KEYS = {"rank", "max_steps", "batch_size", "grad_accum", "sequence_length", "checkpoint_every", "log_every",
-             "seed", "max_new_tokens"}
+
+
+def _int_keys(section=RunConfig, prefix: str = "") -> frozenset[str]:
+    """The dotted keys of integer config fields, from the config's own type hints."""
+    keys = set()
+    for name, hint in typing.get_type_hints(section).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= _int_keys(hint, f"{prefix}{name}.")
+        elif hint is int:
+            keys.add(prefix + name)
+    return frozenset(keys)
+
+
+# gradio Numbers hand back floats; these keys are written to the config as integers.
+_INT_KEYS = _int_keys()
 # Column names guessed for each role after an upload (lowercased): the data readers' own default
 # names first, then Spanish ones.
 _GUESS = {
@@ -162,7 +176,7 @@ class _Form:
         for key in ("data.columns.meta", "lora.targets"):
             named[key] = list(named[key] or [])
         for key, value in list(named.items()):
-            if isinstance(value, float) and value.is_integer() and key.split(".")[-1] in _INT_KEYS:
+            if isinstance(value, float) and value.is_integer() and key in _INT_KEYS:
                 named[key] = int(value)
         return named
 
