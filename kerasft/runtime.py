@@ -40,7 +40,7 @@ def _tensorflow_quiet_and_off_gpus() -> None:
     TF_CPP_MIN_LOG_LEVEL is set to 0; an import that fails still raises its own error."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"
-    with _stderr_closed() if quiet else contextlib.nullcontext():  # listing the GPUs can log a cuInit failure
+    with stderr_closed() if quiet else contextlib.nullcontext():  # listing the GPUs can log a cuInit failure
         try:
             import tensorflow as tf
         except ImportError:
@@ -52,7 +52,7 @@ def _tensorflow_quiet_and_off_gpus() -> None:
 
 
 @contextlib.contextmanager
-def _stderr_closed():
+def stderr_closed():
     """Sends file descriptor 2 (what C++ libraries write to) to /dev/null for the block."""
     sys.stderr.flush()
     saved = os.dup(2)

@@ -29,11 +29,12 @@ from kerasft.export.peft import export_peft
 from kerasft.export.verify import unchecked, verify_gguf_export, verify_hf_export
 from kerasft.models.families import trainable_turn_tokens
 from kerasft.models.lora import apply_lora, load_adapter, read_adapter_config, save_adapter, token_ids_for
-from kerasft.models.presets import cache_dir, load_model
+from kerasft.models.presets import cache_dir, load_model, resolve_preset
 from kerasft.models.vocab import with_new_tokens
 from kerasft.paths import RunDir
 from kerasft.runtime import barrier, init_backend, is_primary, process_count, set_distribution
 from kerasft.train.loop import planned_steps
+from kerasft.train.loop import TrainSpec
 from kerasft.train.loop import train as train_lora
 
 
@@ -54,6 +55,8 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     if train and (cfg.train.eval_every or cfg.train.sample_every) and not splits.validation:
         raise KerasftError("train.eval_every / train.sample_every need a validation split: set data.validation "
                            "or data.split.ratios")
+    # A missing, unreachable or unknown model fails here, before the run dir is written.
+    resolve_preset(cfg.model.preset, cache_dir(cfg.model.cache_dir))
     set_distribution(cfg.runtime)  # checks runtime.mesh against the devices; before the model loads
     primary = is_primary()  # in a multi-process job only process 0 writes the run dir
     if process_count() > 1 and (evaluate or export):
@@ -108,9 +111,9 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
             if cfg.train.eval_every:
                 validation, _ = tokenize_cached(tokens, splits.validation, cfg.data, cache_dir(cfg.model.cache_dir))
             with clock("train"):
-                result = train_lora(loaded.backbone, data, cfg.train, cfg.data.sequence_length, run_dir.root, tokens.pad,
-                                    token_rows=token_rows or None, resume=resume, dropout=cfg.lora.dropout,
-                                    validation=validation, sampler=_sampler(eval_model, splits.validation, cfg),
+                result = train_lora(loaded.backbone, data, TrainSpec.of(cfg, token_rows, tokens.pad), run_dir.root,
+                                    resume=resume, validation=validation,
+                                    sampler=_sampler(eval_model, splits.validation, cfg),
                                     config=config_to_dict(cfg), name=cfg.name)
             summary["train"] = {"steps": result.steps, "final_loss": result.final_loss,
                                 "tokens_per_second": round(result.tokens_per_second, 1)}
@@ -154,6 +157,7 @@ def evaluate_and_save(model, examples, cfg: RunConfig, run_dir: RunDir, which: s
     label = "the base model" if which == "base" else "the fine-tuned model"
     print(f"evaluating {label} on {len(examples)} held-out examples ...", flush=True)
     result = evaluate(model, examples, cfg.eval, cfg.data)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
     write_eval(result, run_dir.eval_result(which))
     return result
 
@@ -176,7 +180,6 @@ def evaluate_run(cfg: RunConfig) -> dict:
     if not cfg.eval.source and not run_dir.has_adapter:
         raise KerasftError(f"{run_dir}: no trained adapter; run `kerasft train` on this config first or set eval.source")
     init_backend(cfg.train.seed)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
     results, tuned = {}, None
     if cfg.eval.compare_base:
         loaded = load_model(cfg.model)
