@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from kerasft.models.presets import model_family
+from kerasft.paths import RunDir
+from kerasft.train.logs import read_metrics
 
 GEMMA_NOTICE = (
     "Gemma is provided under and subject to the Gemma Terms of Use found at "
@@ -82,13 +86,12 @@ def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | No
 
 
 def _run_facts(run_dir: Path) -> dict:
-    import yaml
-
     facts, base = [], ""
-    config_path = run_dir / "config.yaml"
+    run = RunDir(run_dir)
+    config_path = run.config
     cfg = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     cfg = cfg if isinstance(cfg, dict) else {}
-    adapter_path = run_dir / "adapter" / "adapter_config.json"
+    adapter_path = run.adapter_config
     adapter = json.loads(adapter_path.read_text()) if adapter_path.is_file() else {}
     base = adapter.get("base_model") or cfg.get("model", {}).get("preset", "")
     lora = cfg.get("lora") or adapter
@@ -105,7 +108,7 @@ def _run_facts(run_dir: Path) -> dict:
     if data.get("train"):
         facts.append(f"training data: `{data['train']}`" + (f"; held-out data: `{data['eval']}`" if data.get("eval") else ""))
     train = cfg.get("train") or {}
-    steps = _train_steps(run_dir)
+    steps = _train_steps(run)
     if steps is not None:
         facts.append(
             f"training: {steps} steps, batch {train.get('batch_size')} x {train.get('grad_accum', 1)} accumulation, "
@@ -114,24 +117,21 @@ def _run_facts(run_dir: Path) -> dict:
     if cfg.get("model", {}).get("dtype"):
         facts.append(f"training dtype: {cfg['model']['dtype']}")
     evals = {}
-    for name, file_name in (("base", "eval_base.json"), ("fine-tuned", "eval.json")):
-        path = run_dir / file_name
+    for name, which in (("base", "base"), ("fine-tuned", "tuned")):
+        path = run.eval_result(which)
         if path.is_file():
             evals[name] = json.loads(path.read_text(encoding="utf-8"))
     return {"base_model": base, "facts": facts, "evals": evals}
 
 
-def _train_steps(run_dir: Path):
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        steps = json.loads(summary.read_text()).get("train", {}).get("steps")
+def _train_steps(run: RunDir):
+    if run.summary.is_file():
+        steps = json.loads(run.summary.read_text()).get("train", {}).get("steps")
         if steps is not None:
             return steps
-    log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        steps = [r["step"] for r in records if "step" in r]
-        return max(steps) if steps else len(records)
+    if run.metrics.is_file():
+        steps = [r["step"] for r in read_metrics(run.metrics) if "step" in r]
+        return max(steps) if steps else None
     return None
 
 
