@@ -300,9 +300,10 @@ def _cmd_import_gguf(args) -> int:
 def _cmd_data_inspect(args) -> int:
     from kerasft.config import load_config
     from kerasft.data.inspect import format_report, inspect_data
+    from kerasft.paths import RunDir
 
     cfg = load_config(args.config, args.overrides)
-    report = inspect_data(cfg, args.out or cfg.run_dir / "data_inspect")
+    report = inspect_data(cfg, args.out or RunDir(cfg.run_dir).data_inspect)
     print(format_report(report))
     return 1 if report["errors"] else 0
 

@@ -284,7 +284,7 @@ def _sampler(model, validation, cfg: RunConfig):
 def _resumable_run_dir(cfg: RunConfig) -> Path:
     """The existing run dir of `cfg`, checked to hold the same run (or a new one if none exists)."""
     run_dir = cfg.run_dir
-    saved_path = run_dir / "config.yaml"
+    saved_path = RunDir(run_dir).config
     if saved_path.is_file():
         saved, current = config_to_dict(load_config(saved_path)), config_to_dict(cfg)
         for section in ("model", "lora", "data", "train"):  # another mesh restores fine, resharded
@@ -294,7 +294,7 @@ def _resumable_run_dir(cfg: RunConfig) -> Path:
                         f"{saved_path}: cannot resume: {section}.{key} was {saved[section].get(key)!r}, "
                         f"now {current[section].get(key)!r}"
                     )
-    (run_dir / "FAILED").unlink(missing_ok=True)
+    RunDir(run_dir).failed.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

@@ -12,28 +12,11 @@ import json
 from pathlib import Path
 
 from kerasft.evaluate.evaluator import headline
+from kerasft.paths import RunDir
+from kerasft.train.logs import draw_loss_curve, read_metrics
 
 PROMPT_CHARS = 300  # prompts in report.md are cut to this many characters (report.json keeps them whole)
 PROMPT_TAIL_CHARS = 160  # of which this many come from the end, where QA prompts put the question
-
-
-def read_training_log(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file that carry a step; [] when there is no file.
-
-    Lines that are not JSON objects are skipped: a run cut mid-write leaves a partial last line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-    return records
 
 
 def write_report(out_dir: str | Path, results: dict[str, dict], training_log: str | Path | None = None,
@@ -50,7 +33,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict], training_log: st
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(results)
     last = results[names[-1]]
-    log = read_training_log(training_log) if training_log else []
+    log = read_metrics(training_log) if training_log else []
     report = {
         "task": last["task"],
         "count": last["count"],
@@ -66,8 +49,8 @@ def write_report(out_dir: str | Path, results: dict[str, dict], training_log: st
         except ImportError:
             report["plots_skipped"] = "matplotlib is not installed: pip install 'kerasft[eval]'"
             print(f"  report: plots skipped ({report['plots_skipped']})", flush=True)
-    (out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(_markdown(report), encoding="utf-8")
+    RunDir(out_dir).report_json.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    RunDir(out_dir).report_md.write_text(_markdown(report), encoding="utf-8")
     return report
 
 
@@ -159,16 +142,8 @@ def _draw_plots(folder: Path, results: dict[str, dict], log: list[dict]) -> list
         written.append(f"plots/{name}")
 
     if log:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        steps = [r["step"] for r in log if "loss" in r]
-        ax.plot(steps, [r["loss"] for r in log if "loss" in r], label="train loss")
-        evals = [r for r in log if "eval_loss" in r]
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        save(fig, "loss.png")
+        draw_loss_curve(log, folder / "loss.png")
+        written.append("plots/loss.png")
     names = list(results)
     scalars = [key for key in dict.fromkeys(k for r in results.values() for k in headline(r))
                if key not in ("perplexity", "eval_loss")]  # the rest are percentages on one axis

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from kerasft.paths import RunDir
+
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ROOT / "data" / "dialect" / "words.txt"
 PROMPTS = (
@@ -74,7 +76,7 @@ def compare(preset: str, out: Path, overrides: list[str], max_new_tokens: int) -
     stages["B"]["cpt"] = run_stage("B_cpt", kerasft("run", "configs/dialect_cpt.yaml", f"model.preset={grown}",
                                                     "name=B_cpt", *common), logs)
     stages["B"]["sft"] = run_stage("B_sft", kerasft("run", "configs/dialect_sft.yaml",
-                                                    f"model.preset={out / 'B_cpt' / 'export_hf'}", "name=B_sft", *common),
+                                                    f"model.preset={RunDir(out / 'B_cpt').export('hf')}", "name=B_sft", *common),
                                    logs)
     routes = {}
     for route, final in (("A", out / "A_sft"), ("B", out / "B_sft")):
@@ -84,7 +86,7 @@ def compare(preset: str, out: Path, overrides: list[str], max_new_tokens: int) -
                                                                   "--max-new-tokens", str(max_new_tokens)], logs)
         train_seconds = 0.0
         for stage in ("cpt", "sft"):
-            summary_path = out / f"{route}_{stage}" / "summary.json"
+            summary_path = RunDir(out / f"{route}_{stage}").summary
             if summary_path.is_file():
                 summary = json.loads(summary_path.read_text())
                 train_seconds += summary["timings"].get("train", 0.0)
@@ -144,7 +146,7 @@ def measure(run_dir: Path, max_new_tokens: int) -> dict:
     prompts = [encode_prompt(tokens, text, system, template=cfg.data.template) for text in PROMPTS]
     outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, max_new_tokens, len(prompts), tokens.stop_ids,
                               tokens.pad)
-    export = run_dir / "export_hf"
+    export = RunDir(run_dir).export("hf")
     words = segmentation_stats(processor(loaded.tokenizer.proto), read_word_list(WORDS), top=5)
     return {
         "eval_examples": len(examples),

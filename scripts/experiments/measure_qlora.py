@@ -17,6 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kerasft.paths import RunDir
+from kerasft.train.logs import read_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,9 +38,9 @@ def main() -> None:
                    f"output_dir={args.out}", f"name={name}", "train.log_every=1", "train.checkpoint_every=0"]
         print("$ " + " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
-        run = Path(args.out) / name
-        quant = json.loads((run / "summary.json").read_text())["model"]["quantize"]
-        log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        run = RunDir(Path(args.out) / name)
+        quant = json.loads(run.summary.read_text())["model"]["quantize"]
+        log = read_metrics(run.metrics)
         rows.append((mode, quant["weights_bytes_after"] / 2**20, [r["loss"] for r in log],
                      statistics.median(r["step_seconds"] for r in log[1:])))
     print("\n| model.quantize | backbone weights | loss, steps 1.." + str(args.steps) + " | median step (s) |")
