@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.paths import RunDir
 
 TENSORBOARD_DIR = "tensorboard"
 LR_PLOT = "lr_schedule.png"
@@ -24,7 +25,10 @@ class RunLog:
                  primary: bool = True):
         self.run_dir = Path(run_dir)
         self.primary = primary
-        self._jsonl = (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") if primary else None
+        path = RunDir(self.run_dir).metrics
+        if primary and path.is_file():
+            drop_records_after(path, math.inf)  # a killed run's half-written line must not prefix the next record
+        self._jsonl = path.open("a", encoding="utf-8") if primary else None
         self._sinks = [_open_sink(kind, self.run_dir, config or {}, name) for kind in loggers] if primary else []
 
     def log(self, record: dict) -> None:
@@ -136,16 +140,76 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file (an empty list when there is none)."""
+    """The records of a metrics.jsonl file (or any step-keyed JSON-lines log such as samples.jsonl),
+    in order; [] when there is no file.
+
+    A last line that is not a complete record is left out: a process killed mid-write leaves one.
+    Any other line that is not a JSON object with a "step" raises a KerasftError naming the file
+    and line. Blank lines are ignored.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in _records(path)]
+
+
+def drop_records_after(path: str | Path, last_step: int) -> None:
+    """Rewrites a step-keyed JSON-lines log without the records past `last_step` and without a
+    half-written last line, so a resumed run can log those steps again and append whole lines."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    kept = [line for line, record in _records(path, text) if record["step"] <= last_step]
+    if "".join(line + "\n" for line in kept) != text:
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _records(path: Path, text: str | None = None) -> list[tuple[str, dict]]:
+    """(line, record) for each record line of a JSON-lines log; see read_metrics."""
+    text = path.read_text(encoding="utf-8") if text is None else text
+    lines = text.splitlines()
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append((line, record))
+        elif n != last:
+            raise KerasftError(f"{path}:{n + 1}: not a JSON object with a step: {line[:80]!r}")
+    return records
+
+
+def draw_loss_curve(records: list[dict], path: str | Path) -> Path:
+    """Draws the training loss per step and eval_loss where it was measured (records as
+    read_metrics returns them) into a PNG at `path`. Needs matplotlib (the eval extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [r for r in records if "eval_loss" in r and math.isfinite(r["eval_loss"])]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.8, label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:red", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per target token)", title="Loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def write_plots(run_dir: str | Path, schedule, total_steps: int) -> list[Path]:
     """Writes RUN_DIR/lr_schedule.png (the whole planned schedule, with the steps run marked) and
-    RUN_DIR/loss_curves.png (training loss per step and eval_loss where it was measured).
+    RUN_DIR/loss_curves.png (draw_loss_curve).
 
     Args:
         schedule: the optax schedule, step -> learning rate (step 0 is the first update).
@@ -158,10 +222,8 @@ def write_plots(run_dir: str | Path, schedule, total_steps: int) -> list[Path]:
     except ImportError:
         raise KerasftError("train.plots needs matplotlib: pip install 'kerasft[eval]' (or set train.plots=false)") from None
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(RunDir(run_dir).metrics)
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    written = []
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = list(range(1, total_steps + 1))
@@ -174,17 +236,4 @@ def write_plots(run_dir: str | Path, schedule, total_steps: int) -> list[Path]:
     fig.tight_layout()
     fig.savefig(run_dir / LR_PLOT, dpi=100)
     plt.close(fig)
-    written.append(run_dir / LR_PLOT)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    finite = [r for r in train if math.isfinite(r["loss"])]
-    ax.plot([r["step"] for r in finite], [r["loss"] for r in finite], color="tab:blue", alpha=0.8, label="train loss")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:red", label="eval loss")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats per target token)", title="Loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / LOSS_PLOT, dpi=100)
-    plt.close(fig)
-    written.append(run_dir / LOSS_PLOT)
-    return written
+    return [run_dir / LR_PLOT, draw_loss_curve(records, run_dir / LOSS_PLOT)]
