@@ -307,7 +307,9 @@ def test_train_subprocess_on_the_config_the_studio_wrote(tmp_path, tiny_preset):
     run_dir = ws.run_dir("tiny")
     assert isinstance(run_dir, RunDir)
     progress = training_progress(run_dir)
-    assert progress["step"] == 3 and len(progress["records"]) == 3
+    assert progress["step"] == 3 and progress["total"] == 3 and len(progress["records"]) == 3
+    assert progress["tokens_per_second"] > 0 and progress["eta_seconds"] == 0.0  # the last step: nothing left
+    assert progress["records"][0]["total_steps"] == 3
     assert "I0000" not in job.log_text() and "step    3/3" in job.log_text()
     assert run_dir.has_adapter
     assert latest_checkpoint(run_dir) == 3

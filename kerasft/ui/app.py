@@ -160,7 +160,7 @@ class _Form:
     def wire(self) -> None:
         missing = [name for name in self.EXTRAS if name not in self.extras]
         if missing:
-            raise KerasftError(f"studio form: no component for {', '.join(missing)}")
+            raise RuntimeError(f"studio form: no component for {', '.join(missing)}")
         inputs = [*self.fields.values(), *(self.extras[name] for name in self.EXTRAS)]
         for event, fn, before, outputs in self._pending:
             event(fn, [*before, *inputs], outputs)
