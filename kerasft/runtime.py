@@ -40,7 +40,7 @@ def _tensorflow_quiet_and_off_gpus() -> None:
     TF_CPP_MIN_LOG_LEVEL is set to 0; an import that fails still raises its own error."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"
-    with stderr_closed() if quiet else contextlib.nullcontext():  # listing the GPUs can log a cuInit failure
+    with _stderr_closed() if quiet else contextlib.nullcontext():  # listing the GPUs can log a cuInit failure
         try:
             import tensorflow as tf
         except ImportError:
@@ -51,8 +51,16 @@ def _tensorflow_quiet_and_off_gpus() -> None:
             pass
 
 
+def tokenizer_logs_quiet():
+    """For building a keras-hub SentencePiece tokenizer: the first one in a process logs
+    `normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty` from C++ (Gemma's identity
+    normaliser), which no Python log level governs, so stderr is closed for the block.
+    TF_CPP_MIN_LOG_LEVEL=0 keeps it open, as it does for TensorFlow's start-up lines."""
+    return _stderr_closed() if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0" else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def stderr_closed():
+def _stderr_closed():
     """Sends file descriptor 2 (what C++ libraries write to) to /dev/null for the block."""
     sys.stderr.flush()
     saved = os.dup(2)

@@ -207,10 +207,16 @@ def test_cli_export_formats(tiny_preset, tmp_path, capsys):
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     assert main(["export", str(tiny_preset), str(tmp_path / "hf")]) == 2  # exists, no --overwrite
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+    # A lossy export is still run in transformers; its error is reported, not held to the tolerance.
+    assert main(["export", str(tiny_preset), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers reload (float64 reference): max |logit diff|" in out and "lossy format" in out
+    assert main(["export", str(tiny_preset), str(tmp_path / "unchecked"), "--no-verify"]) == 0
+    assert "written WITHOUT a logits check: export.verify is off" in capsys.readouterr().out
 
     assert main(["export", str(tiny_preset), str(tmp_path / "peft"), "--format", "peft"]) == 2
     assert "no LoRA adapters to export" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf", "hf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "gguf", "hf", "unchecked"]
 
 
 def test_peft_adapter_carries_trained_token_rows(tiny_preset, tmp_path):
@@ -263,6 +269,7 @@ def test_cli_peft_export_of_a_run_dir_keeps_trained_rows(tiny_preset, tmp_path, 
     save_adapter(loaded.backbone, lora, run_dir / "adapter", base_model=str(tiny_preset), token_ids=rows)
 
     assert main(["export", str(run_dir), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    assert "written WITHOUT a logits check: a PEFT adapter runs on its base model" in capsys.readouterr().out
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"embed_tokens": sorted(rows)}
     assert config["base_model_name_or_path"] == str(tiny_preset)

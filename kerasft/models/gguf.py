@@ -21,7 +21,7 @@ import numpy as np
 from kerasft.errors import KerasftError
 from kerasft.models.families import llama3_rope_factors
 from kerasft.paths import staged_dir
-from kerasft.runtime import init_backend
+from kerasft.runtime import init_backend, tokenizer_logs_quiet
 
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "llama")
 
@@ -509,13 +509,14 @@ def _write_preset(header, arch, backbone_kwargs, spm_proto, folder: Path):
         preprocessor_cls = models.GemmaCausalLMPreprocessor
         tokenizer_kwargs = {}
     try:
-        tokenizer = tokenizer_cls(proto=spm_proto, **tokenizer_kwargs)
+        with tokenizer_logs_quiet():
+            tokenizer = tokenizer_cls(proto=spm_proto, **tokenizer_kwargs)
     except ValueError as error:  # a special piece keras-hub looks up by name is missing
         raise KerasftError(f"{header.path}: the vocabulary does not fit keras-hub's "
                            f"{tokenizer_cls.__name__}: {error}") from error
     backbone = backbone_cls(**backbone_kwargs)
     _assign_weights(backbone, header, arch)
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     backbone.save_to_preset(str(folder))
     # Saving the preprocessor (it saves its tokenizer too) lets Gemma3CausalLM.from_preset load
     # the folder: without preprocessor.json keras-hub looks for an image_converter.json.
@@ -532,7 +533,8 @@ def _write_llama_preset(header, backbone_kwargs, spm_proto, folder: Path):
     try:
         if spm_proto is not None:
             backbone_cls, preprocessor_cls = models.LlamaBackbone, models.LlamaCausalLMPreprocessor
-            tokenizer = models.LlamaTokenizer(proto=spm_proto)
+            with tokenizer_logs_quiet():
+                tokenizer = models.LlamaTokenizer(proto=spm_proto)
         else:
             backbone_cls, preprocessor_cls = models.Llama3Backbone, models.Llama3CausalLMPreprocessor
             tokens = list(_metadata(header, "tokenizer.ggml.tokens"))
@@ -547,7 +549,7 @@ def _write_llama_preset(header, backbone_kwargs, spm_proto, folder: Path):
         raise KerasftError(f"{header.path}: the vocabulary does not fit keras-hub's Llama tokenizer: {error}") from error
     backbone = backbone_cls(**backbone_kwargs)
     _assign_llama_weights(backbone, header)
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     backbone.save_to_preset(str(folder))
     # keras-hub 0.32's LlamaBackbone.get_config leaves tie_word_embeddings out: without it a tied
     # preset reloads untied and fails on the missing output matrix.

@@ -11,7 +11,6 @@ names (downloaded by keras-hub; offline they fail with a one-line message saying
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import json
@@ -28,7 +27,7 @@ from kerasft.models.families import model_family
 from kerasft.models.lora import load_adapter, read_adapter_config
 from kerasft.models.quant import quantize_backbone
 from kerasft.paths import RunDir
-from kerasft.runtime import init_backend, stderr_closed
+from kerasft.runtime import init_backend, tokenizer_logs_quiet
 
 EMBEDDED = "embedded"
 
@@ -119,11 +118,11 @@ def load_model(cfg) -> LoadedModel:
             backbone = keras_hub.models.LlamaBackbone.from_config(config)
             backbone.set_weights(converted.get_weights())
             del converted
-            with _sentencepiece_quiet():
+            with tokenizer_logs_quiet():
                 tokenizer = keras_hub.models.LlamaTokenizer(proto=str(Path(path) / "tokenizer.model"))
         else:
             backbone = keras_hub.models.Backbone.from_preset(path, dtype=cfg.dtype, **extra)
-            with _sentencepiece_quiet():
+            with tokenizer_logs_quiet():
                 tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
     except KerasftError:
         raise
@@ -196,19 +195,11 @@ def load_tokenizer(cfg):
     import keras_hub
 
     try:
-        with _sentencepiece_quiet():
+        with tokenizer_logs_quiet():
             return keras_hub.tokenizers.Tokenizer.from_preset(path)
     except Exception as err:  # keras-hub raises many types; the user needs one line
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise KerasftError(f"{cfg.preset}: no tokenizer kerasft can read ({first_line})") from err
-
-
-def _sentencepiece_quiet():
-    """SentencePiece's C++ logs `normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty` to
-    stderr for every Gemma tokenizer it builds (an identity normaliser is what Gemma uses); its
-    log level cannot be set from Python for TensorFlow Text's copy, so stderr is closed while a
-    tokenizer is built. TF_CPP_MIN_LOG_LEVEL=0 keeps it open, as for TensorFlow's own start-up lines."""
-    return stderr_closed() if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0" else contextlib.nullcontext()
 
 
 def _check_reachable(preset: str) -> None:

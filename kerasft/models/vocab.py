@@ -35,7 +35,7 @@ from kerasft.errors import KerasftError
 from kerasft.models.families import model_family
 from kerasft.models.presets import cache_dir, load_tokenizer, resolve_preset
 from kerasft.paths import staged_dir
-from kerasft.runtime import init_backend
+from kerasft.runtime import init_backend, tokenizer_logs_quiet
 
 SPACE = "\u2581"  # SentencePiece's escaped space
 VOCAB_FILE = "kerasft_vocab.json"  # written into a preset by add_words: which rows are new
@@ -294,7 +294,8 @@ def add_words(src: str, words_file, out_dir, *, init: str = "mean", piece_type: 
 
     try:
         backbone = keras_hub.models.Backbone.from_preset(path, dtype="float32")
-        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
+        with tokenizer_logs_quiet():
+            tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
     except Exception as err:  # keras-hub raises many types; one line for the user
         raise KerasftError(f"{src}: could not load model: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
     family = model_family(backbone)
