@@ -3,14 +3,16 @@
     .venv/bin/python scripts/bench.py [--workloads qa,pretrain] [--steps 8] [--json bench.json]
     .venv/bin/python scripts/bench.py --smoke        # tiny random model, seconds: what CI runs
 
-Workloads on the embedded Gemma 3 270M (f32), LoRA r=8 alpha=16 on query and value, batch 2, sequence 256:
+Workloads on the embedded Gemma 3 270M (f32), LoRA r=8 alpha=16 on query and value plus the embedding rows of
+the turn tokens (<start_of_turn>, <end_of_turn>: what `kerasft train` trains by default), batch 2, sequence 256:
   qa        SFT on the shipped Spanish QA set: loss on the answer tokens only
   pretrain  continued pretraining on the set's passages: loss on every token
 
 Each framework trains in its own subprocess on the same batches (same token ids, padding and loss
-positions), so peak RSS is per framework. kerasft runs the trainer's own jitted step
-(kerasft.train.loop.make_train_step); the peer is transformers' model(..., labels=...) with a PEFT
-LoRA on q_proj/v_proj and torch AdamW, on our Hugging Face export of the same weights. Reported:
+positions), so peak RSS is per framework. kerasft runs the step the trainer runs, built the same way
+(kerasft.train.loop.build_step); the peer is transformers' model(..., labels=...) with a PEFT LoRA on
+q_proj/v_proj plus the same token rows (trainable_token_indices) and torch AdamW, on our Hugging Face
+export of the same weights. Reported:
 real (non-padding) tokens/s and median step time after warm-up, peak RSS, achieved FLOP/s (the step's
 matrix products counted from the architecture, see step_products, / median step time) against an f32
 matmul peak measured in the same run,
@@ -34,6 +36,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+# Below the sys.path and KERAS_BACKEND lines: the script runs from a checkout. None of these imports
+# jax, keras or torch at its top: the peer worker's peak RSS must be its own (the kerasft worker
+# imports the trainer, which brings jax, itself).
+from kerasft.config import LoraConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
+from kerasft.data.pipeline import (  # noqa: E402
+    batch_width, epoch_batches, make_batch, tokenize_documents, tokenize_examples)
+from kerasft.data.prepare import build_datasets  # noqa: E402
+from kerasft.data.records import Example  # noqa: E402
+from kerasft.data.template import chat_tokens, resolve_template  # noqa: E402
+from kerasft.evaluate.evaluator import system_metrics  # noqa: E402
+from kerasft.evaluate.generate import KerasModel  # noqa: E402
+from kerasft.export.hf import export_hf  # noqa: E402
+from kerasft.models.families import trainable_turn_tokens  # noqa: E402
+from kerasft.models.lora import apply_lora, token_ids_for  # noqa: E402
+from kerasft.models.presets import load_model, load_tokenizer  # noqa: E402
+from kerasft.testing import build_tiny_preset  # noqa: E402
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,8 +73,6 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="kerasft-bench-"))
     if args.smoke:
-        from kerasft.testing import build_tiny_preset
-
         args.preset = str(build_tiny_preset("gemma3", work / "tiny"))
         args.steps, args.seq, args.workloads = 2, 512, "qa"  # the tiny vocabulary needs long rows
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -64,7 +81,7 @@ def main() -> int:
     results = {"preset": args.preset, "batch": args.batch, "sequence_length": args.seq, "lora_rank": args.rank,
                "steps": args.steps, "cpu_count": os.cpu_count(), "matmul_peak_flops": peak, "workloads": {}}
     for workload in workloads:
-        _write_batches(args, workload, work / workload)
+        write_batches(args, workload, work / workload)
     if not args.no_peer:
         _run_worker("export", args, work)
     for workload in workloads:
@@ -149,19 +166,19 @@ def matmul_seconds(m: int, k: int, n: int, repeats: int = 10) -> float:
     return best
 
 
-def _write_batches(args, workload: str, folder: Path) -> None:
-    """Tokenises the workload once and saves its batches, so both frameworks see the same ids."""
+def turn_token_pieces(tokens) -> tuple[str, ...]:
+    """The turn tokens `kerasft train` trains the embedding rows of by default, for this vocabulary."""
+    return trainable_turn_tokens(LoraConfig.trainable_tokens, resolve_template("auto", tokens))
+
+
+def write_batches(args, workload: str, folder: Path) -> None:
+    """Tokenises the workload once and saves its batches (make_batch's, all one width: no
+    recompiles) and the trained token rows, so both frameworks see the same ids."""
     import numpy as np
 
-    from kerasft.config import ModelConfig, load_config
-    from kerasft.models.presets import load_tokenizer
-    from kerasft.data.pipeline import epoch_batches, make_batch, tokenize_documents, tokenize_examples
-    from kerasft.data.prepare import build_datasets
-    from kerasft.data.records import Example
-    from kerasft.data.template import chat_tokens
-
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    tokens = chat_tokens(load_tokenizer(ModelConfig(preset=args.preset)))
+    tokenizer = load_tokenizer(ModelConfig(preset=args.preset))
+    tokens = chat_tokens(tokenizer)
     examples = build_datasets(cfg.data, need_eval=False).train
     if workload == "qa":
         data = tokenize_examples(tokens, examples, args.seq)
@@ -169,20 +186,14 @@ def _write_batches(args, workload: str, folder: Path) -> None:
         passages = list(dict.fromkeys(ex.context for ex in examples))
         data = tokenize_documents(tokens, [Example(str(i), "", p) for i, p in enumerate(passages)], args.seq)
     order = [i for epoch in range(4) for i in epoch_batches(data, args.batch, 0, epoch)]
-    needed = args.steps + 2  # warm-up steps first
-    batches = [make_batch(data, order[i % len(order)], args.seq, data.num_targets, tokens.pad) for i in range(needed)]
+    chosen = [order[i % len(order)] for i in range(args.steps + 2)]  # warm-up steps first
+    width = max(batch_width(data, indices) for indices in chosen)
+    num_targets = data.num_targets
+    batches = [make_batch(data, indices, num_targets, tokens.pad, width=width) for indices in chosen]
     folder.mkdir(parents=True, exist_ok=True)
-    width = max(b["token_ids"].shape[1] for b in batches)  # one shape for both frameworks: no recompiles
-    arrays = {}
-    for key in batches[0]:
-        stacked = []
-        for b in batches:
-            value = b[key]
-            if key in ("token_ids", "padding_mask") and value.shape[1] < width:
-                value = np.pad(value, ((0, 0), (0, width - value.shape[1])))
-            stacked.append(value)
-        arrays[key] = np.stack(stacked)
-    np.savez(folder / "batches.npz", **arrays)
+    np.savez(folder / "batches.npz", **{key: np.stack([b[key] for b in batches]) for key in batches[0]})
+    token_rows = token_ids_for(tokenizer, turn_token_pieces(tokens))
+    (folder / "token_rows.json").write_text(json.dumps(token_rows))
 
 
 def _run_worker(kind: str, args, folder: Path) -> dict:
@@ -203,22 +214,31 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _load(args):
-    from kerasft.config import LoraConfig, ModelConfig
-    from kerasft.models.lora import apply_lora
-    from kerasft.models.presets import load_model
-
+def load_lora_model(args):
+    """The preset with fresh LoRA adapters (B = 0) of rank --rank, alpha 2 x rank, on query and value."""
     loaded = load_model(ModelConfig(preset=args.preset))
-    apply_lora(loaded.backbone, LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("query", "value"),
-                                           trainable_tokens=()))
+    apply_lora(loaded.backbone, LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("query", "value")))
     return loaded
+
+
+def bench_step(backbone, work: Path, steps: int):
+    """The training step of `kerasft train` for the saved batches (learning rate 2e-4, the
+    trainer's other defaults, the turn-token rows trained), its first state, and the batches."""
+    import numpy as np
+
+    from kerasft.train.loop import TrainSpec, build_step  # brings jax: see the imports at the top
+
+    arrays = dict(np.load(work / "batches.npz"))
+    token_rows = json.loads((work / "token_rows.json").read_text())
+    spec = TrainSpec(TrainConfig(learning_rate=2e-4), token_rows=tuple(token_rows))
+    train_step = build_step(backbone, spec, steps)
+    batches = [{key: value[i] for key, value in arrays.items()} for i in range(arrays["token_ids"].shape[0])]
+    return train_step, train_step.state(backbone), batches
 
 
 def _export_worker(args) -> int:
     """Our HF export of the base weights (LoRA B = 0 merges to the base), for the peer."""
-    from kerasft.export.hf import export_hf
-
-    loaded = _load(args)
+    loaded = load_lora_model(args)
     export_hf(loaded.backbone, loaded.tokenizer, Path(args.work) / "hf", overwrite=True)
     print(json.dumps({"ok": True}))
     return 0
@@ -228,25 +248,17 @@ def _kerasft_worker(args) -> int:
     import jax
     import numpy as np
 
-    from kerasft.config import TrainConfig
-    from kerasft.evaluate.evaluator import system_metrics
-    from kerasft.evaluate.generate import KerasModel
-    from kerasft.train.loop import make_optimizer, make_train_step
+    from kerasft.train.loss import FUSED_ABOVE, LOSS_CHUNK  # brings jax: see the imports at the top
 
-    loaded = _load(args)
+    loaded = load_lora_model(args)
     backbone = loaded.backbone
     rss_loaded = _rss_mib()
     arrays = dict(np.load(Path(args.work) / "batches.npz"))
     count = arrays["token_ids"].shape[0]
-    optimizer, _ = make_optimizer(TrainConfig(learning_rate=2e-4), count)
-    step = make_train_step(backbone, optimizer, None)
-    trainable = {"lora": [v.value for v in backbone.trainable_variables], "token_delta": None}
-    non_trainable = [v.value for v in backbone.non_trainable_variables]
-    opt_state = optimizer.init(trainable)
-    batch0 = {k: v[0] for k, v in arrays.items()}
-    xla_flops = step.lower(trainable, opt_state, non_trainable, batch0).compile().cost_analysis()
+    train_step, (trainable, opt_state, non_trainable), batches = bench_step(backbone, Path(args.work), count)
+    batch0 = batches[0]
+    xla_flops = train_step.fn.lower(trainable, opt_state, non_trainable, batch0).compile().cost_analysis()
     xla_flops = (xla_flops[0] if isinstance(xla_flops, (list, tuple)) else xla_flops).get("flops", 0.0)
-    from kerasft.train.loop import FUSED_ABOVE, LOSS_CHUNK
 
     batch_size, seq = batch0["token_ids"].shape
     targets = batch0["target_positions"].size
@@ -254,10 +266,9 @@ def _kerasft_worker(args) -> int:
     flops = sum(2.0 * m * k * n * times for _, (m, k, n), times in
                 step_products(backbone_dims(backbone), batch_size, seq, targets, chunk))
     times, real = [], []
-    for i in range(count):
-        batch = {k: v[i] for k, v in arrays.items()}
+    for i, batch in enumerate(batches):
         start = time.perf_counter()
-        trainable, opt_state, stats = step(trainable, opt_state, non_trainable, batch)
+        trainable, opt_state, stats = train_step.fn(trainable, opt_state, non_trainable, batch, *train_step.rng(i))
         jax.block_until_ready(stats["loss"])
         if i == 0:
             first_loss = float(stats["loss"])
@@ -277,7 +288,7 @@ def _kerasft_worker(args) -> int:
         "peak_rss_mib": _peak_rss_mib(),
     }
     for variable, value in zip(backbone.trainable_variables, trainable["lora"]):
-        variable.assign(value)  # the step donated the adapters' first buffers
+        variable.assign(value)  # the step donated the adapters' first buffers (the token rows stay base)
     # Generation: prefill and decode rates on a few prompts of the batches (greedy, 32 new tokens).
     model = KerasModel(backbone, loaded.tokenizer)
     prompts = []
@@ -296,14 +307,17 @@ def _kerasft_worker(args) -> int:
 def _peer_worker(args) -> int:
     import numpy as np
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = AutoModelForCausalLM.from_pretrained(Path(args.work).parent / "hf", torch_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                             target_modules=["q_proj", "v_proj"], bias="none"))
+    token_rows = json.loads((Path(args.work) / "token_rows.json").read_text())
+    model = get_peft_model(model, PeftLoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"], bias="none",
+                                                 trainable_token_indices=token_rows))
     model.train()
     rss_loaded = _rss_mib()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)

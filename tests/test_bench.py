@@ -35,7 +35,7 @@ def test_profile_step_splits_a_traced_step_by_operation_kind(tmp_path):
 
     preset = build_tiny_preset("gemma3", tmp_path / "tiny")
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--preset", str(preset),
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "experiments" / "profile_step.py"), "--preset", str(preset),
                            "--workload", "qa", "--seq", "512", "--steps", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -47,7 +47,7 @@ def test_profile_step_splits_a_traced_step_by_operation_kind(tmp_path):
 
 
 def test_operation_kinds():
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts" / "experiments"))
     from profile_step import kind_of, summarize
 
     assert [kind_of(n) for n in ("dot.12", "ynn_fusion.3", "loop_fusion.7", "copy.2", "transpose.1", "while.4")] == \

@@ -109,7 +109,7 @@ def test_loss_weights_cover_response_and_end_of_turn_only(tokens):
     assert weights[:prompt_len].sum() == 0
     assert weights[prompt_len:].all()
     assert tokens.decode(ids[prompt_len:-1]) == "Zaragoza" and ids[-1] == tokens.end_of_turn
-    batch = make_batch(data, [0], 256, data.num_targets)
+    batch = make_batch(data, [0], data.num_targets)
     n = int(weights.sum())
     # position p predicts token p + 1: the targets are exactly the weighted tokens
     assert np.array_equal(batch["target_ids"][0, :n], ids[prompt_len:])

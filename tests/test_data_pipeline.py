@@ -23,6 +23,7 @@ from kerasft.data.pipeline import (
 )
 from kerasft.data.records import Example
 from kerasft.data.template import chat_tokens, encode_prompt, render_chat
+from kerasft.errors import KerasftError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +122,7 @@ def test_pretrain_documents_weight_every_token_but_row_starts_and_bos(tokens):
         assert all(w == (0 if (i == 0 or t == tokens.bos) else 1) for i, (t, w) in enumerate(zip(ids, weights)))
     total = sum(len(tokens.encode(d.response)) + 2 for d in docs)
     assert int(data.lengths.sum()) == total
-    batch = make_batch(data, [0, 1], 32, data.num_targets)
+    batch = make_batch(data, [0, 1], data.num_targets)
     assert (batch["target_positions"] >= 0).all()
 
 
@@ -255,3 +256,24 @@ def test_exported_chat_template_renders_like_training(template, tiny_spm):
     full = hf_tok.apply_chat_template(messages + [{"role": "assistant", "content": "El de Piedra."}], tokenize=False)
     expected = render_chat("¿Y el puente?", "El de Piedra.", system="Guía.", history=history, template=template)
     assert full == expected
+
+
+def test_batches_pad_to_the_bucket_grid_within_the_sets_sequence_length(tokens, tmp_path):
+    """make_batch needs no sequence_length from its caller: the set knows its own (kept in the
+    cache too), and a caller may ask for one fixed width instead."""
+    rows = [([5] * n, [0] * (n - 1) + [1]) for n in (10, 70, 90)]
+    data = TokenizedSet.from_rows(rows, sequence_length=100)
+    assert make_batch(data, [0], data.num_targets)["token_ids"].shape == (1, 64)
+    assert make_batch(data, [0, 1], data.num_targets)["token_ids"].shape == (2, 100)  # 128 capped at 100
+    fixed = make_batch(data, [0], data.num_targets, pad_id=3, width=100)
+    assert fixed["token_ids"].shape == (1, 100) and (fixed["token_ids"][0, 10:] == 3).all()
+    assert fixed["padding_mask"][0].sum() == 10
+    with pytest.raises(KerasftError, match="a row of 90 tokens does not fit a batch 64 wide"):
+        make_batch(data, [2], data.num_targets, width=64)
+
+    cfg = DataConfig(sequence_length=72)
+    examples = [Example(str(i), f"p {i}", f"r {i}") for i in range(3)]
+    made, _ = tokenize_cached(tokens, examples, cfg, tmp_path)
+    cached, hit = tokenize_cached(tokens, examples, cfg, tmp_path)
+    assert hit and made.sequence_length == cached.sequence_length == 72
+    assert tokenize_documents(tokens, examples, sequence_length=40).sequence_length == 40

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kerasft.train.loop import fused_weighted_nll, token_nll
+from kerasft.train.loss import fused_weighted_nll, token_nll
 
 
 def _reference(hidden, table, ids, weights, soft_cap, rows=None, delta=None):

@@ -150,7 +150,7 @@ def _tiny_step_inputs(tiny_preset, lora_cfg, remat="none"):
 def test_remat_same_loss_and_grads_smaller_plan(tiny_preset):
     import jax
 
-    from kerasft.train.loop import make_loss_fn
+    from kerasft.train.loss import make_loss_fn
     from kerasft.train.plan import plan_step
 
     results = {}
@@ -174,7 +174,8 @@ def test_lora_dropout_in_training_only(tiny_preset):
     import jax
 
     from kerasft.export.hf import hf_state_dict
-    from kerasft.train.loop import dropout_key, make_loss_fn
+    from kerasft.train.loop import dropout_key
+    from kerasft.train.loss import make_loss_fn
 
     lora_cfg = LoraConfig(targets=("query", "value", "ffw_linear"), dropout=0.5)
     backbone, params, frozen, batch = _tiny_step_inputs(tiny_preset, lora_cfg)

@@ -31,19 +31,22 @@ from kerasft.errors import KerasftError
 LENGTH_BUCKET = 64  # sequence lengths are padded to a multiple of this: few shapes, few compiles
 TARGET_BUCKET = 16
 SORT_WINDOW = 32  # length-grouped batching sorts within windows of this many batches
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: info.json records sequence_length
 
 
 @dataclass
 class TokenizedSet:
     """Token ids and 0/1 loss weights of each row, stored flat; plus what was trimmed or dropped.
 
-    A row is one example, or several packed ones (packing, task=pretrain).
+    A row is one example, or several packed ones (packing, task=pretrain). `sequence_length` is
+    the longest a row may be (data.sequence_length when tokenised): the widest a batch is padded
+    to; 0 means no limit beyond the rows' own lengths.
     """
 
     tokens: np.ndarray  # int32, all rows concatenated
     loss_mask: np.ndarray  # uint8, same length
     offsets: np.ndarray  # int64, len(rows) + 1
+    sequence_length: int = 0
     trimmed: int = 0
     dropped: int = 0
     dropped_origins: list[str] = field(default_factory=list)
@@ -93,7 +96,8 @@ class TokenizedSet:
                 array.flush()  # streamed straight into this folder already
                 continue
             np.save(tmp / f"{name}.npy", array)
-        info = {"trimmed": self.trimmed, "dropped": self.dropped, "dropped_origins": self.dropped_origins}
+        info = {"sequence_length": self.sequence_length, "trimmed": self.trimmed, "dropped": self.dropped,
+                "dropped_origins": self.dropped_origins}
         (tmp / "info.json").write_text(json.dumps(info))
         try:
             tmp.rename(folder)
@@ -158,7 +162,8 @@ def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_leng
         raise KerasftError(f"no example fits in sequence_length={sequence_length}; raise data.sequence_length")
     if packing:
         rows = pack_rows(rows, sequence_length)
-    return TokenizedSet.from_rows(rows, trimmed=trimmed, dropped=len(dropped), dropped_origins=dropped)
+    return TokenizedSet.from_rows(rows, sequence_length=sequence_length, trimmed=trimmed, dropped=len(dropped),
+                                  dropped_origins=dropped)
 
 
 def tokenize_documents(tokens: ChatTokens, documents, sequence_length: int, folder: Path | None = None,
@@ -195,7 +200,7 @@ def tokenize_documents(tokens: ChatTokens, documents, sequence_length: int, fold
         hi = min(total, lo + (1 << 22))
         mask[lo:hi] = stream[lo:hi] != tokens.bos
     mask[starts] = 0
-    return TokenizedSet(stream[:total], mask, offsets)
+    return TokenizedSet(stream[:total], mask, offsets, sequence_length=sequence_length)
 
 
 class _TokenSink:
@@ -361,19 +366,34 @@ def _trim_context(tokens: ChatTokens, ex: Example, system: str, template: str, b
 
 
 def padded_length(length: int, sequence_length: int) -> int:
-    """Rounds a length up to the bucket grid, capped at sequence_length."""
-    return min(int(math.ceil(length / LENGTH_BUCKET) * LENGTH_BUCKET), sequence_length)
+    """Rounds a length up to the bucket grid, capped at sequence_length (0: no cap)."""
+    bucketed = int(math.ceil(length / LENGTH_BUCKET) * LENGTH_BUCKET)
+    return min(bucketed, sequence_length) if sequence_length else bucketed
 
 
-def make_batch(data: TokenizedSet, indices, sequence_length: int, num_targets: int, pad_id: int = 0) -> dict:
-    """Pads the chosen rows into one batch.
+def batch_width(data: TokenizedSet, indices) -> int:
+    """The width make_batch pads these rows to by default: their longest, rounded up to the
+    LENGTH_BUCKET grid (few shapes, few compiles), capped at data.sequence_length."""
+    return padded_length(int(np.max(data.lengths[np.asarray(indices)])), data.sequence_length)
 
-    Returns numpy arrays: token_ids and padding_mask (B, S); target_positions, target_ids and
-    target_weights (B, K), where position p predicts target_ids at token p + 1.
+
+def make_batch(data: TokenizedSet, indices, num_targets: int, pad_id: int = 0, width: int | None = None) -> dict:
+    """Pads the chosen rows into one batch: the training step's input.
+
+    Args:
+        num_targets: K, the loss positions a row (data.num_targets: compute it once per set).
+        width: S, the padded width; default batch_width(data, indices). A fixed width gives every
+            batch one shape (the validation batches: one compile).
+
+    Returns numpy arrays: token_ids (int32) and padding_mask (bool) (B, S); target_positions,
+    target_ids (int32) and target_weights (float32) (B, K), where position p predicts
+    target_ids at token p + 1.
     """
     rows_ids, rows_weights = data.ids, data.weights
     rows = [rows_ids[i] for i in indices]
-    width = padded_length(max(len(r) for r in rows), sequence_length)
+    width = batch_width(data, indices) if width is None else width
+    if max(len(r) for r in rows) > width:
+        raise KerasftError(f"a row of {max(len(r) for r in rows)} tokens does not fit a batch {width} wide")
     batch = len(rows)
     token_ids = np.full((batch, width), pad_id, dtype=np.int32)
     padding_mask = np.zeros((batch, width), dtype=bool)

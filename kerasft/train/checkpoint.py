@@ -16,8 +16,6 @@ from pathlib import Path
 
 from kerasft.errors import KerasftError
 
-CHECKPOINT_DIR = "checkpoints"
-
 
 @dataclass(frozen=True)
 class Position:

@@ -1,22 +1,52 @@
 """LoRA supervised fine-tuning: one pure, jitted step (stateless backbone call, response-only
 logits, optax AdamW) and the loop that feeds it.
 
-The step computes the vocabulary projection only at weighted positions and normalises the loss
-by the sum of weights (keras' weighted losses divide by all positions instead).
+build_step makes the step that train() runs; the memory plan (kerasft.train.plan) and the
+benchmarks (scripts/bench.py, scripts/experiments/profile_step.py) build theirs with it too, so
+what is planned and measured is what runs. The loss is kerasft.train.loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from kerasft.data.pipeline import TokenizedSet, epoch_batches, make_batch
+from kerasft.config import RunConfig, TrainConfig
+from kerasft.data.pipeline import TokenizedSet, batch_width, epoch_batches, make_batch
+from kerasft.errors import KerasftError
+from kerasft.paths import RunDir
+from kerasft.runtime import batch_shards, is_primary, place_batch
+from kerasft.train.checkpoint import Checkpointer, Position
+from kerasft.train.logs import RunLog, drop_records_after, read_metrics, write_plots
+from kerasft.train.loss import make_loss_fn
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """train()'s slice of a run: the train section, and the three things the step needs from
+    elsewhere: lora.dropout, the token ids whose embedding rows train with the adapters (the
+    turn tokens; see kerasft.train.loss.make_loss_fn), and the tokenizer's padding id."""
+
+    train: TrainConfig
+    dropout: float = 0.0
+    token_rows: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    @classmethod
+    def of(cls, cfg: RunConfig, token_rows=(), pad_id: int = 0) -> "TrainSpec":
+        """The spec of a run config, with the token rows and padding id its tokenizer gives."""
+        return cls(cfg.train, cfg.lora.dropout, tuple(int(t) for t in token_rows), int(pad_id))
 
 
 @dataclass
@@ -30,146 +60,10 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def make_loss_fn(backbone, token_rows=None, dropout: float = 0.0):
-    """Builds loss(params, non_trainable, batch, rng=None) -> (loss, weight_sum) for a Gemma backbone.
-
-    params is {"lora": the backbone's trainable variables (the adapters), "token_delta": a
-    (len(token_rows), hidden) update to those embedding rows, or None}. The rows feed both the
-    input embedding and the tied output head, so the model can learn its chat tokens: in a
-    pretrained Gemma, <end_of_turn> sits among thousands of untrained rows (<unusedNN> and
-    the like) and LoRA alone ends answers with one of them instead. An untied head (Llama 2,
-    TinyLlama: keras-hub's `reverse_embeddings`) is used as it is; the rows then train the
-    input embedding only.
-
-    With `dropout` > 0 and an `rng` key, the LoRA branches see their input through dropout
-    (lora.dropout); without a key (evaluation) there is none.
-    """
-    import jax.numpy as jnp
-
-    from kerasft.models.families import output_head
-    from kerasft.models.lora import lora_dropout
-
-    embedding = backbone.token_embedding
-    soft_cap = getattr(embedding, "logit_soft_cap", None)
-    non_trainable_ids = [id(v) for v in backbone.non_trainable_variables]
-    if id(embedding.embeddings) not in non_trainable_ids:
-        raise ValueError("the embedding table must be frozen: only LoRA adapters and token rows are trained")
-    table_index = non_trainable_ids.index(id(embedding.embeddings))
-    head_index = non_trainable_ids.index(id(output_head(backbone)))  # table_index when tied
-    rows = None if token_rows is None else jnp.asarray(token_rows, dtype=jnp.int32)
-
-    def loss_fn(params, non_trainable, batch, rng=None):
-        table = non_trainable_table = non_trainable[table_index]
-        if rows is not None:
-            table = table.at[rows].add(params["token_delta"].astype(table.dtype))
-            non_trainable = [*non_trainable[:table_index], table, *non_trainable[table_index + 1 :]]
-        with lora_dropout(backbone, dropout if rng is not None else 0.0, rng):
-            hidden, _ = backbone.stateless_call(
-                params["lora"],
-                non_trainable,
-                {"token_ids": batch["token_ids"], "padding_mask": batch["padding_mask"]},
-            )
-        if head_index != table_index:  # untied: (hidden, vocabulary), no trained rows
-            table = non_trainable_table = non_trainable[head_index].T
-        # Only the K response positions go through the 262k-entry vocabulary projection.
-        picked = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)
-        weights = batch["target_weights"]
-        weight_sum = jnp.sum(weights)
-        if picked.shape[0] * picked.shape[1] > FUSED_ABOVE:  # full-sequence loss: fused, chunked head
-            tied_rows = rows if head_index == table_index else None
-            delta = params["token_delta"] if tied_rows is not None else None
-            total = fused_weighted_nll(picked, non_trainable_table, batch["target_ids"], weights, soft_cap, tied_rows, delta)
-        else:
-            total = jnp.sum(token_nll(picked, table, batch["target_ids"], soft_cap) * weights)
-        return total / jnp.maximum(weight_sum, 1.0), weight_sum
-
-    return loss_fn
-
-
-LOSS_CHUNK = 128  # target positions per vocabulary-projection chunk (128 x 262k f32 logits: 134 MB)
-FUSED_ABOVE = 256  # more target positions per batch than this (full-sequence losses) take the fused path
-
-
-def token_nll(hidden, table, target_ids, soft_cap=None):
-    """-log p(target) at each (B, K) position of `hidden` under the tied head `table`, in one
-    matmul: for the few response positions of SFT."""
-    import jax
-    import jax.numpy as jnp
-
-    logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype)).astype(jnp.float32)
-    if soft_cap:
-        logits = jnp.tanh(logits / soft_cap) * soft_cap
-    target = jnp.take_along_axis(logits, target_ids[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target
-
-
-def fused_weighted_nll(hidden, table, target_ids, weights, soft_cap=None, rows=None, delta=None, chunk=LOSS_CHUNK):
-    """sum(weights * -log p(target)) over (B, K) positions, for full-sequence losses.
-
-    The vocabulary projection runs in chunks of `chunk` positions, and each chunk's gradient
-    with respect to the hidden states (and the trained embedding rows) is computed right there
-    in the forward pass, from the softmax it already has: no pass ever holds more than
-    chunk x vocabulary logits, and none is recomputed. `table` gets no gradient (it is the frozen
-    embedding); `delta` is the trained update of the embedding rows `rows`, whose logits columns
-    it shifts.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    batch, positions, width = hidden.shape
-    total = batch * positions
-    pad = -total % chunk
-
-    def chunks(x, fill=0):
-        x = x.reshape(total, *x.shape[2:])
-        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill).reshape(-1, chunk, *x.shape[1:])
-
-    xs, ids, ws = chunks(hidden), chunks(target_ids), chunks(weights.astype(jnp.float32))
-    has_rows = rows is not None
-    d0 = delta.astype(jnp.float32) if has_rows else jnp.zeros((0, width), jnp.float32)
-
-    def forward(x_chunks, d):
-        head = table.astype(jnp.float32)
-
-        def body(carry, inputs):
-            loss, d_grad = carry
-            x, i, w = inputs
-            x = x.astype(jnp.float32)
-            z = x @ head.T
-            if has_rows:
-                z = z.at[:, rows].add(x @ d.T)
-            capped = jnp.tanh(z / soft_cap) if soft_cap else None
-            logits = capped * soft_cap if soft_cap else z
-            lse = jax.nn.logsumexp(logits, axis=-1)
-            nll = lse - jnp.take_along_axis(logits, i[:, None], axis=-1)[:, 0]
-            g = jnp.exp(logits - lse[:, None]).at[jnp.arange(chunk), i].add(-1.0) * w[:, None]
-            if soft_cap:
-                g = g * (1.0 - capped * capped)
-            x_grad = g @ head
-            if has_rows:
-                x_grad = x_grad + g[:, rows] @ d
-                d_grad = d_grad + g[:, rows].T @ x
-            return (loss + jnp.sum(nll * w), d_grad), x_grad
-
-        (loss, d_grad), x_grad = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros_like(d)), (x_chunks, ids, ws))
-        return loss, (x_grad, d_grad)
-
-    @jax.custom_vjp
-    def weighted_sum(x_chunks, d):
-        return forward(x_chunks, d)[0]
-
-    def backward(residuals, cotangent):
-        x_grad, d_grad = residuals
-        return (x_grad * cotangent).astype(hidden.dtype), d_grad * cotangent
-
-    weighted_sum.defvjp(forward, backward)
-    return weighted_sum(xs.astype(hidden.dtype), d0)
-
-
-def make_optimizer(cfg, total_steps: int):
-    """AdamW with linear warmup, cosine decay to zero, global-norm clipping, accumulation."""
-    import optax
-
+def make_optimizer(cfg: TrainConfig, total_steps: int):
+    """AdamW with linear warmup, cosine decay to zero, global-norm clipping (train.max_grad_norm;
+    0: none), and gradient accumulation over train.grad_accum micro-batches (optax.MultiSteps
+    averages their gradients: see accumulation_batches for why that is the whole batch's)."""
     warmup = int(round(cfg.warmup_ratio * total_steps))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -178,10 +72,8 @@ def make_optimizer(cfg, total_steps: int):
         decay_steps=max(total_steps, warmup + 1),
         end_value=0.0,
     )
-    chain = optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
-    )
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+    chain = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
     if cfg.grad_accum > 1:
         chain = optax.MultiSteps(chain, every_k_schedule=cfg.grad_accum)
     return chain, schedule
@@ -189,18 +81,23 @@ def make_optimizer(cfg, total_steps: int):
 
 def make_train_step(backbone, optimizer, token_rows=None, dropout: float = 0.0):
     """The jitted update: (params, opt_state, non_trainable, batch[, rng]) -> new state and stats.
-    With lora `dropout` > 0 it takes a fifth argument, the step's PRNG key (dropout_key)."""
-    import jax
-    import optax
+    With lora `dropout` > 0 it takes a fifth argument, the step's PRNG key (dropout_key).
 
+    stats["grad_norm"] is the global norm of the gradient the optimizer steps with: under
+    gradient accumulation, the mean over the micro-batches so far (optax.MultiSteps' running
+    mean), which at the last micro-batch is the whole step's gradient."""
     loss_fn = make_loss_fn(backbone, token_rows, dropout)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable, opt_state, non_trainable, batch, *rng):
         (loss, weight_sum), grads = grad_fn(trainable, non_trainable, batch, *rng)
+        seen = grads
+        if isinstance(opt_state, optax.MultiStepsState):
+            done = opt_state.mini_step
+            seen = jax.tree.map(lambda g, acc: acc + (g - acc) / (done + 1), grads, opt_state.acc_grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": weight_sum}
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(seen), "targets": weight_sum}
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -208,8 +105,6 @@ def make_train_step(backbone, optimizer, token_rows=None, dropout: float = 0.0):
 def make_eval_step(backbone, token_rows=None):
     """The jitted evaluation: (params, non_trainable, batch) -> (sum of weighted NLL, sum of
     weights); the training loss without gradient or dropout."""
-    import jax
-
     loss_fn = make_loss_fn(backbone, token_rows)
 
     def evaluate(trainable, non_trainable, batch):
@@ -222,22 +117,87 @@ def make_eval_step(backbone, token_rows=None):
 def dropout_key(seed: int, micro_step: int):
     """The LoRA-dropout PRNG key of a micro-step: a pure function of (train.seed, step), so a
     resumed run draws the same masks."""
-    import jax
-
     return jax.random.fold_in(jax.random.PRNGKey(seed), micro_step)
 
 
 def apply_remat(backbone, mode: str) -> None:
     """train.remat: `full` recomputes each decoder block's activations in the backward pass
     (keras' RematScope mode "full", i.e. jax.checkpoint, on every transformer layer)."""
-    import keras
+    import keras  # not at the top: keras must be imported after runtime.init_backend picks JAX
 
     scope = keras.RematScope(mode="full") if mode == "full" else None
     for block in backbone.transformer_layers:
         block._remat_mode = scope
 
 
-def planned_steps(num_examples: int, cfg) -> int:
+@dataclass(frozen=True)
+class TrainStep:
+    """The training step of a backbone and spec, with what it is called with. `fn` takes
+    (trainable, opt_state, non_trainable, batch, *rng(micro_step)) and returns the new trainable
+    weights, optimizer state and stats; `batch` is make_batch's dict (accumulation_batches adds
+    the step's loss normaliser under gradient accumulation)."""
+
+    fn: Callable
+    optimizer: optax.GradientTransformation
+    schedule: Callable
+    spec: TrainSpec
+
+    def state(self, backbone, leaf: Callable | None = None) -> tuple:
+        """The step's first (trainable, opt_state, non_trainable): the adapters and the frozen
+        weights, a zero update of the trained token rows, the optimizer's initial state.
+
+        Args:
+            leaf: maps each keras variable to the step's argument; default its value. Given
+                jax.ShapeDtypeStructs (the memory plan), the whole state comes back abstract.
+        """
+        leaf = leaf or (lambda variable: variable.value)
+        lora = [leaf(v) for v in backbone.trainable_variables]
+        non_trainable = [leaf(v) for v in backbone.non_trainable_variables]
+        hidden = backbone.token_embedding.embeddings.shape[1]
+        rows = len(self.spec.token_rows)
+
+        def initial(lora):
+            trainable = {"lora": lora}
+            if rows:
+                trainable["token_delta"] = jnp.zeros((rows, hidden), jnp.float32)
+            return trainable, self.optimizer.init(trainable)
+
+        if lora and all(isinstance(x, jax.ShapeDtypeStruct) for x in lora):
+            trainable, opt_state = jax.eval_shape(initial, lora)
+            trainable["lora"] = lora  # with their shardings
+        else:
+            trainable, opt_state = initial(lora)
+        return trainable, opt_state, non_trainable
+
+    def rng(self, micro_step: int) -> tuple:
+        """The step's trailing arguments at a micro-step: its dropout key when lora.dropout > 0."""
+        return (dropout_key(self.spec.train.seed, micro_step),) if self.spec.dropout > 0 else ()
+
+
+def build_step(backbone, spec: TrainSpec, total_steps: int) -> TrainStep:
+    """The step train() runs for `spec` over a run of `total_steps` optimizer steps (the
+    schedule's length): train.remat applied to the backbone, the optimizer, the jitted update."""
+    apply_remat(backbone, spec.train.remat)
+    optimizer, schedule = make_optimizer(spec.train, total_steps)
+    fn = make_train_step(backbone, optimizer, spec.token_rows or None, spec.dropout)
+    return TrainStep(fn, optimizer, schedule, spec)
+
+
+def accumulation_batches(micro_batches: list[dict]) -> list[dict]:
+    """The micro-batches of one optimizer step, each carrying the step's loss normaliser when
+    there are several: max(sum of the target weights of all of them, 1) / their number, one
+    equal value a row ("loss_normaliser"). optax.MultiSteps averages the micro-batches'
+    gradients, so the step then follows the sum of every weighted NLL over the whole step's
+    weights: the gradient of one batch of all the rows (a per-micro-batch normaliser would
+    weigh a target by how many others share its micro-batch)."""
+    if len(micro_batches) == 1:
+        return micro_batches
+    weight = sum(float(np.sum(b["target_weights"], dtype=np.float64)) for b in micro_batches)
+    value = np.float32(max(weight, 1.0) / len(micro_batches))
+    return [{**b, "loss_normaliser": np.full(len(b["token_ids"]), value, np.float32)} for b in micro_batches]
+
+
+def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
     """Optimizer steps for a run: max_steps when set, otherwise epochs over the data."""
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -245,34 +205,24 @@ def planned_steps(num_examples: int, cfg) -> int:
     return math.ceil(micro * cfg.epochs / cfg.grad_accum)
 
 
-def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str | Path, pad_id: int = 0,
-          token_rows=None, resume: bool = False, *, dropout: float = 0.0, validation: TokenizedSet | None = None,
-          sampler=None, config: dict | None = None, name: str = "run") -> TrainResult:
-    """Trains the LoRA adapters (and the embedding rows of `token_rows`, if given) in place.
+def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *, resume: bool = False,
+          validation: TokenizedSet | None = None, sampler=None, config: dict | None = None,
+          name: str = "run") -> TrainResult:
+    """Trains the LoRA adapters (and the embedding rows of spec.token_rows) in place.
 
     Args:
         backbone: a keras-hub backbone with LoRA enabled.
-        data: tokenised training examples.
-        cfg: kerasft.config.TrainConfig.
-        sequence_length: the longest padded batch width.
+        data: tokenised training examples (batches are padded within data.sequence_length).
+        spec: the train section and what the step needs besides (TrainSpec.of(cfg, ...)).
         run_dir: metrics.jsonl is appended here, one line per optimizer step; checkpoints go to
-            run_dir/checkpoints every cfg.checkpoint_every steps.
-        token_rows: token ids whose embedding rows are trained too (see make_loss_fn).
+            run_dir/checkpoints every train.checkpoint_every steps.
         resume: continue from the newest checkpoint in run_dir (from the start if there is none).
-        dropout: lora.dropout, on the LoRA branches' inputs in training steps only.
-        validation: tokenised validation examples, for cfg.eval_every (eval_loss, early stopping).
-        sampler: called every cfg.sample_every steps with the current weights in the backbone;
+        validation: tokenised validation examples, for train.eval_every (eval_loss, early stopping).
+        sampler: called every train.sample_every steps with the current weights in the backbone;
             returns [{"prompt", "output"}], appended to run_dir/samples.jsonl with the step.
         config / name: the run's config and name, for the wandb and mlflow loggers.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from kerasft.errors import KerasftError
-    from kerasft.runtime import batch_shards, is_primary, place_batch
-    from kerasft.train.checkpoint import CHECKPOINT_DIR, Checkpointer, Position
-    from kerasft.train.logs import RunLog, read_metrics, write_plots
-
+    cfg = spec.train
     shards = batch_shards()
     if cfg.batch_size % shards:
         raise KerasftError(f"train.batch_size: {cfg.batch_size} does not split over the mesh's {shards}-way batch axis")
@@ -280,81 +230,82 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
         raise KerasftError("train.eval_every needs a validation split: set data.validation or data.split.ratios")
     steps = planned_steps(len(data), cfg)
     micro_steps = steps * cfg.grad_accum
-    optimizer, schedule = make_optimizer(cfg, steps)
-    apply_remat(backbone, cfg.remat)
-    step_fn = make_train_step(backbone, optimizer, token_rows, dropout)
-    table = backbone.token_embedding.embeddings
-    trainable = {"lora": [v.value for v in backbone.trainable_variables]}
-    if token_rows is not None:
-        trainable["token_delta"] = jnp.zeros((len(token_rows), table.shape[1]), jnp.float32)
-    non_trainable = [v.value for v in backbone.non_trainable_variables]
-    opt_state = optimizer.init(trainable)
+    train_step = build_step(backbone, spec, steps)
+    token_rows = spec.token_rows or None
+    trainable, opt_state, non_trainable = train_step.state(backbone)
     num_targets = data.num_targets
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = RunDir(Path(run_dir))
+    paths.root.mkdir(parents=True, exist_ok=True)
     # What must match for a checkpoint to continue this run bit for bit.
     identity = {"seed": cfg.seed, "steps": steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                 "examples": len(data)}
     position = Position()
-    checkpoints = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.keep_checkpoints) if cfg.checkpoint_every or resume else None
+    checkpoints = Checkpointer(paths.checkpoints, cfg.keep_checkpoints) if cfg.checkpoint_every or resume else None
     if resume and checkpoints.latest_step() is not None:
         state, position = checkpoints.restore({"trainable": trainable, "opt_state": opt_state}, identity)
         trainable, opt_state = state["trainable"], state["opt_state"]
         print(f"  resuming at step {position.step}/{steps} (epoch {position.epoch}, batch {position.batch})", flush=True)
     elif resume:
         print("  no checkpoint to resume from: starting at step 0", flush=True)
-    log_path = run_dir / "metrics.jsonl"
     primary = is_primary()  # in a multi-process job only process 0 writes logs and samples
     if primary:
-        _truncate_log(log_path, position.step)
-        _truncate_log(run_dir / SAMPLES_FILE, position.step)
+        drop_records_after(paths.metrics, position.step)
+        drop_records_after(paths.samples, position.step)
     # Early stopping continues from the evaluations already logged (a resumed run re-reads them).
-    stopper = _EarlyStopping(cfg, [r for r in read_metrics(log_path) if "eval_loss" in r], run_dir / BEST_FILE, trainable)
-    evaluate = _validation_loss(backbone, token_rows, validation, cfg, sequence_length, pad_id) if cfg.eval_every else None
-    log = RunLog(run_dir, cfg.loggers, config=config, name=name, primary=primary)
+    stopper = _EarlyStopping(cfg, [r for r in read_metrics(paths.metrics) if "eval_loss" in r], paths.best_adapter,
+                             trainable)
+    evaluate = _validation_loss(backbone, token_rows, validation, cfg, spec.pad_id) if cfg.eval_every else None
+    log = RunLog(paths.root, cfg.loggers, config=config, name=name, primary=primary)
     batches = _batch_stream(data, cfg.batch_size, cfg.seed, position.epoch, position.batch)
     started = time.perf_counter()
-    timed_tokens, timed_seconds, timed_micro, window = 0, 0.0, 0, []
+    timed_tokens, timed_seconds, timed_micro = 0, 0.0, 0
     loss = float("nan")
     first_micro = position.step * cfg.grad_accum
     step = position.step
     try:
-        for micro in range(first_micro, micro_steps):
-            epoch, index, indices = next(batches)
-            host_batch = make_batch(data, indices, sequence_length, num_targets, pad_id)
-            batch = place_batch(host_batch)  # the global batch; each process places its own rows
-            rng = (dropout_key(cfg.seed, micro),) if dropout > 0 else ()
-            tick = time.perf_counter()
-            trainable, opt_state, stats = step_fn(trainable, opt_state, non_trainable, batch, *rng)
-            loss = float(stats["loss"])  # device sync: the step is done after this
-            took = time.perf_counter() - tick
-            real_tokens = int(np.sum(host_batch["padding_mask"]))
-            if micro > first_micro:  # the first step includes compilation
-                timed_tokens += real_tokens
-                timed_seconds += took
-                timed_micro += 1
-            window.append(loss)
-            step = (micro + 1) // cfg.grad_accum
-            if (micro + 1) % cfg.grad_accum:
-                continue
+        while step < steps:
+            # One optimizer step: grad_accum micro-batches, normalised together.
+            group = [next(batches) for _ in range(cfg.grad_accum)]
+            host_batches = accumulation_batches([make_batch(data, indices, num_targets, spec.pad_id)
+                                                 for _, _, indices in group])
+            epoch, index, _ = group[-1]
+            losses, step_tokens, step_seconds = [], 0, 0.0
+            for host_batch in host_batches:
+                micro = step * cfg.grad_accum + len(losses)
+                batch = place_batch(host_batch)  # the global batch; each process places its own rows
+                tick = time.perf_counter()
+                trainable, opt_state, stats = train_step.fn(trainable, opt_state, non_trainable, batch,
+                                                            *train_step.rng(micro))
+                losses.append(float(stats["loss"]))  # device sync: the step is done after this
+                took = time.perf_counter() - tick
+                real_tokens = int(np.sum(host_batch["padding_mask"]))
+                step_tokens, step_seconds = step_tokens + real_tokens, step_seconds + took
+                if micro > first_micro:  # the first step includes compilation
+                    timed_tokens += real_tokens
+                    timed_seconds += took
+                    timed_micro += 1
+            step += 1
+            loss = float(np.mean(losses))
+            rate = timed_tokens / timed_seconds if timed_seconds else 0.0
+            eta = timed_seconds / max(timed_micro, 1) * (micro_steps - step * cfg.grad_accum)
             record = {
                 "step": step,
                 "epoch": epoch,
-                "loss": float(np.mean(window)),
+                "loss": loss,
                 "grad_norm": float(stats["grad_norm"]),
-                "learning_rate": float(schedule(step - 1)),
-                "tokens": real_tokens,
-                "step_seconds": round(took, 4),
+                "learning_rate": float(train_step.schedule(step - 1)),
+                "tokens": step_tokens,
+                "step_seconds": round(step_seconds, 4),
+                "total_steps": steps,
+                "tokens_per_second": float(rate),
+                "eta_seconds": float(eta),
             }
-            window = []
             finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             if finite and evaluate and (step % cfg.eval_every == 0 or step == steps):
                 record["eval_loss"] = evaluate(trainable, non_trainable)
             log.log(record)
             if step % cfg.log_every == 0 or step == steps or "eval_loss" in record:
-                rate = timed_tokens / timed_seconds if timed_seconds else 0.0
-                eta = timed_seconds / max(timed_micro, 1) * (micro_steps - micro - 1)
                 print(
                     f"  step {step:>4}/{steps}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                     + (f"eval_loss {record['eval_loss']:.4f}  " if "eval_loss" in record else "")
@@ -371,7 +322,7 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
                 with _trained_weights(backbone, trainable, token_rows):
                     samples = sampler()
                 if primary:
-                    with (run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as out:
+                    with paths.samples.open("a", encoding="utf-8") as out:
                         for sample in samples:
                             out.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
             stop = "eval_loss" in record and stopper.update(step, record["eval_loss"], trainable, primary)
@@ -392,17 +343,16 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     for variable, value in zip(backbone.trainable_variables, trainable["lora"]):
         variable.assign(value)
     if token_rows is not None:
+        table = backbone.token_embedding.embeddings
         rows = jnp.asarray(token_rows, dtype=jnp.int32)
         table.assign(table.value.at[rows].add(trainable["token_delta"].astype(table.dtype)))
     jax.block_until_ready(trainable)
     seconds = time.perf_counter() - started
     if primary and cfg.plots:
-        import importlib.util
-
         if importlib.util.find_spec("matplotlib") is None:  # plots are on by default; the eval extra brings it
             print("  no plots: matplotlib is not installed (pip install 'kerasft[eval]')", flush=True)
         else:
-            write_plots(run_dir, schedule, steps)
+            write_plots(paths.root, train_step.schedule, steps)
     return TrainResult(
         steps=step,
         final_loss=loss,
@@ -414,17 +364,11 @@ def train(backbone, data: TokenizedSet, cfg, sequence_length: int, run_dir: str 
     )
 
 
-SAMPLES_FILE = "samples.jsonl"
-BEST_FILE = "best_adapter.npz"
-
-
 class _EarlyStopping:
     """Tracks the lowest eval_loss (and, with train.keep_best, a copy of its weights, also written
     to RUN_DIR/best_adapter.npz so a resumed run keeps it) and counts evaluations since."""
 
-    def __init__(self, cfg, logged: list, best_path: Path, like):
-        import jax
-
+    def __init__(self, cfg: TrainConfig, logged: list, best_path: Path, like):
         self.cfg, self.best_path = cfg, best_path
         self.best_step, self.best_loss, self.best, self.waited = 0, math.inf, None, 0
         for record in logged:
@@ -444,8 +388,6 @@ class _EarlyStopping:
 
     def update(self, step: int, eval_loss: float, trainable, primary: bool) -> bool:
         """Records an evaluation; True when patience has run out."""
-        import jax
-
         if self._record(step, eval_loss) and self.cfg.keep_best:
             self.best = jax.tree.map(lambda x: np.asarray(x).copy(), trainable)
             if primary:
@@ -454,25 +396,21 @@ class _EarlyStopping:
         return bool(self.cfg.early_stopping_patience) and self.waited >= self.cfg.early_stopping_patience
 
 
-def _validation_loss(backbone, token_rows, validation: TokenizedSet, cfg, sequence_length: int, pad_id: int):
+def _validation_loss(backbone, token_rows, validation: TokenizedSet, cfg: TrainConfig, pad_id: int):
     """evaluate(trainable, non_trainable) -> the mean loss per target over the validation split
-    (or its first cfg.eval_batches batches), in batches of train.batch_size padded to one shape,
-    so the jitted evaluation compiles once."""
-    from kerasft.runtime import place_batch
-
+    (or its first cfg.eval_batches batches), in batches of train.batch_size padded to one width
+    (the split's sequence_length), so the jitted evaluation compiles once."""
     eval_step = make_eval_step(backbone, token_rows)
     order = np.arange(len(validation))
+    width = validation.sequence_length or batch_width(validation, order)
     chunks = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     if cfg.eval_batches:
         chunks = chunks[: cfg.eval_batches]
     batches = []
     for chunk in chunks:
         rows = np.resize(chunk, cfg.batch_size)  # a short last batch repeats rows, with weight 0
-        batch = make_batch(validation, rows, sequence_length, validation.num_targets, pad_id)
+        batch = make_batch(validation, rows, validation.num_targets, pad_id, width=width)
         batch["target_weights"][len(chunk) :] = 0
-        width = sequence_length - batch["token_ids"].shape[1]
-        batch["token_ids"] = np.pad(batch["token_ids"], ((0, 0), (0, width)), constant_values=pad_id)
-        batch["padding_mask"] = np.pad(batch["padding_mask"], ((0, 0), (0, width)))
         batches.append(place_batch(batch))
 
     def evaluate(trainable, non_trainable) -> float:
@@ -489,8 +427,6 @@ def _validation_loss(backbone, token_rows, validation: TokenizedSet, cfg, sequen
 def _trained_weights(backbone, trainable, token_rows):
     """The backbone's variables hold the current trained weights inside the block (for
     generation), and their previous values again after it. Copies: the step donates its buffers."""
-    import jax.numpy as jnp
-
     variables = backbone.trainable_variables
     saved = [v.value for v in variables]
     table = backbone.token_embedding.embeddings
@@ -508,21 +444,11 @@ def _trained_weights(backbone, trainable, token_rows):
         table.assign(saved_table)
 
 
-def _next_position(data: TokenizedSet, cfg, epoch: int, index: int) -> tuple[int, int]:
+def _next_position(data: TokenizedSet, cfg: TrainConfig, epoch: int, index: int) -> tuple[int, int]:
     """The (epoch, batch) after batch `index` of `epoch`."""
     if index + 1 < len(epoch_batches(data, cfg.batch_size, cfg.seed, epoch)):
         return epoch, index + 1
     return epoch + 1, 0
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drops log lines past `last_step`: a resumed run logs those steps again."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _batch_stream(data: TokenizedSet, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0):
@@ -539,4 +465,3 @@ def _batch_stream(data: TokenizedSet, batch_size: int, seed: int, start_epoch: i
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}"
-

@@ -18,7 +18,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from kerasft.data.pipeline import TokenizedSet, make_batch
 from kerasft.errors import KerasftError
+from kerasft.models.attention import use_mqa_layout
+from kerasft.models.lora import apply_lora
+from kerasft.models.presets import load_model
+from kerasft.models.quant import parameter_count, quantize_abstract
+from kerasft.runtime import batch_shards, peak_rss_bytes, proc_status, reset_peak_rss, set_distribution
+from kerasft.train.loop import TrainSpec, accumulation_batches, build_step
 
 GIB = 1024**3
 HEADROOM = 0.9  # runtimes and fragmentation take a share of device memory; plan to 90 %
@@ -144,12 +154,7 @@ def backbone_spec(model_cfg) -> tuple[str, dict]:
 def abstract_backbone(model_cfg, lora_cfg):
     """Builds the backbone with LoRA inside jax.eval_shape: real variables' shapes, no memory.
     model.quantize gives the projections their int8/int4 variables, so their bytes count."""
-    import jax
-    import keras_hub
-
-    from kerasft.models.attention import use_mqa_layout
-    from kerasft.models.lora import apply_lora
-    from kerasft.models.quant import quantize_abstract
+    import keras_hub  # not at the top: keras must be imported after runtime.init_backend picks JAX
 
     class_name, kwargs = backbone_spec(model_cfg)
     if class_name not in ("GemmaBackbone", "Gemma3Backbone", "LlamaBackbone", "Llama3Backbone"):
@@ -178,12 +183,6 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
             the worst case.
         search: compile more batch sizes to find the largest that fits.
     """
-    import jax
-
-    from kerasft.models.quant import parameter_count
-    from kerasft.runtime import set_distribution
-    from kerasft.train.loop import apply_remat
-
     if target_name not in TARGETS:
         raise KerasftError(f"--target: {target_name!r} is not one of {', '.join(TARGETS)}")
     target = TARGETS[target_name]
@@ -194,10 +193,9 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
         tpu_devices, runtime = tpu_devices[:1], dataclasses.replace(runtime, mesh="data", mesh_shape="auto")
     distribution = set_distribution(runtime, devices=tpu_devices)
     backbone = abstract_backbone(cfg.model, cfg.lora)
-    apply_remat(backbone, cfg.train.remat)
     sequence_length = cfg.data.sequence_length
     k = min(targets_per_row or sequence_length, sequence_length)
-    shards = _batch_shards(distribution)
+    shards = batch_shards()
     notes = []
     backend = "tpu" if tpu_devices else jax.default_backend()
     device_count = len(tpu_devices) if tpu_devices else len(jax.devices())
@@ -252,8 +250,6 @@ def tpu_topology_devices(target_name: str):
     # libtpu admits one process per machine (/tmp/libtpu_lockfile) unless told otherwise; a plan
     # only compiles, so several may load it side by side. Read when JAX first starts its backends.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    import jax
-
     if jax.default_backend() == "tpu":
         return None
     from jax.experimental import topologies
@@ -297,17 +293,26 @@ def _largest_batch(measure, plan: Plan, shards: int, max_compiles: int = 6) -> i
     return good
 
 
+def _plan_spec(cfg) -> TrainSpec:
+    """The run's TrainSpec, with stand-in ids (0, 1, ...) for the trained token rows: only
+    their number matters to the step's memory."""
+    return TrainSpec.of(cfg, range(len(cfg.lora.trainable_tokens)))
+
+
+def _synthetic_batch(cfg, batch_size: int, sequence_length: int, k: int, vocabulary: int) -> dict:
+    """A step batch (make_batch's, as training builds it, with the loss normaliser under
+    gradient accumulation) of full-length random rows whose last k tokens carry the loss."""
+    numbers = np.random.default_rng(0)
+    weights = np.zeros(sequence_length, np.uint8)
+    weights[sequence_length - min(k, sequence_length - 1) :] = 1  # the first token predicts nothing
+    rows = [(numbers.integers(4, vocabulary, sequence_length), weights) for _ in range(batch_size)]
+    data = TokenizedSet.from_rows(rows, sequence_length=sequence_length)
+    batch = make_batch(data, range(batch_size), k, width=sequence_length)
+    return accumulation_batches([batch] * cfg.train.grad_accum)[0]
+
+
 def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length: int, k: int) -> StepMemory:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from kerasft.train.loop import dropout_key, make_optimizer, make_train_step
-
-    optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
-    token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
-    step_fn = make_train_step(backbone, optimizer, token_rows, cfg.lora.dropout)
-    rng = (dropout_key(0, 0),) if cfg.lora.dropout > 0 else ()  # the step's dropout key argument
+    train_step = build_step(backbone, _plan_spec(cfg), total_steps=1000)
 
     def abstract(variable):
         sharding = None
@@ -315,29 +320,24 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
             sharding = distribution.get_variable_layout(variable).backend_layout
         return jax.ShapeDtypeStruct(tuple(variable.shape), variable.dtype, sharding=sharding)
 
-    trainable = {"lora": [abstract(v) for v in backbone.trainable_variables]}
-    hidden = backbone.token_embedding.embeddings.shape[1]
+    def replicate(struct):  # the token rows' update and the optimizer state live on every device
+        return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=replicated)
+
     replicated = None if distribution is None else _replicated(distribution)
-    if token_rows:
-        trainable["token_delta"] = jax.ShapeDtypeStruct((len(token_rows), hidden), jnp.float32, sharding=replicated)
-    non_trainable = [abstract(v) for v in backbone.non_trainable_variables]
-    opt_shapes = jax.eval_shape(optimizer.init, trainable)
-    opt_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), opt_shapes)
+    trainable, opt_state, non_trainable = train_step.state(backbone, leaf=abstract)
+    if "token_delta" in trainable:
+        trainable["token_delta"] = replicate(trainable["token_delta"])
+    opt_state = jax.tree.map(replicate, opt_state)
 
-    def data(shape, dtype):
-        sharding = None if distribution is None else distribution.get_data_layout(shape).backend_layout
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    def data(value):
+        sharding = None if distribution is None else distribution.get_data_layout(value.shape).backend_layout
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
-    batch = {
-        "token_ids": data((batch_size, sequence_length), jnp.int32),
-        "padding_mask": data((batch_size, sequence_length), jnp.bool_),
-        "target_positions": data((batch_size, k), jnp.int32),
-        "target_ids": data((batch_size, k), jnp.int32),
-        "target_weights": data((batch_size, k), jnp.float32),
-    }
+    vocabulary = backbone.token_embedding.embeddings.shape[0]
+    batch = {key: data(value) for key, value in _synthetic_batch(cfg, batch_size, sequence_length, k, vocabulary).items()}
     arguments = sum(_device_bytes(s) for s in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
     try:
-        analysis = step_fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile().memory_analysis()
+        analysis = train_step.fn.lower(trainable, opt_state, non_trainable, batch, *train_step.rng(0)).compile().memory_analysis()
         sizes = (analysis.argument_size_in_bytes, analysis.output_size_in_bytes, analysis.alias_size_in_bytes,
                  analysis.temp_size_in_bytes)
         # The TPU compiler's own peak: on v3 it equals the sum, on v5e temp_size is 0 and only the
@@ -351,8 +351,7 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
             raise
         sizes = (arguments, 0, 0, temporaries)  # outputs are donated arguments
     peak = sizes[0] + sizes[1] - sizes[2] + sizes[3]
-    vocabulary = backbone.token_embedding.embeddings.shape[0]
-    per_device_rows = batch_size // _batch_shards(distribution)
+    per_device_rows = batch_size // batch_shards()
     return StepMemory(
         batch_size=batch_size,
         peak=int(peak),
@@ -390,43 +389,19 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     Measured = resident bytes of the step's arguments + the rise of the process's peak RSS
     (VmHWM, reset just before the step) over its RSS before it. Linux only.
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from kerasft.models.lora import apply_lora
-    from kerasft.models.presets import load_model
-    from kerasft.train.loop import apply_remat, dropout_key, make_optimizer, make_train_step
-
-    from kerasft.runtime import peak_rss_bytes, proc_status, reset_peak_rss
-
     if not reset_peak_rss():  # checked before the slow part; reset again just before the step
         raise KerasftError("--measure needs Linux (/proc/self/clear_refs)")
     loaded = load_model(cfg.model)
     backbone = loaded.backbone  # model.quantize applied by load_model
     apply_lora(backbone, cfg.lora)
-    apply_remat(backbone, cfg.train.remat)
-    optimizer, _ = make_optimizer(cfg.train, total_steps=1000)
-    token_rows = list(range(len(cfg.lora.trainable_tokens))) or None
-    step_fn = make_train_step(backbone, optimizer, token_rows, cfg.lora.dropout)
-    rng = (dropout_key(0, 0),) if cfg.lora.dropout > 0 else ()  # the step's dropout key argument
-    trainable = {"lora": [v.value for v in backbone.trainable_variables]}
-    if token_rows:
-        trainable["token_delta"] = jnp.zeros((len(token_rows), backbone.hidden_dim), jnp.float32)
-    non_trainable = [v.value for v in backbone.non_trainable_variables]
-    opt_state = optimizer.init(trainable)
-    b, s = cfg.train.batch_size, cfg.data.sequence_length
+    train_step = build_step(backbone, _plan_spec(cfg), total_steps=1000)
+    trainable, opt_state, non_trainable = train_step.state(backbone)
+    s = cfg.data.sequence_length
     k = min(targets_per_row or s, s)
-    numbers = np.random.default_rng(0)  # not `rng`: that is the step's dropout key argument
     vocabulary = backbone.token_embedding.embeddings.shape[0]
-    batch = {
-        "token_ids": jnp.asarray(numbers.integers(4, vocabulary, (b, s)), jnp.int32),
-        "padding_mask": jnp.ones((b, s), bool),
-        "target_positions": jnp.asarray(np.tile(np.arange(s - k, s) - 1, (b, 1)).clip(0), jnp.int32),
-        "target_ids": jnp.asarray(numbers.integers(4, vocabulary, (b, k)), jnp.int32),
-        "target_weights": jnp.ones((b, k), jnp.float32),
-    }
-    compiled = step_fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile()
+    batch = jax.device_put(_synthetic_batch(cfg, cfg.train.batch_size, s, k, vocabulary))
+    rng = train_step.rng(0)
+    compiled = train_step.fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile()
     arguments = sum(x.nbytes for x in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
     jax.block_until_ready([trainable, opt_state, non_trainable, batch])
     before = proc_status("VmRSS")
@@ -470,23 +445,12 @@ def _replicated(distribution):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _batch_shards(distribution) -> int:
-    if distribution is None:
-        return 1
-    mesh = distribution.device_mesh
-    return mesh.shape[mesh.axis_names.index(distribution.batch_dim_name)]
-
-
 def _device_bytes(struct) -> int:
-    import numpy as np
-
     shape = struct.shape if struct.sharding is None else struct.sharding.shard_shape(struct.shape)
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(struct.dtype).itemsize
 
 
 def _size(variable) -> int:
-    import numpy as np
-
     return int(np.prod(variable.shape, dtype=np.int64))
 
 

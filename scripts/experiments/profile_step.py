@@ -1,10 +1,11 @@
 """Where does a training step of the embedded Gemma 3 270M spend its time? A jax.profiler trace of
 kerasft's own jitted step, summed by XLA operation kind.
 
-    .venv/bin/python scripts/profile_step.py [--workload pretrain|qa] [--steps 3] [--json profile.json]
+    .venv/bin/python scripts/experiments/profile_step.py [--workload pretrain|qa] [--steps 3] [--json profile.json]
 
 Builds the batches and the step exactly as scripts/bench.py does (same data, batch 2 x 256, LoRA r=8
-on query and value), compiles and warms up, then traces --steps steps. Every operation XLA's CPU
+on query and value plus the turn-token rows: the step `kerasft train` runs, from
+kerasft.train.loop.build_step), compiles and warms up, then traces --steps steps. Every operation XLA's CPU
 runtime executes is one event in the trace (a thunk: a matrix product, a fusion of elementwise work,
 a copy, a loop); this sums their durations into kinds:
   matmul     dot / convolution thunks, and YNNPACK fusions that contain a product
@@ -28,9 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import bench_step, load_lora_model, write_batches  # noqa: E402  (scripts/bench.py)
+from kerasft.runtime import init_backend  # noqa: E402
 
 # Events that belong to the runtime around the executable, not to its operations.
 _RUNTIME = re.compile(r"^\$|PjitFunction|PjRt|Execute|Thunk|Threadpool|Allocate|Handle |Parse|Wait |Await|"
@@ -79,34 +83,22 @@ def main() -> int:
     parser.add_argument("--json", default="")
     args = parser.parse_args()
 
-    import jax
-    import numpy as np
-
-    from bench import _load, _write_batches
-    from kerasft.config import TrainConfig
-    from kerasft.runtime import init_backend
-    from kerasft.train.loop import make_optimizer, make_train_step
-
     init_backend()
+    import jax  # after init_backend: keras' backend is chosen first
+
     work = Path(tempfile.mkdtemp(prefix="kerasft-profile-"))
-    _write_batches(args, args.workload, work)  # --steps batches after two warm-up ones
-    loaded = _load(args)
-    backbone = loaded.backbone
-    arrays = dict(np.load(work / "batches.npz"))
-    optimizer, _ = make_optimizer(TrainConfig(learning_rate=2e-4), arrays["token_ids"].shape[0])
-    step = make_train_step(backbone, optimizer, None)
-    trainable = {"lora": [v.value for v in backbone.trainable_variables], "token_delta": None}
-    non_trainable = [v.value for v in backbone.non_trainable_variables]
-    opt_state = optimizer.init(trainable)
-    batches = [{k: v[i] for k, v in arrays.items()} for i in range(arrays["token_ids"].shape[0])]
-    for batch in batches[:2]:  # compile and warm up
-        trainable, opt_state, stats = step(trainable, opt_state, non_trainable, batch)
+    write_batches(args, args.workload, work)  # --steps batches after two warm-up ones
+    backbone = load_lora_model(args).backbone
+    train_step, (trainable, opt_state, non_trainable), batches = bench_step(backbone, work, args.steps + 2)
+    for micro, batch in enumerate(batches[:2]):  # compile and warm up
+        trainable, opt_state, stats = train_step.fn(trainable, opt_state, non_trainable, batch, *train_step.rng(micro))
         jax.block_until_ready(stats["loss"])
     trace_dir = work / "trace"
     start = time.perf_counter()
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-        for batch in batches[2:2 + args.steps]:
-            trainable, opt_state, stats = step(trainable, opt_state, non_trainable, batch)
+        for micro, batch in enumerate(batches[2:2 + args.steps], start=2):
+            trainable, opt_state, stats = train_step.fn(trainable, opt_state, non_trainable, batch,
+                                                        *train_step.rng(micro))
             jax.block_until_ready(stats["loss"])
     wall = (time.perf_counter() - start) / args.steps
     trace = next(trace_dir.rglob("*.trace.json.gz"))
