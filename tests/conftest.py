@@ -1,4 +1,5 @@
-"""Shared test setup: JAX backend, a throwaway cache, tiny offline presets."""
+"""Shared test setup: JAX backend, a throwaway cache, tiny offline presets, and CI's rule that a
+test may not skip."""
 
 import atexit
 import os
@@ -10,11 +11,17 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 # Set at import time, before any test module imports kerasft or keras, so
 # nothing writes to the home folder (keras creates ~/.keras/keras.json on
-# import) and a developer's real cache is never touched.
-_SESSION_DIR = tempfile.mkdtemp(prefix="kerasft-tests-")
-atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
+# import) and a developer's real cache is never touched. Under pytest-xdist the
+# controller makes the folder and removes it at exit; its workers (started
+# after this ran, with its environment) share the cache, whose writes are safe
+# between processes, so the real 270M is converted once a run. Each process
+# has its own KERAS_HOME (keras writes keras.json there on import).
+if "PYTEST_XDIST_WORKER" not in os.environ or "KERASFT_TEST_SESSION" not in os.environ:
+    os.environ["KERASFT_TEST_SESSION"] = tempfile.mkdtemp(prefix="kerasft-tests-")
+    atexit.register(shutil.rmtree, os.environ["KERASFT_TEST_SESSION"], ignore_errors=True)
+_SESSION_DIR = os.environ["KERASFT_TEST_SESSION"]
 os.environ["KERASFT_CACHE"] = os.path.join(_SESSION_DIR, "cache")
-os.environ["KERAS_HOME"] = os.path.join(_SESSION_DIR, "keras")
+os.environ["KERAS_HOME"] = os.path.join(_SESSION_DIR, "keras-" + os.environ.get("PYTEST_XDIST_WORKER", "main"))
 # Tests never use the network; make transformers fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,3 +63,15 @@ def tiny_llama_presets(tmp_path_factory):
     untied head) and "llama3" (Llama 3.2-like: byte-level BPE, tied head, rope scaling)."""
     root = tmp_path_factory.mktemp("tiny_llama_presets")
     return {family: build_tiny_preset(family, root / family) for family in LLAMA_FAMILIES}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip is a failure: CI installs every extra and Chromium, so a test that
+    skips there means a missing install step, not an inapplicable test."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (a missing install step in .ci/run?): {reason}"

@@ -69,6 +69,7 @@ def test_plan_refuses_what_it_cannot_know(tmp_path, capsys):
     assert "model.preset: cannot plan 'gemma_99b' offline" in capsys.readouterr().err
 
 
+@pytest.mark.tpu
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu-plan]'")
 def test_tpu_target_compiles_with_the_tpu_compiler(tiny_preset, capsys):
     # With libtpu installed the TPU targets compile for abstract TPU devices: no TPU, no simulation.
