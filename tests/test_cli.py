@@ -113,9 +113,13 @@ def test_shipped_config_runs_two_steps_on_tiny_preset(config, family, tiny_prese
     if evaluates:
         heldout = next(run_dir / "data" / f"{name}.jsonl" for name in ("test", "validation")
                        if (run_dir / "data" / f"{name}.jsonl").is_file())
+        from_run = json.loads((run_dir / "eval.json").read_text())
         (run_dir / "eval.json").unlink()
         assert main(["eval", str(config), *overrides]) == 0
-        assert json.loads((run_dir / "eval.json").read_text())["count"] == min(4, len(heldout.read_text().splitlines()))
+        from_eval = json.loads((run_dir / "eval.json").read_text())
+        assert from_eval["count"] == min(4, len(heldout.read_text().splitlines()))
+        # One evaluation stage: the saved adapter scores exactly as the trained model did in `run`.
+        assert [e["prediction"] for e in from_eval["examples"]] == [e["prediction"] for e in from_run["examples"]]
         if config.stem == "recipe_company_qa":  # settings are chosen on the validation split
             assert main(["eval", str(config), *overrides, "eval.split=validation"]) == 0
             scored = {row["id"] for row in json.loads((run_dir / "eval.json").read_text())["examples"]}
