@@ -142,16 +142,26 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
-def test_wandb_logger_writes_the_losses_offline(tiny_preset, tmp_path, monkeypatch):
+def test_wandb_and_mlflow_loggers_write_the_logged_numbers(tiny_preset, tmp_path, monkeypatch):
+    """One run with both loggers: W&B offline (its .wandb file read back) and MLflow on a local
+    file store (read back with its client) hold metrics.jsonl's per-step numbers and the config."""
     pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
     monkeypatch.setenv("WANDB_SILENT", "true")
     for key in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(key, str(tmp_path / "wandb-home" / key.lower()))
-    run = _train(tmp_path, tiny_preset, "wb", "train.max_steps=3", "train.loggers=[wandb]")
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())  # a local file store: no server
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database unless told otherwise
+    run = _train(tmp_path, tiny_preset, "logged", "train.max_steps=3", "train.loggers=[wandb,mlflow]")
     logged = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3]
+
     files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     records = _wandb_records(files[0])
@@ -161,27 +171,17 @@ def test_wandb_logger_writes_the_losses_offline(tiny_preset, tmp_path, monkeypat
     assert [v["loss"] for v in values] == pytest.approx([r["loss"] for r in logged])
     assert [v["learning_rate"] for v in values] == pytest.approx([r["learning_rate"] for r in logged])
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert runs and runs[0].display_name == "wb" and runs[0].project == "kerasft"
+    assert runs and runs[0].display_name == "logged" and runs[0].project == "kerasft"
     config = {item.key: json.loads(item.value_json) for r in runs for item in r.config.update}
     assert config["lora"]["rank"] == 8 and config["train"]["max_steps"] == 3
 
-
-def test_mlflow_logger_writes_params_and_per_step_metrics(tiny_preset, tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
-    from mlflow.tracking import MlflowClient
-
-    store = tmp_path / "mlruns"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())  # a local file store: no server
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database unless told otherwise
-    run = _train(tmp_path, tiny_preset, "ml", "train.max_steps=3", "train.loggers=[mlflow]")
-    logged = read_metrics(run / "metrics.jsonl")
     client = MlflowClient(tracking_uri=store.as_uri())
     runs = client.search_runs(experiment_ids=["0"])
-    assert [r.info.run_name for r in runs] == ["ml"] and runs[0].info.status == "FINISHED"
+    assert [r.info.run_name for r in runs] == ["logged"] and runs[0].info.status == "FINISHED"
     run_id = runs[0].info.run_id
     loss = client.get_metric_history(run_id, "loss")
     assert [m.step for m in loss] == [1, 2, 3]
     assert [m.value for m in loss] == pytest.approx([r["loss"] for r in logged])
     assert [m.step for m in client.get_metric_history(run_id, "grad_norm")] == [1, 2, 3]
     params = client.get_run(run_id).data.params
-    assert params["lora.rank"] == "8" and params["train.max_steps"] == "3" and params["name"] == "ml"
+    assert params["lora.rank"] == "8" and params["train.max_steps"] == "3" and params["name"] == "logged"
