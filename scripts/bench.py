@@ -49,7 +49,7 @@ from kerasft.evaluate.evaluator import system_metrics  # noqa: E402
 from kerasft.evaluate.generate import KerasModel  # noqa: E402
 from kerasft.export.hf import export_hf  # noqa: E402
 from kerasft.models.families import trainable_turn_tokens  # noqa: E402
-from kerasft.models.lora import apply_lora, token_ids_for  # noqa: E402
+from kerasft.models.lora import apply_lora  # noqa: E402
 from kerasft.models.presets import load_model, load_tokenizer  # noqa: E402
 from kerasft.testing import build_tiny_preset  # noqa: E402
 
@@ -177,8 +177,7 @@ def write_batches(args, workload: str, folder: Path) -> None:
     import numpy as np
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    tokenizer = load_tokenizer(ModelConfig(preset=args.preset))
-    tokens = chat_tokens(tokenizer)
+    tokens = chat_tokens(load_tokenizer(ModelConfig(preset=args.preset)))
     examples = build_datasets(cfg.data, need_eval=False).train
     if workload == "qa":
         data = tokenize_examples(tokens, examples, args.seq)
@@ -192,7 +191,7 @@ def write_batches(args, workload: str, folder: Path) -> None:
     batches = [make_batch(data, indices, num_targets, tokens.pad, width=width) for indices in chosen]
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "batches.npz", **{key: np.stack([b[key] for b in batches]) for key in batches[0]})
-    token_rows = token_ids_for(tokenizer, turn_token_pieces(tokens))
+    token_rows = [tokens.special[piece] for piece in turn_token_pieces(tokens)]  # the template's own tokens
     (folder / "token_rows.json").write_text(json.dumps(token_rows))
 
 
