@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kerasft.testing import build_tiny_preset
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,8 +33,6 @@ def test_bench_smoke_produces_every_figure(tmp_path):
 
 
 def test_profile_step_splits_a_traced_step_by_operation_kind(tmp_path):
-    from kerasft.testing import build_tiny_preset
-
     preset = build_tiny_preset("gemma3", tmp_path / "tiny")
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "experiments" / "profile_step.py"), "--preset", str(preset),

@@ -21,8 +21,10 @@ from kerasft.data.pipeline import (
     tokenize_documents,
     tokenize_examples,
 )
+from kerasft.data.prepare import Corpus, build_datasets
 from kerasft.data.records import Example
-from kerasft.data.template import chat_tokens, encode_prompt, render_chat
+from kerasft.data.template import (chat_tokens, encode_conversation, encode_prompt, example_prompt_ids,
+                                   hf_chat_template, render_chat)
 from kerasft.errors import KerasftError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +76,6 @@ def test_plain_template_ends_with_eos(tokens):
 def test_batched_encoding_equals_one_by_one(tokens):
     examples = [Example(str(i), f"pregunta {i} " * (i + 1), f"respuesta {i}", system="S." if i % 2 else "") for i in range(12)]
     data = tokenize_examples(tokens, examples, sequence_length=512)
-    from kerasft.data.template import encode_conversation
 
     for i, ex in enumerate(examples):
         ids, weights = encode_conversation(tokens, ex.prompt, ex.response, ex.system, ex.history)
@@ -84,8 +85,6 @@ def test_batched_encoding_equals_one_by_one(tokens):
 def test_structured_output_system_prompt_renders_identically_in_train_eval_and_inference(tokens, tiny_preset, tmp_path):
     """The system prompt lives once in the config; training rows, evaluation prompts and
     `kerasft generate` on the run dir all start with the same ids."""
-    from kerasft.data.prepare import build_datasets
-    from kerasft.data.template import example_prompt_ids
 
     rows = [{"query": "vuelos a Bilbao", "output": {"intent": "buscar_vuelo", "destino": "Bilbao"}}]
     path = tmp_path / "q.jsonl"
@@ -216,7 +215,6 @@ def test_data_inspect_cli_reports_errors_apart_from_warnings(tiny_preset, tmp_pa
 def test_pretrain_corpus_streams_into_the_cache(tokens, tmp_path):
     """A raw-text corpus is read lazily and tokenised chunk by chunk straight into cache files;
     the result equals the in-memory tokenisation and is memory-mapped."""
-    from kerasft.data.prepare import Corpus, build_datasets
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Párrafo {i}: el cierzo sopla fuerte en el valle." for i in range(50)) + "\n")
@@ -243,8 +241,6 @@ def test_pretrain_corpus_streams_into_the_cache(tokens, tmp_path):
 def test_exported_chat_template_renders_like_training(template, tiny_spm):
     """The jinja template written into exported tokenizers (HF, GGUF) is the training template."""
     import transformers
-
-    from kerasft.data.template import hf_chat_template
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tiny_spm.parent))
     hf_tok.chat_template = hf_chat_template(template)

@@ -12,6 +12,8 @@ import pytest
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from kerasft.cli import main
+from kerasft.config import ModelConfig, load_config
+from kerasft.train.plan import backbone_spec, measure_step, plan_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,9 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_architecture_table_matches_keras_hub_parameter_counts(name):
     import jax
     import keras_hub
-
-    from kerasft.config import ModelConfig
-    from kerasft.train.plan import backbone_spec
 
     class_name, kwargs = backbone_spec(ModelConfig(preset=name))
     built = {}
@@ -36,9 +35,6 @@ def test_architecture_table_matches_keras_hub_parameter_counts(name):
 
 
 def test_plan_fits_and_predicts_the_measured_peak(tiny_preset, capsys):
-    from kerasft.config import load_config
-    from kerasft.train.plan import measure_step, plan_step
-
     # Large enough activations (attention scores 8x4x512x512 floats a layer) to rise above RSS noise.
     cfg = load_config(ROOT / "configs/quickstart.yaml", [f"model.preset={tiny_preset}", "data.sequence_length=512",
                                                          "train.batch_size=8"])

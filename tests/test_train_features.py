@@ -11,6 +11,14 @@ from safetensors.numpy import load_file
 from kerasft.cli import main
 from kerasft.config import LoraConfig, ModelConfig, load_config
 from kerasft.errors import KerasftError
+from kerasft.export.hf import hf_state_dict
+from kerasft.models.lora import apply_lora, lora_layers
+from kerasft.models.presets import load_model
+from kerasft.train.logs import RunLog
+from kerasft.train.loop import apply_remat, dropout_key
+from kerasft.train.loss import make_loss_fn
+from kerasft.train.plan import plan_step
+from kerasft.workflow import run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,8 +104,6 @@ def test_eval_every_without_validation_is_an_error(tiny_preset, tmp_path):
 def test_missing_logger_package_names_it(tmp_path, monkeypatch):
     import builtins
 
-    from kerasft.train.logs import RunLog
-
     real_import = builtins.__import__
 
     def no_wandb(name, *args, **kwargs):
@@ -116,7 +122,6 @@ def test_nan_stops_and_names_the_last_good_checkpoint(tiny_preset, tmp_path):
             "name=nan", f"data.train={tmp_path}/train.jsonl", "data.sequence_length=64", "train.batch_size=4",
             "train.epochs=20", "train.learning_rate=1e30", "train.max_grad_norm=1e30", "train.warmup_ratio=0",
             "train.checkpoint_every=1", "train.keep_checkpoints=1"]
-    from kerasft.workflow import run
 
     cfg = load_config(argv[1], argv[2:])
     with pytest.raises(KerasftError, match=r"the last good checkpoint, step (\d+), is kept in .*checkpoints/\1") as err:
@@ -127,10 +132,6 @@ def test_nan_stops_and_names_the_last_good_checkpoint(tiny_preset, tmp_path):
 
 def _tiny_step_inputs(tiny_preset, lora_cfg, remat="none"):
     import jax.numpy as jnp
-
-    from kerasft.models.lora import apply_lora, lora_layers
-    from kerasft.models.presets import load_model
-    from kerasft.train.loop import apply_remat
 
     backbone = load_model(ModelConfig(preset=str(tiny_preset))).backbone
     apply_lora(backbone, lora_cfg)
@@ -149,9 +150,6 @@ def _tiny_step_inputs(tiny_preset, lora_cfg, remat="none"):
 
 def test_remat_same_loss_and_grads_smaller_plan(tiny_preset):
     import jax
-
-    from kerasft.train.loss import make_loss_fn
-    from kerasft.train.plan import plan_step
 
     results = {}
     for mode in ("none", "full"):
@@ -172,10 +170,6 @@ def test_remat_same_loss_and_grads_smaller_plan(tiny_preset):
 
 def test_lora_dropout_in_training_only(tiny_preset):
     import jax
-
-    from kerasft.export.hf import hf_state_dict
-    from kerasft.train.loop import dropout_key
-    from kerasft.train.loss import make_loss_fn
 
     lora_cfg = LoraConfig(targets=("query", "value", "ffw_linear"), dropout=0.5)
     backbone, params, frozen, batch = _tiny_step_inputs(tiny_preset, lora_cfg)

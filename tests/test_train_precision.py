@@ -10,6 +10,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from kerasft.cli import main
+from kerasft.config import LoraConfig, ModelConfig
+from kerasft.models.lora import apply_lora
+from kerasft.models.presets import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("float32", "bfloat16", "mixed_bfloat16")
@@ -18,9 +21,6 @@ POLICIES = ("float32", "bfloat16", "mixed_bfloat16")
 @pytest.fixture(scope="module")
 def policy_presets(tiny_preset, tmp_path_factory):
     """The tiny Gemma 3 preset re-saved under each dtype policy."""
-    from kerasft.config import ModelConfig
-    from kerasft.models.presets import load_model
-
     root = tmp_path_factory.mktemp("policies")
     presets = {}
     for policy in POLICIES:
@@ -34,10 +34,6 @@ def policy_presets(tiny_preset, tmp_path_factory):
 
 @pytest.mark.parametrize("saved", POLICIES)
 def test_preset_saved_under_any_policy_loads_under_any_policy(policy_presets, tiny_preset, saved):
-    from kerasft.config import LoraConfig, ModelConfig
-    from kerasft.models.lora import apply_lora
-    from kerasft.models.presets import load_model
-
     reference = load_model(ModelConfig(preset=str(tiny_preset))).backbone.token_embedding.embeddings.numpy()
     variable_dtype = {"float32": "float32", "bfloat16": "bfloat16", "mixed_bfloat16": "float32"}
     for policy in POLICIES:

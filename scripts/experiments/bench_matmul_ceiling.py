@@ -40,7 +40,7 @@ def main() -> int:
 
     from kerasft.config import ModelConfig
     from kerasft.runtime import init_backend
-    from kerasft.train.loop import LOSS_CHUNK
+    from kerasft.train.loss import LOSS_CHUNK
     from kerasft.train.plan import backbone_spec
 
     init_backend()
