@@ -11,6 +11,7 @@ import sys
 from kerasft import __version__
 from kerasft.config import EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES
 from kerasft.errors import KerasftError
+from kerasft.runtime import TARGETS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("plan", _cmd_plan, "per-device memory of the training step on a target, and the largest batch that fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--target", required=True, choices=["4090", "t4", "a100-40g", "a100-80g", "h100", "tpu-v3-8",
-                                                       "tpu-v5e-8", "cpu"])
+    p.add_argument("--target", required=True, choices=list(TARGETS))
     p.add_argument("--targets", type=int, default=0, metavar="K",
                    help="loss positions per row (response tokens); default the whole sequence, the worst case")
     p.add_argument("--no-search", action="store_true", help="compile only the configured batch size")
@@ -200,7 +200,7 @@ def _cmd_plan(args) -> int:
     from kerasft.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    devices = {"tpu-v3-8": 8, "tpu-v5e-8": 8}.get(args.target, 1)
+    devices = TARGETS[args.target].devices
     if devices > 1 and "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # Without TPUs, plan the 8-device layout on 8 simulated CPU devices (fixed when jax loads).
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()

@@ -7,8 +7,32 @@ import contextlib
 import os
 import random
 import sys
+from dataclasses import dataclass
 
 from kerasft.errors import KerasftError
+
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    bytes_per_device: int
+    devices: int
+    kind: str  # gpu | tpu | cpu
+
+
+TARGETS = {
+    "4090": Target("RTX 4090 (24 GiB)", 24 * GIB, 1, "gpu"),
+    "t4": Target("T4 (16 GiB, 15 usable)", 15 * GIB, 1, "gpu"),
+    "a100-40g": Target("A100 40 GB", 40 * 10**9, 1, "gpu"),
+    "a100-80g": Target("A100 80 GB", 80 * 10**9, 1, "gpu"),
+    "h100": Target("H100 80 GB", 80 * 10**9, 1, "gpu"),
+    "tpu-v3-8": Target("TPU v3-8 (8 cores x 16 GiB)", 16 * GIB, 8, "tpu"),
+    "tpu-v5e-8": Target("TPU v5e-8 (8 chips x 16 GiB)", 16 * GIB, 8, "tpu"),
+    "cpu": Target("this machine's free memory", 0, 1, "cpu"),
+}
 
 
 def init_backend(seed: int | None = None):

@@ -261,7 +261,7 @@ def test_studio_choices_come_from_the_core():
     """The Model tab offers only presets the plan knows offline; the form's lists are the
     config's own (so a value the studio offers always validates)."""
     from kerasft.config import config_to_dict
-    from kerasft.train.plan import KNOWN_ARCHITECTURES
+    from kerasft.models.families import KNOWN_ARCHITECTURES
     from kerasft.ui.app import HARDWARE_PRESETS, PLAN_TARGETS, PRESETS, TASK_PRESETS
 
     assert set(PRESETS) <= set(KNOWN_ARCHITECTURES)

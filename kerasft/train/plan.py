@@ -24,67 +24,15 @@ import numpy as np
 from kerasft.data.pipeline import TokenizedSet, make_batch
 from kerasft.errors import KerasftError
 from kerasft.models.attention import use_mqa_layout
+from kerasft.models.families import KNOWN_ARCHITECTURES
 from kerasft.models.lora import apply_lora
 from kerasft.models.presets import load_model
 from kerasft.models.quant import parameter_count, quantize_abstract
-from kerasft.runtime import batch_shards, peak_rss_bytes, proc_status, reset_peak_rss, set_distribution
+from kerasft.runtime import (GIB, TARGETS, Target, batch_shards, peak_rss_bytes, proc_status, reset_peak_rss,
+                             set_distribution)
 from kerasft.train.loop import TrainSpec, accumulation_batches, build_step
 
-GIB = 1024**3
 HEADROOM = 0.9  # runtimes and fragmentation take a share of device memory; plan to 90 %
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    bytes_per_device: int
-    devices: int
-    kind: str  # gpu | tpu | cpu
-
-
-TARGETS = {
-    "4090": Target("RTX 4090 (24 GiB)", 24 * GIB, 1, "gpu"),
-    "t4": Target("T4 (16 GiB, 15 usable)", 15 * GIB, 1, "gpu"),
-    "a100-40g": Target("A100 40 GB", 40 * 10**9, 1, "gpu"),
-    "a100-80g": Target("A100 80 GB", 80 * 10**9, 1, "gpu"),
-    "h100": Target("H100 80 GB", 80 * 10**9, 1, "gpu"),
-    "tpu-v3-8": Target("TPU v3-8 (8 cores x 16 GiB)", 16 * GIB, 8, "tpu"),
-    "tpu-v5e-8": Target("TPU v5e-8 (8 chips x 16 GiB)", 16 * GIB, 8, "tpu"),
-    "cpu": Target("this machine's free memory", 0, 1, "cpu"),
-}
-
-# Backbone constructor arguments of keras-hub presets, so plans need no download. From the
-# published checkpoints' configs (HF config.json); keras-hub's Gemma 1/2 intermediate_dim is
-# twice HF's intermediate_size, Gemma 3's equals it. tests/test_plan.py checks each against the
-# parameter count in keras-hub's preset metadata.
-_GEMMA2 = dict(query_head_dim_normalize=True, use_post_ffw_norm=True, use_post_attention_norm=True,
-               attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0, use_sliding_window_attention=True,
-               sliding_window_size=4096)
-_GEMMA3 = dict(query_head_dim_normalize=True, use_query_key_norm=True, use_post_ffw_norm=True,
-               use_post_attention_norm=True, attention_logit_soft_cap=None, final_logit_soft_cap=None,
-               use_sliding_window_attention=True, sliding_window_size=512, image_size=None)
-KNOWN_ARCHITECTURES = {
-    "gemma_2b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=18, num_query_heads=8,
-                                          num_key_value_heads=1, hidden_dim=2048, intermediate_dim=32768, head_dim=256)),
-    "gemma_7b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=28, num_query_heads=16,
-                                          num_key_value_heads=16, hidden_dim=3072, intermediate_dim=49152, head_dim=256)),
-    "gemma2_2b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=26, num_query_heads=8,
-                                           num_key_value_heads=4, hidden_dim=2304, intermediate_dim=18432, head_dim=256,
-                                           **_GEMMA2)),
-    "gemma2_9b_en": ("GemmaBackbone", dict(vocabulary_size=256000, num_layers=42, num_query_heads=16,
-                                           num_key_value_heads=8, hidden_dim=3584, intermediate_dim=28672, head_dim=256,
-                                           **_GEMMA2)),
-    "gemma3_270m": ("Gemma3Backbone", dict(vocabulary_size=262144, num_layers=18, num_query_heads=4,
-                                           num_key_value_heads=1, hidden_dim=640, intermediate_dim=2048, head_dim=256,
-                                           **_GEMMA3)),
-    "gemma3_1b": ("Gemma3Backbone", dict(vocabulary_size=262144, num_layers=26, num_query_heads=4,
-                                         num_key_value_heads=1, hidden_dim=1152, intermediate_dim=6912, head_dim=256,
-                                         **_GEMMA3)),
-}
-# Instruction-tuned presets share their base model's architecture.
-for _name in list(KNOWN_ARCHITECTURES):
-    KNOWN_ARCHITECTURES[_name.replace("_", "_instruct_", 1)] = KNOWN_ARCHITECTURES[_name]
-KNOWN_ARCHITECTURES["embedded"] = KNOWN_ARCHITECTURES["gemma3_270m"]
 
 
 @dataclass

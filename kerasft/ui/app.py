@@ -32,8 +32,8 @@ from kerasft.errors import KerasftError
 from kerasft.evaluate.evaluator import headline
 from kerasft.evaluate.metrics import TASK_METRICS
 from kerasft.paths import RunDir
+from kerasft.runtime import TARGETS as PLAN_TARGETS
 from kerasft.train.loop import make_optimizer, planned_steps
-from kerasft.train.plan import KNOWN_ARCHITECTURES, TARGETS as PLAN_TARGETS
 from kerasft.ui.workspace import (
     DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, kerasft_argv, latest_checkpoint, peek_columns,
     read_json, training_progress,
