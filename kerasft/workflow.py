@@ -96,7 +96,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         if train:
             data, cached = tokenize_cached(tokens, train_set, cfg.data, cache_dir(cfg.model.cache_dir))
             steps = planned_steps(len(data), cfg.train)
-            padding = padding_fraction(data, cfg.train.batch_size, cfg.data.sequence_length, cfg.train.seed)
+            padding = padding_fraction(data, cfg.train.batch_size, cfg.train.seed)
             summary["data"] = {"rows": len(data), "trimmed": data.trimmed, "dropped": data.dropped,
                                "padding_fraction": round(padding, 4), "tokenized_from_cache": cached}
             print(

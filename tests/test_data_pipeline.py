@@ -109,7 +109,7 @@ def test_packing_keeps_every_weighted_token(tokens):
     assert max(packed.lengths) <= 128
     assert int(packed.loss_mask.sum()) == int(plain.loss_mask.sum())
     assert sorted(packed.tokens.tolist()) == sorted(plain.tokens.tolist())
-    assert padding_fraction(packed, 2, 128) < padding_fraction(plain, 2, 128)
+    assert padding_fraction(packed, 2) < padding_fraction(plain, 2)
 
 
 def test_pretrain_documents_weight_every_token_but_row_starts_and_bos(tokens):
@@ -171,10 +171,10 @@ def _finished_pid() -> int:
 def test_length_grouped_batches_cut_padding_and_cover_every_example():
     rng = np.random.default_rng(0)
     rows = [([1] * int(n), [0] * (int(n) - 1) + [1]) for n in rng.integers(8, 300, size=400)]
-    data = TokenizedSet.from_rows(rows)
-    random_padding = padding_fraction(data, 4, 320)
+    data = TokenizedSet.from_rows(rows, sequence_length=320)
+    random_padding = padding_fraction(data, 4)
     data.group_by_length = True
-    grouped = padding_fraction(data, 4, 320)
+    grouped = padding_fraction(data, 4)
     assert grouped < random_padding / 2
     for epoch in (0, 1):
         seen = np.concatenate(epoch_batches(data, 4, 0, epoch))

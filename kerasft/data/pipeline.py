@@ -448,12 +448,13 @@ def epoch_batches(data: TokenizedSet, batch_size: int, seed: int, epoch: int) ->
     return batches
 
 
-def padding_fraction(data: TokenizedSet, batch_size: int, sequence_length: int, seed: int = 0) -> float:
-    """The share of padding in the batches of one epoch (what bucketing and packing save)."""
+def padding_fraction(data: TokenizedSet, batch_size: int, seed: int = 0) -> float:
+    """The share of padding in the batches of one epoch, at the widths make_batch pads them to
+    (what bucketing and packing save)."""
     lengths = data.lengths
     real = padded = 0
     for indices in epoch_batches(data, batch_size, seed, 0):
-        width = padded_length(int(lengths[indices].max()), sequence_length)
+        width = batch_width(data, indices)
         real += int(lengths[indices].sum())
         padded += width * len(indices)
     return 1.0 - real / padded if padded else 0.0
