@@ -340,6 +340,23 @@ class RuntimeConfig:
             raise KerasftError(f"runtime.coordinator_address: {self.coordinator_address!r} must be host:port")
 
 
+# Answer normalisation languages of the metrics (kerasft.evaluate.metrics).
+LANGUAGES = ("es", "en")
+
+# Each evaluation task and the metric groups it reports (eval.metrics picks a subset).
+# qa: squad = F1/EM (headline language and English), no_answer = SQuAD v2 has/no-answer scores
+# and no-answer precision/recall, auroc = answerability AUROC from log-probabilities.
+# json: json = parse rate, whole-object exact match, per-field accuracy; schema = JSON-schema
+# validity (eval.schema). short_answer: exact match, token F1 and F1 >= threshold, by metadata.
+# text: perplexity of held-out responses, BLEU, chrF, ROUGE-L. system: latency, tokens/s, memory.
+TASK_METRICS = {
+    "qa": ("squad", "no_answer", "auroc", "system"),
+    "json": ("json", "schema", "system"),
+    "short_answer": ("short_answer", "system"),
+    "text": ("perplexity", "bleu", "chrf", "rouge_l", "system"),
+}
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Generation on the held-out split, the task's metrics, and a report (see kerasft.evaluate).
@@ -376,8 +393,6 @@ class EvalConfig:
     plots: bool = True
 
     def __post_init__(self):
-        from kerasft.evaluate.metrics import LANGUAGES, TASK_METRICS
-
         if self.task not in TASK_METRICS:
             raise KerasftError(f"eval.task: {self.task!r} is not one of {', '.join(TASK_METRICS)}")
         for name in self.metrics:

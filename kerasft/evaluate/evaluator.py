@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from kerasft.config import TASK_METRICS
 from kerasft.data.template import example_prompt_ids, render_chat
 from kerasft.errors import KerasftError
 from kerasft.evaluate import metrics
@@ -38,7 +39,7 @@ def check_eval_config(eval_cfg) -> None:
 
 def metrics_for(eval_cfg) -> tuple[str, ...]:
     """The metric groups to compute: eval.metrics, or every metric the task declares."""
-    return tuple(eval_cfg.metrics) or metrics.TASK_METRICS[eval_cfg.task]
+    return tuple(eval_cfg.metrics) or TASK_METRICS[eval_cfg.task]
 
 
 def open_model(src: str, name: str = ""):

@@ -14,22 +14,8 @@ import string
 import unicodedata
 from collections import Counter, defaultdict
 
+from kerasft.config import LANGUAGES
 from kerasft.errors import KerasftError
-
-LANGUAGES = ("es", "en")
-
-# Each evaluation task and the metric groups it reports (eval.metrics picks a subset).
-# qa: squad = F1/EM (headline language and English), no_answer = SQuAD v2 has/no-answer scores
-# and no-answer precision/recall, auroc = answerability AUROC from log-probabilities.
-# json: json = parse rate, whole-object exact match, per-field accuracy; schema = JSON-schema
-# validity (eval.schema). short_answer: exact match, token F1 and F1 >= threshold, by metadata.
-# text: perplexity of held-out responses, BLEU, chrF, ROUGE-L. system: latency, tokens/s, memory.
-TASK_METRICS = {
-    "qa": ("squad", "no_answer", "auroc", "system"),
-    "json": ("json", "schema", "system"),
-    "short_answer": ("short_answer", "system"),
-    "text": ("perplexity", "bleu", "chrf", "rouge_l", "system"),
-}
 
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = {

@@ -22,15 +22,14 @@ import typing
 from pathlib import Path
 
 from kerasft.config import (
-    DATA_FORMATS, DEDUP_MODES, EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES, LORA_TARGETS, MODEL_DTYPES, DataConfig,
-    RunConfig, load_config,
+    DATA_FORMATS, DEDUP_MODES, EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES, LORA_TARGETS, MODEL_DTYPES, TASK_METRICS,
+    DataConfig, RunConfig, load_config,
 )
 from kerasft.data.inspect import format_report, inspect_data
 from kerasft.data.prepare import SPLITS, build_datasets
 from kerasft.data.records import CONTEXT_KEYS, PROMPT_KEYS, QUESTION_KEYS, RESPONSE_KEYS
 from kerasft.errors import KerasftError
 from kerasft.evaluate.evaluator import headline
-from kerasft.evaluate.metrics import TASK_METRICS
 from kerasft.paths import RunDir
 from kerasft.runtime import TARGETS as PLAN_TARGETS
 from kerasft.train.loop import make_optimizer, planned_steps
