@@ -147,12 +147,10 @@ def gemma_layout_map(device_mesh):
     keras-hub's Gemma layout (the Gemma team's training sharding: heads and feed-forward width
     over `model`, the hidden width over `batch`) names its variables the same way in all three
     families (Gemma3Backbone has no layout map of its own), so one map serves them; Llama's
-    variables have other names, and their rules (kerasft.models.families.llama_layout_rules)
-    join the same map. LoRA A/B matrices match no rule and are replicated.
+    variables have other names, and their rules (llama_layout_rules) join the same map. LoRA A/B
+    matrices match no rule and are replicated.
     """
     import keras_hub
-
-    from kerasft.models.families import llama_layout_rules
 
     layout_map = keras_hub.models.GemmaBackbone.get_layout_map(
         device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"
@@ -160,6 +158,20 @@ def gemma_layout_map(device_mesh):
     for key, axes in llama_layout_rules("model", "batch").items():
         layout_map[key] = axes
     return layout_map
+
+
+def llama_layout_rules(model_dim: str = "model", data_dim: str = "batch") -> dict:
+    """keras LayoutMap rules for Llama weights over a ("batch", "model") mesh, following
+    keras-hub's LlamaBackbone.get_layout_map but keeping key/value kernels whole: their head
+    count (8 in Llama 3, 4 in TinyLlama) need not divide the model axis, and they are small."""
+    return {
+        "transformer_layer.*self_attention.*query.kernel": (model_dim, data_dim, None),
+        "transformer_layer.*self_attention.*(key|value).kernel": (None, None, None),
+        "transformer_layer.*attention_output.kernel": (model_dim, None, data_dim),
+        "transformer_layer.*feedforward_(intermediate|gate)_dense.kernel": (data_dim, model_dim),
+        "transformer_layer.*feedforward_output_dense.kernel": (model_dim, data_dim),
+        "token_embedding/reverse_embeddings": (data_dim, model_dim),
+    }
 
 
 def batch_shards() -> int:

@@ -140,20 +140,6 @@ def tokenizer_kind(tokenizer) -> str:
     raise KerasftError(f"{type(tokenizer).__name__}: kerasft needs a SentencePiece or byte-level BPE tokenizer")
 
 
-def llama_layout_rules(model_dim: str = "model", data_dim: str = "batch") -> dict:
-    """keras LayoutMap rules for Llama weights over a ("batch", "model") mesh, following
-    keras-hub's LlamaBackbone.get_layout_map but keeping key/value kernels whole: their head
-    count (8 in Llama 3, 4 in TinyLlama) need not divide the model axis, and they are small."""
-    return {
-        "transformer_layer.*self_attention.*query.kernel": (model_dim, data_dim, None),
-        "transformer_layer.*self_attention.*(key|value).kernel": (None, None, None),
-        "transformer_layer.*attention_output.kernel": (model_dim, None, data_dim),
-        "transformer_layer.*feedforward_(intermediate|gate)_dense.kernel": (data_dim, model_dim),
-        "transformer_layer.*feedforward_output_dense.kernel": (model_dim, data_dim),
-        "token_embedding/reverse_embeddings": (data_dim, model_dim),
-    }
-
-
 def trainable_turn_tokens(configured: tuple, template: str) -> tuple:
     """lora.trainable_tokens for a model whose chat template is `template`: the configured
     pieces, except that the default (Gemma's turn tokens) becomes the template's own turn tokens."""
