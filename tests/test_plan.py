@@ -13,6 +13,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from kerasft.cli import main
 from kerasft.config import ModelConfig, load_config
+from kerasft.models.presets import load_model
 from kerasft.train.plan import backbone_spec, measure_step, plan_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +76,8 @@ def test_tpu_target_compiles_with_the_tpu_compiler(tiny_preset, capsys):
     out = capsys.readouterr().out
     assert "compiled for tpu on 8 device(s), mesh model auto" in out
     assert "compiled with the TPU compiler (libtpu) for 8 abstract TPU v3 devices (topology v3:2x2)" in out
+    # The plan put keras' distribution back: a model loaded afterwards lands on this machine's devices.
+    import keras
+
+    assert keras.distribution.distribution() is None
+    assert load_model(ModelConfig(preset=str(tiny_preset))).backbone.count_params() > 0

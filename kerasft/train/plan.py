@@ -28,8 +28,8 @@ from kerasft.models.families import KNOWN_ARCHITECTURES
 from kerasft.models.lora import apply_lora
 from kerasft.models.presets import load_model
 from kerasft.models.quant import parameter_count, quantize_abstract
-from kerasft.runtime import (GIB, TARGETS, Target, batch_shards, peak_rss_bytes, proc_status, reset_peak_rss,
-                             set_distribution)
+from kerasft.runtime import (GIB, TARGETS, Target, batch_shards, init_backend, peak_rss_bytes, proc_status,
+                             reset_peak_rss, set_distribution)
 from kerasft.train.loop import TrainSpec, accumulation_batches, build_step
 
 HEADROOM = 0.9  # runtimes and fragmentation take a share of device memory; plan to 90 %
@@ -130,7 +130,19 @@ def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search:
         targets_per_row: loss positions per row (the response length); default sequence_length,
             the worst case.
         search: compile more batch sizes to find the largest that fits.
+
+    keras' global distribution is set for the plan (abstract TPU devices for a TPU target) and put
+    back as it was afterwards, so a model loaded later in the process lands on real devices.
     """
+    keras = init_backend()
+    previous = keras.distribution.distribution()
+    try:
+        return _plan_step(cfg, target_name, targets_per_row, search)
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+def _plan_step(cfg, target_name: str, targets_per_row: int | None, search: bool) -> Plan:
     if target_name not in TARGETS:
         raise KerasftError(f"--target: {target_name!r} is not one of {', '.join(TARGETS)}")
     target = TARGETS[target_name]
