@@ -168,7 +168,7 @@ def llama3_rope_factors(head_dim: int, base: float, factor: float, low: float, h
 
 # Backbone constructor arguments of keras-hub presets, so memory plans need no download. From the
 # published checkpoints' configs (HF config.json); keras-hub's Gemma 1/2 intermediate_dim is
-# twice HF's intermediate_size, Gemma 3's equals it. tests/test_plan.py checks each against the
+# twice HF's intermediate_size, Gemma 3's equals it. tests/train/test_plan.py checks each against the
 # parameter count in keras-hub's preset metadata.
 _GEMMA2 = dict(query_head_dim_normalize=True, use_post_ffw_norm=True, use_post_attention_norm=True,
                attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0, use_sliding_window_attention=True,

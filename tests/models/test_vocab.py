@@ -186,7 +186,7 @@ def test_continued_pretraining_trains_new_rows_then_sft_chains_on_its_export(tin
 
     from safetensors.numpy import load_file
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)
     grown = tmp_path / "grown"
     assert main(["vocab", "add", "--preset", str(tiny_preset), "--words", "data/dialect/words.txt",
@@ -222,7 +222,7 @@ def test_continued_pretraining_trains_new_rows_then_sft_chains_on_its_export(tin
 def test_train_new_tokens_on_a_preset_without_added_pieces_says_so(tiny_preset, tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     assert main(["train", "configs/dialect_cpt.yaml", f"model.preset={tiny_preset}", f"output_dir={tmp_path}",
                  "name=plain", "train.max_steps=1"]) == 0
     assert "has no kerasft_vocab.json" in capsys.readouterr().out
@@ -234,7 +234,7 @@ def _compare_script():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "experiments" / "compare_dialect_routes.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "experiments" / "compare_dialect_routes.py"
     spec = importlib.util.spec_from_file_location("compare_dialect_routes", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -22,7 +22,7 @@ from kerasft.models.lora import LORA_TARGETS, lora_layers
 from kerasft.models.presets import load_model
 from kerasft.testing import export_base_and_lora
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA_FAMILIES = ("llama", "llama3")
 RANK, ALPHA = 4, 8.0
 ATOL = 1e-4

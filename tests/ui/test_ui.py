@@ -16,7 +16,7 @@ from kerasft.ui.workspace import (
     sanitize_filename, training_progress,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name, expected", [

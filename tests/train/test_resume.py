@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from kerasft.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Dies by SIGKILL (no cleanup, no FAILED marker, a checkpoint possibly half written) when the
 # loop asks for its KILL_AT-th batch.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("KERASFT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 MISSING = [name for name, ok in (("gradio", importlib.util.find_spec("gradio")),
                                  ("playwright", importlib.util.find_spec("playwright")),

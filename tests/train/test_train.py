@@ -18,7 +18,7 @@ from kerasft.train.logs import read_metrics
 from kerasft.train.loop import TrainSpec, planned_steps, train
 from kerasft.train.loss import make_loss_fn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(tmp_path, tiny_preset, name, *extra):

@@ -10,7 +10,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as in test_plan.py
 from kerasft.cli import main
 from kerasft.ui.app import _last_json_object, _plan_badge
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plan_json_is_the_plan_dataclass_with_fits_and_target_key(tiny_preset, capsys):

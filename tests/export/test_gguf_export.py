@@ -107,7 +107,7 @@ def test_embedded_270m_gguf_round_trip(quant, bound, tmp_path):
     """The real Gemma 3 270M through export_gguf and back: logits within the format's precision
     (bound: max |diff| as a fraction of the largest |logit|) and the same greedy next tokens.
 
-    Measured 2026-11-22 (`pytest -m slow -s -k embedded_270m tests/test_gguf_export.py`), logit
+    Measured 2026-11-22 (`pytest -m slow -s -k embedded_270m tests/export/test_gguf_export.py`), logit
     scale 40.9: f16 (543 MB) 0.0217, q8_0 (292 MB) 0.86; greedy tokens agree at 22 of 22 positions.
     """
     import keras_hub

@@ -1,5 +1,5 @@
 """The real Gemma 3 270M (the embedded preset) with LoRA through the merged Hugging Face export,
-checked in transformers: the tiny-model export tests (tests/test_lora_export.py) at full size,
+checked in transformers: the tiny-model export tests (tests/export/test_lora_export.py) at full size,
 with a sequence longer than the 512-token sliding window so local and global layers both count."""
 
 import numpy as np

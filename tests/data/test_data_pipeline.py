@@ -27,7 +27,7 @@ from kerasft.data.template import (chat_tokens, encode_conversation, encode_prom
                                    hf_chat_template, render_chat)
 from kerasft.errors import KerasftError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

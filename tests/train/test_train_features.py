@@ -20,7 +20,7 @@ from kerasft.train.loss import make_loss_fn
 from kerasft.train.plan import plan_step
 from kerasft.workflow import run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data(tmp_path):

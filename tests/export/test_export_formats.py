@@ -114,7 +114,7 @@ def test_int8_backbone_exports_dequantized_with_lora_merged(tiny_presets, tmp_pa
 
 def test_backbone_quantized_in_an_unsupported_mode_is_refused(tiny_preset, tmp_path):
     loaded = load_model(ModelConfig(preset=str(tiny_preset)))
-    # int8 and int4 are dequantized (tests/test_qlora.py); keras' float8 is not. One layer is enough.
+    # int8 and int4 are dequantized (tests/models/test_qlora.py); keras' float8 is not. One layer is enough.
     loaded.backbone.get_layer("decoder_block_1").ffw_linear.quantize("float8")
     with pytest.raises(KerasftError, match=r"cannot dequantize: ffw_linear \(float8\); only int8 and int4"):
         export_hf(loaded.backbone, loaded.tokenizer, tmp_path / "float8")

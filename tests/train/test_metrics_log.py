@@ -14,7 +14,7 @@ from kerasft.cli import main
 from kerasft.errors import KerasftError
 from kerasft.train.logs import RunLog, draw_loss_curve, drop_records_after, read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECORDS = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "eval_loss": 2.7}, {"step": 3, "loss": 2.25}]
 
 

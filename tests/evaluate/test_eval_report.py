@@ -15,7 +15,7 @@ from kerasft.evaluate.generate import HFModel, KerasModel
 from kerasft.evaluate.report import write_report
 from kerasft.models.presets import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONTEXT = "El río Ebro atraviesa Zaragoza. La capital de España es Madrid."
 QA = [
     Example("q1", qa_prompt("", CONTEXT, "¿Qué río atraviesa Zaragoza?"), "río Ebro", ("río Ebro", "Ebro"), CONTEXT,

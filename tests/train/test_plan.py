@@ -16,7 +16,7 @@ from kerasft.config import ModelConfig, load_config
 from kerasft.models.presets import load_model
 from kerasft.train.plan import backbone_spec, measure_step, plan_step
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["gemma_2b_en", "gemma_7b_en", "gemma2_2b_en", "gemma2_9b_en", "gemma3_1b", "gemma3_270m"])

@@ -13,7 +13,7 @@ from kerasft.data.sources import load_examples
 from kerasft.data.template import chat_tokens, encode_prompt, encode_response, render_chat
 from kerasft.errors import KerasftError
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "qa_es"
+DATA = Path(__file__).resolve().parents[2] / "data" / "qa_es"
 
 
 def _squad(path, context, answer, start, qid="q1"):

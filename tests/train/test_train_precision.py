@@ -14,7 +14,7 @@ from kerasft.config import LoraConfig, ModelConfig
 from kerasft.models.lora import apply_lora
 from kerasft.models.presets import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ("float32", "bfloat16", "mixed_bfloat16")
 
 

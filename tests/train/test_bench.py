@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kerasft.testing import build_tiny_preset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke_produces_every_figure(tmp_path):

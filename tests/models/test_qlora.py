@@ -17,7 +17,7 @@ from kerasft.models.lora import apply_lora, load_adapter, lora_layers, save_adap
 from kerasft.models.presets import load_model
 from kerasft.models.quant import quantize_backbone, quantized_modes, weight_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENS = np.array([[2, 5, 17, 40, 41, 99, 7, 3, 250, 12, 13, 14]], dtype=np.int32)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("query", "value", "ffw_linear"))
 
