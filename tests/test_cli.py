@@ -85,6 +85,13 @@ CONFIG_CASES = [pytest.param(c, f, id=f"{c.stem}-{f}", marks=[pytest.mark.slow] 
                 for c in CONFIGS for f in (["gemma", "gemma2", "gemma3"] if c.stem == "quickstart" else ["gemma3"])]
 
 
+# What a run dir is used for next (generate, export, eval re-scoring, the HF export as a source) runs
+# once per kind of run: each task and template, a split chosen on validation, an int8 base, a preset
+# with added tokens and a spreadsheet source. The other configs differ from these only in numbers.
+FOLLOW_UPS = {"quickstart", "chat", "pretrain_text", "recipe_company_qa", "recipe_structured_json_int8", "dialect_sft",
+              "faq_csv"}
+
+
 @pytest.mark.parametrize("config, family", CONFIG_CASES)
 def test_shipped_config_runs_two_steps_on_tiny_preset(config, family, tiny_presets, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
@@ -105,6 +112,8 @@ def test_shipped_config_runs_two_steps_on_tiny_preset(config, family, tiny_prese
         assert (run_dir / name).is_file(), name
     out = capsys.readouterr().out
     assert ("tuned" in out and "base" in out) == evaluates
+    if config.stem not in FOLLOW_UPS or family != "gemma3":
+        return
 
     # The run dir is a source for generate and export, and a second run refuses to clobber it.
     assert main(["generate", str(run_dir), "Hola", "--max-new-tokens", "3"]) == 0
