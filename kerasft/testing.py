@@ -13,8 +13,16 @@ import io
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+
+from kerasft.config import LoraConfig, ModelConfig
+from kerasft.data.template import LLAMA3_SPLIT
+from kerasft.export.hf import export_hf, keras_logits
+from kerasft.export.peft import export_peft
+from kerasft.models.lora import LORA_TARGETS, apply_lora, lora_layers
+from kerasft.models.presets import load_model
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
 # Built on demand (fixture tiny_llama_presets): "llama" mirrors TinyLlama (SentencePiece, untied
@@ -148,8 +156,6 @@ def tiny_llama3_bpe() -> tuple[dict, list]:
     """A tiny byte-level BPE (vocabulary, merges) trained with Llama 3's pre-tokenizer, with
     Llama 3's special tokens at the end of the vocabulary."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-
-    from kerasft.data.template import LLAMA3_SPLIT
 
     tokenizer = Tokenizer(models.BPE(ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -335,16 +341,6 @@ def export_base_and_lora(preset, root, tokens, rank=4, alpha=8.0, seed=7):
     Returns a namespace with loaded, backbone, base/lora Keras logits on `tokens`, base_dir,
     merged_dir and adapter_dir.
     """
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from kerasft.config import LoraConfig, ModelConfig
-    from kerasft.export.hf import export_hf, keras_logits
-    from kerasft.export.peft import export_peft
-    from kerasft.models.lora import LORA_TARGETS, apply_lora, lora_layers
-    from kerasft.models.presets import load_model
-
     loaded = load_model(ModelConfig(preset=str(preset)))
     backbone = loaded.backbone
     base_dir = export_hf(backbone, loaded.tokenizer, root / "base")

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from kerasft.config import GGUF_QUANTS
-from kerasft.data.template import chat_tokens, closing_id, EOT, hf_chat_template, resolve_template
+from kerasft.data.template import EOT, chat_tokens, closing_id, hf_chat_template, resolve_template
 from kerasft.errors import KerasftError
 from kerasft.export import hf
 from kerasft.export.card import model_card
 from kerasft.export.hf import decoder_block, hf_state_dict
-from kerasft.models.families import FAMILIES, llama3_rope_factors, LLAMA_FAMILIES, tokenizer_kind
+from kerasft.models.families import FAMILIES, LLAMA_FAMILIES, llama3_rope_factors, tokenizer_kind
 from kerasft.models.gguf import QUERY_SCALED_BY_HIDDEN
 from kerasft.paths import staged_dir
 
