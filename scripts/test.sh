@@ -8,7 +8,7 @@ python3 -m venv .venv
 # torch is pinned to the CPU build this machine kind ships; elsewhere pip fetches the same version.
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test]" "torch==2.13.0"
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=20 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
