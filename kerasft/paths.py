@@ -26,9 +26,6 @@ class RunDir:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
-
     def __fspath__(self) -> str:
         return str(self.root)
 

@@ -45,7 +45,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict], training_log: st
     }
     if plots:
         try:
-            report["plots"] = _draw_plots(out_dir / "plots", results, log)
+            report["plots"] = _draw_plots(RunDir(out_dir).plots, results, log)
         except ImportError:
             report["plots_skipped"] = "matplotlib is not installed: pip install 'kerasft[eval]'"
             print(f"  report: plots skipped ({report['plots_skipped']})", flush=True)

@@ -12,7 +12,6 @@ from pathlib import Path
 from kerasft.errors import KerasftError
 from kerasft.paths import RunDir
 
-TENSORBOARD_DIR = "tensorboard"
 LR_PLOT = "lr_schedule.png"
 LOSS_PLOT = "loss_curves.png"
 
@@ -53,7 +52,7 @@ class RunLog:
 
 def _open_sink(kind: str, run_dir: Path, config: dict, name: str):
     if kind == "tensorboard":
-        return _TensorBoard(run_dir / TENSORBOARD_DIR)
+        return _TensorBoard(RunDir(run_dir).tensorboard)
     if kind == "wandb":
         return _WandB(run_dir, config, name)
     if kind == "mlflow":

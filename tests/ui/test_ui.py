@@ -313,7 +313,7 @@ def test_train_subprocess_on_the_config_the_studio_wrote(tmp_path, tiny_preset):
     assert "I0000" not in job.log_text() and "step    3/3" in job.log_text()
     assert run_dir.has_adapter
     assert latest_checkpoint(run_dir) == 3
-    (run_dir / "checkpoints" / "6.orbax-checkpoint-tmp-123").mkdir()  # a save in progress does not count
+    (run_dir.checkpoints / "6.orbax-checkpoint-tmp-123").mkdir()  # a save in progress does not count
     assert latest_checkpoint(run_dir) == 3
     assert load_config(run_dir.config).data.columns.prompt == "pregunta"
 

@@ -173,7 +173,7 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     assert "paused" in paused, paused
     run_dir = app.studio.ws.run_dir("faq-tiny")
     stopped_at = int(re.search(r"step (\d+)", paused).group(1))
-    checkpoint = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    checkpoint = max(int(p.name) for p in run_dir.checkpoints.iterdir() if p.name.isdigit())
     assert 3 <= checkpoint <= stopped_at < 100000 and checkpoint % 3 == 0, paused
     _shot(page, "04a_paused")
     page.locator("#resume_training").click()
@@ -195,7 +195,7 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     status = _wait_text(page, "train_status", r"finished|failed|stopped", timeout=300)
     assert "finished" in status and "step 12 / 12" in status, status
     assert "tokens/s" in status and "ETA" in status
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in run_dir.metrics.read_text().splitlines()]
     assert steps == list(range(1, 13)), steps
     page.locator("#loss_plot canvas, #loss_plot svg").first.wait_for()
     assert "100%" in page.locator("#progress_bar .kft-bar").get_attribute("title")
