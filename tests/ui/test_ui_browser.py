@@ -229,7 +229,7 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     assert "model.safetensors" in _text(page, "export_files").replace("\n", "")
     assert "Gemma" in _text(page, "model_card")
     _shot(page, "07_export")
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert run_dir.has_adapter
     assert (app.studio.ws.export_dir("faq-tiny", "hf") / "model.safetensors").is_file()
 
     # Dark theme: same page, text still readable.
