@@ -14,6 +14,9 @@ quantized projection's output (keras' int8/int4 EinsumDense compute that branch 
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import numpy as np
 
 from kerasft.errors import KerasftError
@@ -48,8 +51,9 @@ def quantize_backbone(backbone, mode: str) -> dict:
     config = quantization_config(mode)
     before = weight_bytes(backbone)
     layers = _projections(backbone)
-    for layer in layers:
-        layer.quantize(mode, config=config)
+    with one_collection():
+        for layer in layers:
+            layer.quantize(mode, config=config)
     return {"mode": mode, "weights_bytes_before": before, "weights_bytes_after": weight_bytes(backbone),
             "layers": len(layers)}
 
@@ -58,11 +62,16 @@ def quantize_abstract(backbone, mode: str) -> None:
     """Gives the projection layers the variables (shapes and dtypes) of `mode` without computing
     any value: for a backbone built inside jax.eval_shape (kerasft plan), where keras'
     `quantize` cannot run (it reads the float kernel into numpy)."""
-    from keras import dtype_policies
-
     if mode == "none":
         return
     config = quantization_config(mode)
+    with one_collection():
+        _abstract_layers(backbone, mode, config)
+
+
+def _abstract_layers(backbone, mode: str, config) -> None:
+    from keras import dtype_policies
+
     for layer in _projections(backbone):
         kernel_shape = tuple(layer._kernel.shape)
         layer.quantization_config = config
@@ -73,6 +82,23 @@ def quantize_abstract(backbone, mode: str) -> None:
         layer._tracker.lock()
         policy = mode if mode == "int8" else f"int4/{INT4_BLOCK_SIZE}"
         layer.dtype_policy = dtype_policies.get(f"{policy}_from_{layer.dtype_policy.name}")
+
+
+@contextlib.contextmanager
+def one_collection():
+    """Runs the block with one garbage collection at its end instead of one per deleted variable.
+
+    keras' Layer.__delattr__ calls gc.collect() for every variable it drops, and quantize() drops
+    each float kernel: with TensorFlow and keras loaded a full collection takes 1-3 s on this CPU,
+    so quantizing the 42 projections of a tiny preset took about 115 s (py-spy, issue 18's slowest test).
+    """
+    collect = gc.collect
+    gc.collect = lambda generation=2: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
+        gc.collect()
 
 
 def float_kernel(layer):
