@@ -65,7 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p = command("plan", _cmd_plan, "per-device memory of the training step on a target, and the largest batch that fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--target", required=True, choices=list(TARGETS))
+    p.add_argument("--target", required=True, metavar="TARGET",
+                   help=f"one of {', '.join(TARGETS)}; several GPUs as NxKEY (4xa100-80g). GPU targets compile with "
+                        "XLA's CUDA compiler when the gpu-plan extra is installed (no GPU needed), TPU targets with "
+                        "libtpu's (tpu-plan extra); otherwise with this machine's compiler, and the plan says so")
+    p.add_argument("--devices", type=int, default=0, metavar="N",
+                   help="GPUs of a GPU target (the mesh: runtime.mesh); the same as --target NxKEY")
     p.add_argument("--targets", type=int, default=0, metavar="K",
                    help="loss positions per row (response tokens); default the whole sequence, the worst case")
     p.add_argument("--no-search", action="store_true", help="compile only the configured batch size")
@@ -195,27 +200,36 @@ def _cmd_train(args) -> int:
 
 def _cmd_plan(args) -> int:
     import dataclasses
+    import importlib.util
     import os
 
     from kerasft.config import load_config
+    from kerasft.runtime import resolve_target
 
     cfg = load_config(args.config, args.overrides)
-    devices = TARGETS[args.target].devices
-    if devices > 1 and "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    key, target = resolve_target(args.target, args.devices)
+    devices = target.devices
+    cuda_compiler = target.kind == "gpu" and importlib.util.find_spec("jax_cuda12_plugin") is not None
+    if cuda_compiler and "jax" not in sys.modules and not os.path.exists("/dev/nvidiactl"):
+        # XLA's CUDA compiler for abstract GPUs: on a machine without a GPU the CUDA plugin registers
+        # only when JAX starts on the CPU platform (otherwise it fails on cuInit and is left out).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if (devices > 1 and not cuda_compiler and "jax" not in sys.modules
+            and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
         # Without TPUs, plan the 8-device layout on 8 simulated CPU devices (fixed when jax loads).
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     from kerasft.runtime import init_backend
     from kerasft.train.plan import format_plan, measure_step, plan_step
 
     init_backend()
-    plan = plan_step(cfg, args.target, args.targets or None, search=not args.no_search)
+    plan = plan_step(cfg, args.target, args.targets or None, search=not args.no_search, devices=args.devices)
     if args.json:
-        result = {"target_key": args.target, **dataclasses.asdict(plan), "fits": plan.fits}
+        result = {"target_key": key, **dataclasses.asdict(plan), "fits": plan.fits}
         if args.measure:
             result["measured"] = measure_step(cfg, args.targets or None)
         print(json.dumps(result), flush=True)
         return 0 if plan.fits else 1
-    print(format_plan(plan, args.target))
+    print(format_plan(plan, args.target if not args.devices else f"{args.devices}x{key}"))
     if args.measure:
         measured = measure_step(cfg, args.targets or None)
         ratio = plan.step.peak / measured["measured_peak"]

@@ -4,6 +4,7 @@ backend, seeds, the distributed runtime of multi-host jobs, the device mesh."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import sys
@@ -21,18 +22,58 @@ class Target:
     bytes_per_device: int
     devices: int
     kind: str  # gpu | tpu | cpu
+    gpu_spec: str = ""  # GPU targets: the GpuTargetConfig text proto in kerasft/gpu_targets/ (gpu_target_config)
 
 
 TARGETS = {
-    "4090": Target("RTX 4090 (24 GiB)", 24 * GIB, 1, "gpu"),
-    "t4": Target("T4 (16 GiB, 15 usable)", 15 * GIB, 1, "gpu"),
-    "a100-40g": Target("A100 40 GB", 40 * 10**9, 1, "gpu"),
-    "a100-80g": Target("A100 80 GB", 80 * 10**9, 1, "gpu"),
-    "h100": Target("H100 80 GB", 80 * 10**9, 1, "gpu"),
+    "4090": Target("RTX 4090 (24 GiB)", 24 * GIB, 1, "gpu", "4090.txtpb"),
+    "t4": Target("T4 (16 GiB, 15 usable)", 15 * GIB, 1, "gpu", "t4.txtpb"),
+    "l4": Target("L4 (24 GB, 22.5 GiB usable)", 23034 * 2**20, 1, "gpu", "l4.txtpb"),
+    "a100-40g": Target("A100 40 GB", 40 * 10**9, 1, "gpu", "a100-40g.txtpb"),
+    "a100-80g": Target("A100 80 GB", 80 * 10**9, 1, "gpu", "a100-80g.txtpb"),
+    "h100": Target("H100 80 GB", 80 * 10**9, 1, "gpu", "h100.txtpb"),
+    "h200": Target("H200 141 GB", 141 * 10**9, 1, "gpu", "h200.txtpb"),
     "tpu-v3-8": Target("TPU v3-8 (8 cores x 16 GiB)", 16 * GIB, 8, "tpu"),
     "tpu-v5e-8": Target("TPU v5e-8 (8 chips x 16 GiB)", 16 * GIB, 8, "tpu"),
     "cpu": Target("this machine's free memory", 0, 1, "cpu"),
 }
+
+
+def resolve_target(text: str, devices: int = 0) -> tuple[str, Target]:
+    """(key of TARGETS, Target) for `kerasft plan --target`: a key, or N x a GPU key ("4xa100-80g");
+    `devices` (--devices) sets the GPU count too. Raises KerasftError naming the flag."""
+    import re
+
+    key, count = text, 0
+    if text not in TARGETS and re.fullmatch(r"\d+x.+", text):
+        count_text, _, key = text.partition("x")
+        count = int(count_text)
+    if key not in TARGETS:
+        raise KerasftError(f"--target: {text!r} is not one of {', '.join(TARGETS)} (GPUs also as NxKEY, e.g. 4xa100-80g)")
+    target = TARGETS[key]
+    wanted = {n for n in (count, devices) if n}
+    if not wanted and not (count or devices):
+        if text != key:
+            raise KerasftError(f"--target {text}: give a device count of 1 or more")
+        return key, target
+    if min(wanted) < 1:
+        raise KerasftError(f"--devices {devices}: give a device count of 1 or more")
+    if len(wanted) > 1:
+        raise KerasftError(f"--target {text} --devices {devices}: the two device counts differ")
+    if target.kind != "gpu":
+        raise KerasftError(f"--devices: only GPU targets take a device count; {key} has {target.devices}")
+    n = wanted.pop()
+    return key, dataclasses.replace(target, devices=n, name=target.name if n == 1 else f"{n} x {target.name}")
+
+
+def gpu_target_config(target: Target) -> str:
+    """The GpuTargetConfig text proto of a GPU target (XLA's own dump for A100/H100/H200; written
+    from the vendor's public specifications for the 4090, T4 and L4: each file names its sources)."""
+    from importlib import resources
+
+    if not target.gpu_spec:
+        raise KerasftError(f"{target.name}: no GPU target description")
+    return resources.files("kerasft").joinpath("gpu_targets", target.gpu_spec).read_text(encoding="utf-8")
 
 
 def init_backend(seed: int | None = None):

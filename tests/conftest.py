@@ -65,6 +65,21 @@ def tiny_llama_presets(tmp_path_factory):
     return {family: build_tiny_preset(family, root / family) for family in LLAMA_FAMILIES}
 
 
+def pytest_configure(config):
+    """JAX on the CPU for every tier but `gpu` (a real GPU): with the gpu-plan extra's CUDA plugin
+    installed and no GPU, JAX would otherwise try CUDA in each process and print a plugin error,
+    and XLA's CUDA compiler for abstract GPUs registers only this way. JAX_PLATFORMS set by the
+    caller wins. Subprocesses (the CLI, scripts) inherit it."""
+    import re
+    import sys
+
+    if "JAX_PLATFORMS" in os.environ or re.search(r"(?<!not )\bgpu\b", config.option.markexpr or ""):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported above (kerasft.testing); its backends start later
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skip is a failure: CI installs every extra and Chromium, so a test that

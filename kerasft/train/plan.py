@@ -5,9 +5,12 @@ training step of loop.py is lowered on ShapeDtypeStructs (sharded as runtime.mes
 compiled, and XLA's memory analysis gives the per-device peak: arguments + outputs - donated
 aliases + temporaries. What is planned is the step that runs.
 
-The compile happens on this machine's backend: on a GPU machine it is the GPU compiler; on CPU
-the compiler upcasts bfloat16 matmuls to float32, so CPU figures overstate GPU/TPU memory for
-bfloat16 models (the report says so).
+Which compiler: a TPU target with libtpu installed (the tpu-plan extra) compiles with the TPU
+compiler for abstract TPU devices; a GPU target with the CUDA plugin installed (the gpu-plan
+extra) with XLA's CUDA compiler for abstract GPUs described by kerasft/gpu_targets/ (no GPU
+needed; JAX must start with JAX_PLATFORMS=cpu, which `kerasft plan` sets). Otherwise the step
+compiles on this machine's backend: on CPU the compiler upcasts bfloat16 matmuls to float32, so
+CPU figures overstate GPU/TPU memory for bfloat16 models (the report says so).
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ from kerasft.models.families import KNOWN_ARCHITECTURES
 from kerasft.models.lora import apply_lora
 from kerasft.models.presets import load_model
 from kerasft.models.quant import parameter_count, quantize_abstract
-from kerasft.runtime import (GIB, TARGETS, Target, batch_shards, init_backend, peak_rss_bytes, proc_status,
-                             reset_peak_rss, set_distribution)
+from kerasft.runtime import (GIB, Target, batch_shards, gpu_target_config, init_backend, peak_rss_bytes, proc_status,
+                             reset_peak_rss, resolve_target, set_distribution)
 from kerasft.train.loop import TrainSpec, accumulation_batches, build_step
 
 HEADROOM = 0.9  # runtimes and fragmentation take a share of device memory; plan to 90 %
+# What the 10 % held back on a GPU covers: XLA's figure is the program's own buffers only.
+GPU_MARGIN_COVERS = ("the CUDA context and the cuBLAS/cuDNN handles (a few hundred MiB, outside JAX's pool), the "
+                     "allocator's fragmentation, and the cuBLAS and autotuning workspaces that a compile without a GPU "
+                     "does not size")
 
 
 @dataclass
@@ -64,6 +71,9 @@ class Plan:
     step: StepMemory
     quantize: str = "none"
     remat: str = "none"
+    compiled_for: str = ""  # the abstract device the compiler targeted (its device_kind), or this machine's backend
+    margin: int = 0  # bytes per device held back from the target's memory (HEADROOM)
+    margin_covers: str = ""
     largest_batch: int | None = None
     tried: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -121,47 +131,57 @@ def abstract_backbone(model_cfg, lora_cfg):
     return built["backbone"]
 
 
-def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search: bool = True) -> Plan:
+def plan_step(cfg, target_name: str, targets_per_row: int | None = None, search: bool = True,
+              devices: int = 0) -> Plan:
     """Plans the training step of a RunConfig on a target and searches the largest batch that fits.
 
     Args:
         cfg: kerasft.config.RunConfig (model, lora, data.sequence_length, train, runtime).
-        target_name: a key of TARGETS.
+        target_name: a key of TARGETS, or N x a GPU key ("4xa100-80g").
         targets_per_row: loss positions per row (the response length); default sequence_length,
             the worst case.
         search: compile more batch sizes to find the largest that fits.
+        devices: GPUs of a GPU target (kerasft plan --devices); 0: the target's own count.
 
-    keras' global distribution is set for the plan (abstract TPU devices for a TPU target) and put
-    back as it was afterwards, so a model loaded later in the process lands on real devices.
+    keras' global distribution is set for the plan (abstract TPU or GPU devices) and put back as
+    it was afterwards, so a model loaded later in the process lands on real devices.
     """
     keras = init_backend()
     previous = keras.distribution.distribution()
     try:
-        return _plan_step(cfg, target_name, targets_per_row, search)
+        return _plan_step(cfg, target_name, targets_per_row, search, devices)
     finally:
         keras.distribution.set_distribution(previous)
 
 
-def _plan_step(cfg, target_name: str, targets_per_row: int | None, search: bool) -> Plan:
-    if target_name not in TARGETS:
-        raise KerasftError(f"--target: {target_name!r} is not one of {', '.join(TARGETS)}")
-    target = TARGETS[target_name]
+def _plan_step(cfg, target_name: str, targets_per_row: int | None, search: bool, devices: int) -> Plan:
+    key, target = resolve_target(target_name, devices)
     usable = int((target.bytes_per_device or _available_memory()) * HEADROOM)
-    tpu_devices = tpu_topology_devices(target_name)
+    abstract_devices = tpu_topology_devices(key) or gpu_topology_devices(target)
     runtime = cfg.runtime
-    if tpu_devices and runtime.mesh == "none":  # one abstract TPU device; without a sharding jit would pick the CPU
-        tpu_devices, runtime = tpu_devices[:1], dataclasses.replace(runtime, mesh="data", mesh_shape="auto")
-    distribution = set_distribution(runtime, devices=tpu_devices)
+    if abstract_devices and runtime.mesh == "none":  # one abstract device; without a sharding jit would pick the CPU
+        abstract_devices, runtime = abstract_devices[:1], dataclasses.replace(runtime, mesh="data", mesh_shape="auto")
+    distribution = set_distribution(runtime, devices=abstract_devices)
     backbone = abstract_backbone(cfg.model, cfg.lora)
     sequence_length = cfg.data.sequence_length
     k = min(targets_per_row or sequence_length, sequence_length)
     shards = batch_shards()
     notes = []
-    backend = "tpu" if tpu_devices else jax.default_backend()
-    device_count = len(tpu_devices) if tpu_devices else len(jax.devices())
-    if tpu_devices:
-        notes.append(f"compiled with the TPU compiler (libtpu) for {device_count} abstract {tpu_devices[0].device_kind} "
-                     f"devices (topology {TPU_TOPOLOGIES[target_name]}): no TPU needed, the figures are the TPU's own")
+    if abstract_devices:
+        backend = "tpu" if abstract_devices[0].platform == "tpu" else "cuda"
+        compiled_for = abstract_devices[0].device_kind
+    else:
+        backend = jax.default_backend()
+        compiled_for = jax.devices()[0].device_kind
+    device_count = len(abstract_devices) if abstract_devices else len(jax.devices())
+    if backend == "tpu" and abstract_devices:
+        notes.append(f"compiled with the TPU compiler (libtpu) for {device_count} abstract {compiled_for} "
+                     f"devices (topology {TPU_TOPOLOGIES[key]}): no TPU needed, the figures are the TPU's own")
+    elif backend == "cuda":
+        notes.append(f"compiled with XLA's CUDA compiler for {device_count} abstract {compiled_for} "
+                     f"({_compute_capability(target)}; kerasft/gpu_targets/{target.gpu_spec}): no GPU needed, the "
+                     "figures are the GPU compiler's own; without a GPU it does not autotune, so cuBLAS workspaces "
+                     "may differ by a few MiB")
     elif backend != target.kind:
         notes.append(f"compiled with the {backend} compiler, not {target.kind}'s"
                      + ("; it upcasts bfloat16 matmuls to float32, so bfloat16 plans overstate memory"
@@ -169,16 +189,26 @@ def _plan_step(cfg, target_name: str, targets_per_row: int | None, search: bool)
     if target.kind == "tpu" and backend != "tpu":
         notes.append("exact TPU plans need the TPU compiler on abstract TPU devices: pip install 'jax[tpu]' "
                      "(libtpu from PyPI, no TPU needed) and plan again")
+    if target.kind == "gpu" and backend not in ("cuda", "gpu"):
+        notes.append("exact GPU plans need XLA's CUDA compiler: pip install 'kerasft[gpu-plan]' (the CUDA plugin of "
+                     "jax, no GPU or CUDA driver needed) and plan again")
     if device_count != target.devices:
         notes.append(f"planned on {device_count} device(s); {target.name} has {target.devices}")
     if cfg.runtime.mesh == "none" and target.devices > 1:
         notes.append("runtime.mesh is none: one device holds everything; try runtime.mesh=model")
+    margin_covers = ""
+    if target.kind == "gpu":
+        margin_covers = GPU_MARGIN_COVERS
+        notes.append(f"usable is {int(HEADROOM * 100)} % of the card; the {_gib(usable / HEADROOM - usable)} held back "
+                     f"covers {GPU_MARGIN_COVERS}. JAX's own pool is 75 % of the card unless "
+                     "XLA_PYTHON_CLIENT_MEM_FRACTION says more (scripts/launch_local_gpu.sh sets 0.92)")
 
     def measure(batch_size: int) -> StepMemory:
         return _compile_step(backbone, cfg, distribution, batch_size, sequence_length, k)
 
     step = measure(cfg.train.batch_size)
-    plan = Plan(target=target, usable=usable, compiler=backend, devices=device_count,
+    plan = Plan(target=target, usable=usable, compiler=backend, devices=device_count, compiled_for=compiled_for,
+                margin=int(usable / HEADROOM) - usable, margin_covers=margin_covers,
                 mesh=f"{cfg.runtime.mesh} {cfg.runtime.mesh_shape}", sequence_length=sequence_length, targets_per_row=k,
                 parameters=parameter_count(backbone),
                 trainable_parameters=sum(_size(v) for v in backbone.trainable_variables), step=step, notes=notes,
@@ -223,6 +253,42 @@ def tpu_topology_devices(target_name: str):
                            "pip install 'jax[tpu]'") from None
 
 
+def gpu_topology_devices(target: Target):
+    """Abstract GPUs of a GPU target for XLA's CUDA compiler, or None: not a GPU target, or no CUDA
+    plugin of jax installed (pip install 'kerasft[gpu-plan]').
+
+    `topology` "1x1xN" is one slice of one host with N GPUs; every input of the step must then be
+    sharded over a mesh of these devices, or jit compiles for the CPU instead.
+    """
+    import importlib.util
+
+    if target.kind != "gpu" or not target.gpu_spec or importlib.util.find_spec("jax_cuda12_plugin") is None:
+        return None
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform="cuda", topology=f"1x1x{target.devices}",
+                                            target_config=gpu_target_config(target)).devices
+    except NotImplementedError:  # the plugin failed to start (cuInit) and never registered
+        raise KerasftError(f"--target: XLA's CUDA compiler is installed but did not start: without a GPU, JAX must "
+                           f"start with JAX_PLATFORMS=cpu (kerasft plan sets it unless JAX_PLATFORMS is set); "
+                           f"{target.name} was not planned") from None
+    except Exception as err:  # a plugin that does not match jax, or a description it cannot parse
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KerasftError(f"--target: XLA's CUDA compiler refused kerasft/gpu_targets/{target.gpu_spec} "
+                           f"({first_line}); install the CUDA plugin that matches jax: pip install "
+                           "'kerasft[gpu-plan]'") from None
+
+
+def _compute_capability(target: Target) -> str:
+    import re
+
+    text = gpu_target_config(target)
+    major = re.search(r"cuda_compute_capability \{[^}]*major: (\d+)", text)
+    minor = re.search(r"cuda_compute_capability \{[^}]*minor: (\d+)", text)
+    return f"compute capability {major.group(1) if major else '?'}.{minor.group(1) if minor else 0}"
+
+
 def _largest_batch(measure, plan: Plan, shards: int, max_compiles: int = 6) -> int | None:
     """Doubles the batch until it does not fit, then bisects; at most `max_compiles` compiles."""
     fits = {b: p <= plan.usable for b, p in plan.tried}
@@ -265,8 +331,11 @@ def _synthetic_batch(cfg, batch_size: int, sequence_length: int, k: int, vocabul
     numbers = np.random.default_rng(0)
     weights = np.zeros(sequence_length, np.uint8)
     weights[sequence_length - min(k, sequence_length - 1) :] = 1  # the first token predicts nothing
-    rows = [(numbers.integers(4, vocabulary, sequence_length), weights) for _ in range(batch_size)]
-    data = TokenizedSet.from_rows(rows, sequence_length=sequence_length)
+    pairs = cfg.train.objective != "sft"  # dpo / orpo: a pair is two rows (chosen, rejected)
+    rows = [(numbers.integers(4, vocabulary, sequence_length), weights) for _ in range(batch_size * (1 + pairs))]
+    data = TokenizedSet.from_rows(rows, sequence_length=sequence_length, pairs=pairs)
+    if cfg.train.precompute_reference:
+        data.reference_logps = np.zeros(len(rows), np.float32)
     batch = make_batch(data, range(batch_size), k, width=sequence_length)
     return accumulation_batches([batch] * cfg.train.grad_accum)[0]
 
@@ -380,7 +449,8 @@ def format_plan(plan: Plan, target_key: str) -> str:
         f"target {target_key}: {plan.target.name}; usable {_gib(plan.usable)} per device "
         f"({int(HEADROOM * 100)} % of {_gib(plan.usable / HEADROOM)})",
         f"model: {_count(plan.parameters)} parameters, {_count(plan.trainable_parameters)} trainable (LoRA); "
-        f"compiled for {plan.compiler} on {plan.devices} device(s), mesh {plan.mesh}",
+        f"compiled for {plan.compiler} on {plan.devices} device(s), mesh {plan.mesh}"
+        + (f" ({plan.compiled_for})" if plan.compiler in ("cuda", "tpu") else ""),
         f"step: batch {step.batch_size} x sequence {plan.sequence_length}, {plan.targets_per_row} loss positions a row"
         + (", decoder blocks rematerialised (train.remat=full)" if plan.remat == "full" else ""),
         "per device:",

@@ -23,7 +23,9 @@ def test_plan_json_is_the_plan_dataclass_with_fits_and_target_key(tiny_preset, c
     plan = json.loads(lines[-1])
     assert plan["target_key"] == "t4" and plan["fits"] is True
     assert plan["target"] == {"name": "T4 (16 GiB, 15 usable)", "bytes_per_device": 15 * 2**30, "devices": 1,
-                              "kind": "gpu"}
+                              "kind": "gpu", "gpu_spec": "t4.txtpb"}
+    # Which compiler made the figures: XLA's CUDA compiler with the gpu-plan extra, else this CPU's.
+    assert plan["compiler"] in ("cuda", "cpu") and plan["compiled_for"]
     step = plan["step"]
     assert step["batch_size"] == 2 and plan["sequence_length"] == 64
     for key in ("peak", "arguments", "outputs", "aliased", "temporaries", "weights", "trainable_and_optimizer",
