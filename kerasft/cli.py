@@ -79,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the plan as one JSON object (bytes as integers) instead of the report")
 
+    p = command("bench", _cmd_bench, "accelerator acceptance run on this machine's GPU or TPU: the Gemma 2 2B "
+                "architecture (random bfloat16 weights, no download), LoRA r16 on query/value, sequence 1024: "
+                "tokens/s, MFU, peak memory against the deviceless plan, attention paths, HF export parity")
+    p.add_argument("--accelerator", action="store_true", help="run the accelerator acceptance run (required)")
+    p.add_argument("--tiny", action="store_true", help="the tiny Gemma 2 preset instead: checks the harness anywhere")
+    p.add_argument("--out", default="acceptance", help="folder for acceptance.json, acceptance.md and plan.txt")
+    p.add_argument("--batch", type=int, default=0, help="rows per step (default 8, halved until the plan fits)")
+    p.add_argument("--seq", type=int, default=0, help="sequence length (default 1024; 64 with --tiny)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps after 2 warm-up steps (default 10; 4 with --tiny)")
+
     p = command("eval", _cmd_eval, "evaluate a run's adapter, or eval.source (a preset, run dir or Hugging Face "
                 "folder), on the held-out split; compare=base adds the base model; writes RUN_DIR/report.md")
     p.add_argument("config")
@@ -100,17 +110,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check of the export (the output says so)")
 
-    p = command("serve", _cmd_serve, "OpenAI-style HTTP server (/v1/completions, /v1/chat/completions) with "
-                                     "batched greedy generation")
+    p = command("serve", _cmd_serve, "OpenAI-style HTTP server (/v1/completions, /v1/chat/completions): token "
+                                     "streaming, continuous batching, sampling, several adapters over one base")
     p.add_argument("src", help="a run dir, a keras-hub preset dir, a Hugging Face export dir, a .gguf file or a preset")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
+                   help="serve this run's LoRA adapter over SRC (a base model) as model NAME; repeatable")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
-    p.add_argument("--batch-window-ms", type=float, default=20.0,
-                   help="how long to wait for more requests before decoding a batch")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` (default: $KERASFT_API_KEY; unset: no key)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser calls from this origin (repeatable; default: no CORS)")
+    p.add_argument("--max-batch", type=int, default=8, help="most answers decoded together (KV cache rows)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-seq-len", type=int, default=0,
+                   help="prompt + max_tokens of one request: the cache length per row (default min(context, 1024))")
+    p.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt accepted (default max-seq-len - 1)")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body (413 above)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="temperature of a request that sends none (default 0: greedy, as the run was evaluated)")
     p.add_argument("--context-length", type=int, default=0,
-                   help="longest prompt + max_tokens accepted (default: the model family's)")
+                   help="the model's context (default: the model family's)")
 
     p = command("generate", _cmd_generate, "greedy generation from a run dir or preset")
     p.add_argument("src", help="a run dir or a preset (embedded, a folder, a .gguf file, ...)")
@@ -239,6 +259,21 @@ def _cmd_plan(args) -> int:
     return 0 if plan.fits else 1
 
 
+def _cmd_bench(args) -> int:
+    if not args.accelerator:
+        raise KerasftError("bench: --accelerator is the benchmark this command runs (the CPU comparison with "
+                           "transformers is scripts/bench.py)")
+    for flag in ("batch", "seq", "steps"):
+        if getattr(args, flag) < 0:
+            raise KerasftError(f"--{flag}: {getattr(args, flag)} is negative")
+    from kerasft.bench import acceptance_run, format_acceptance
+
+    result = acceptance_run(_path(args.out), tiny=args.tiny, batch=args.batch, seq=args.seq, steps=args.steps)
+    print(format_acceptance(result), end="")
+    print(f"wrote {_path(args.out) / 'acceptance.json'} and acceptance.md")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from kerasft.config import load_config
     from kerasft.workflow import evaluate_run
@@ -277,10 +312,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from kerasft.serve import serve
+    from kerasft.serve import parse_adapters, serve
 
-    serve(args.src, args.host, args.port, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-          max_tokens_limit=args.max_tokens, context_length=args.context_length or None)
+    serve(args.src, args.host, args.port, api_key=args.api_key, cors_origins=args.cors_origin,
+          max_body_bytes=args.max_body_kb * 1024, adapters=parse_adapters(args.adapter), max_batch=args.max_batch,
+          max_tokens_limit=args.max_tokens, max_seq_len=args.max_seq_len or None,
+          max_prompt_tokens=args.max_prompt_tokens or None, default_temperature=args.temperature,
+          context_length=args.context_length or None)
     return 0
 
 

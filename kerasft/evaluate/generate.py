@@ -1,10 +1,10 @@
 """Batched generation and scoring, for a Keras model and for a Hugging Face folder in transformers.
 
-Keras: keras-hub's cached decoder with few static shapes. Prompts are sorted by length, so each
-batch decodes from nearly the same position; batches are padded to a fixed size and their width
-to a bucket grid, so a run compiles a handful of programs instead of one per call. Greedy by
-default; temperature / top-k / top-p sampling through keras-hub's samplers, reproducible with a
-seed. Log-probabilities of given responses come from one jitted forward pass of the backbone.
+Keras: one decode loop, shared with the server (kerasft.serve): a jitted prefill that writes one
+prompt into a row of keras-hub's KV cache, and a jitted one-token step over all rows, each row at
+its own position, so a row that finishes takes the next prompt at the next step (continuous
+batching). Greedy by default; temperature / top-k / top-p sampling with a per-row seed.
+Log-probabilities of given responses come from one jitted forward pass of the backbone.
 
 Hugging Face: the same prompts (rendered by the shared chat template, tokenised by the folder's
 tokenizer) through transformers' generate and forward pass, so an export can be scored with the
@@ -14,6 +14,7 @@ exact metrics of the Keras model it came from.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,69 +55,264 @@ def causal_lm_for(backbone):
     return causal_lm_class(backbone=backbone, preprocessor=None)
 
 
-def keras_sampler(sampling: Sampling):
-    """The keras-hub sampler for a Sampling (a fresh one, so its seed state starts over)."""
-    import keras_hub
-
-    if sampling.greedy:
-        return keras_hub.samplers.GreedySampler()
-    top_k = sampling.top_k or None
-    if sampling.top_p < 1.0:
-        return keras_hub.samplers.TopPSampler(p=sampling.top_p, k=top_k, seed=sampling.seed,
-                                              temperature=sampling.temperature)
-    if top_k:
-        return keras_hub.samplers.TopKSampler(k=top_k, seed=sampling.seed, temperature=sampling.temperature)
-    return keras_hub.samplers.RandomSampler(seed=sampling.seed, temperature=sampling.temperature)
-
-
 def generate_ids(causal_lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop_ids, pad_id: int = 0,
                  sampling: Sampling | None = None) -> tuple[list[list[int]], dict]:
     """Continuations of tokenised prompts, cut at the first stop token.
 
+    The server's decode loop (DecodeFunctions) with `batch_size` cache rows: prompts go in
+    longest first; a row that stops takes the next prompt at the next step.
+
     Args:
-        sampling: greedy (the default) or temperature / top-k / top-p with a seed.
+        sampling: greedy (the default) or temperature / top-k / top-p with a seed; prompt i
+            samples from its own stream (seed, i), so its tokens do not depend on the batching.
 
     Returns:
         (new token ids per prompt, in input order; timing: seconds, generated_tokens, prompts,
-        prompt_tokens, batches: [(seconds, row indices, padded prompt width)]).
+        prompt_tokens, batches: [(seconds from a prompt's prefill to its last token, [its index],
+        its padded width)]).
     """
-    _use_sampler(causal_lm, sampling or Sampling())
-    # keras-hub's jitted generate step, called directly: its `generate()` wrapper chokes on
-    # Gemma 3's empty image output when no preprocessor is attached.
-    generate_step = causal_lm.make_generate_function()
+    del pad_id  # rows are never padded together: each sits at the start of its own cache row
+    sampling = sampling or Sampling()
+    fns = decode_functions(causal_lm)
+    stop = set(int(i) for i in stop_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
     batches = []
     started = time.perf_counter()
-    for chosen in _length_sorted_batches(prompts, batch_size):
-        rows = [prompts[i] for i in chosen]
-        token_ids, padding_mask, prompt_width = _padded_prompts(rows, batch_size, pad_id, max_new_tokens)
-        batch_start = time.perf_counter()
-        result = generate_step({"token_ids": token_ids, "padding_mask": padding_mask}, tuple(stop_ids))
-        out_ids = np.asarray(result["token_ids"])  # device -> host: the batch is done here
-        batches.append((time.perf_counter() - batch_start, chosen, prompt_width))
-        for r, index in enumerate(chosen):
-            prompt_len = len(prompts[index])
-            outputs[index] = cut_at_stop(out_ids[r, prompt_len : prompt_len + max_new_tokens].tolist(), stop_ids)
+    if not prompts or max_new_tokens < 1:
+        return outputs, _timing(started, prompts, outputs, batches)
+    width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET + max_new_tokens
+    cache = fns.empty_cache(batch_size, width)
+    values = fns.values()
+    pending = [int(i) for i in np.argsort([-len(p) for p in prompts], kind="stable")]
+    slots: list[int | None] = [None] * batch_size
+    tokens = np.zeros(batch_size, np.int32)
+    positions = np.zeros(batch_size, np.int32)
+    began = [0.0] * len(prompts)
+
+    def row(index, counter):
+        return (sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, counter, index)
+
+    def take(slot, index, token) -> None:
+        finished = token in stop
+        if not finished:
+            outputs[index].append(token)
+            finished = len(outputs[index]) >= max_new_tokens
+        if finished:
+            slots[slot] = None
+            batches.append((time.perf_counter() - began[index], [index], -(-len(prompts[index]) // PROMPT_BUCKET) * PROMPT_BUCKET))
+
+    while pending or any(s is not None for s in slots):
+        for slot in range(batch_size):
+            while slots[slot] is None and pending:
+                index = pending.pop(0)
+                began[index] = time.perf_counter()
+                slots[slot] = index
+                cache, choice = fns.prefill(cache, slot, prompts[index], row(index, 0), values=values)
+                tokens[slot], positions[slot] = choice.tokens, len(prompts[index])
+                take(slot, index, int(choice.tokens))
+        if all(s is None for s in slots):
+            continue
+        rows = [row(index if index is not None else 0, len(outputs[index]) if index is not None else 0)
+                for index in slots]
+        cache, choice = fns.step(cache, tokens, positions, rows, values=values)
+        for slot, index in enumerate(slots):
+            if index is None:
+                continue
+            tokens[slot] = choice.tokens[slot]
+            positions[slot] += 1
+            take(slot, index, int(choice.tokens[slot]))
     return outputs, _timing(started, prompts, outputs, batches)
 
 
-def _use_sampler(causal_lm, sampling: Sampling) -> None:
-    """Sets the causal LM's sampler, its random state at the seed's start.
+# ---------------------------------------------------------------------------------------------
+# The decode loop: a KV cache of `slots` rows, each at its own position.
+#
+# keras-hub's call_with_cache takes one scalar cache_update_index for the whole batch, so rows that
+# joined at different times (continuous batching) cannot share it. The step below vmaps a
+# one-row call_with_cache over the rows, each with its own index: every row's prompt sits at
+# positions 0..len-1 of its own cache row and the causal mask hides everything past its index, so
+# no left padding, no per-row key mask and no re-alignment is needed when a request joins.
+# ---------------------------------------------------------------------------------------------
 
-    The same Sampling as last time keeps the compiled generate function and only rewinds the
-    seed state; another one goes through compile(), which drops it (one more compilation).
+TOP_LOGPROBS = 20  # OpenAI's largest top_logprobs
+
+
+@dataclass
+class Choice:
+    """What one decode call chose for each row (numpy): the token, its log-probability under the
+    model's distribution (before temperature, top-k, top-p), and the TOP_LOGPROBS most likely."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+def _choose(logits, temperature, top_k, top_p, seed, counter, choice):
+    """Picks a token per row: argmax where temperature is 0, else a sample from the tempered
+    distribution restricted to the top_k most likely tokens (0: all), then to the smallest set
+    of those whose probability reaches top_p. The random key of a row depends only on its seed,
+    choice index and token counter, so the same seed gives the same tokens whatever the batch."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(log_probs, TOP_LOGPROBS)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocabulary = logits.shape[-1]
+
+    def sample(_):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        ordered = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocabulary), vocabulary)
+        ranks = jnp.arange(vocabulary)[None, :]
+        within_k = jnp.where(ranks < k[:, None], ordered, -jnp.inf)
+        probs = jax.nn.softmax(within_k, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the first token is always kept
+        keep = keep & (ranks < k[:, None])
+        count = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+        threshold = jnp.take_along_axis(ordered, (count - 1)[:, None], axis=-1)
+        masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+        def row_key(s, c, n):
+            return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), s), n), c)
+
+        keys = jax.vmap(row_key)(seed, counter, choice)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocabulary,)))(keys)
+        sampled = jnp.argmax(masked + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    tokens = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
+    token_lp = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, token_lp, top_ids.astype(jnp.int32), top_lp
+
+
+class DecodeFunctions:
+    """The jitted prefill and one-token step of a keras-hub causal LM, compiled once per shape
+    and shared by every Decoder over that model (generate_ids and the server).
+
+    Model weights are arguments, not constants: a LoRA model being trained, or adapters swapped
+    per row, need no recompilation.
     """
-    sampler = causal_lm.sampler
-    if getattr(sampler, "kerasft_sampling", None) == sampling or (
-        sampling.greedy and type(sampler).__name__ == "GreedySampler"
-    ):
-        for variable, start in zip(sampler.variables, getattr(sampler, "kerasft_start", ())):
-            variable.assign(start)
-        return
-    sampler = keras_sampler(sampling)
-    sampler.kerasft_sampling = sampling
-    sampler.kerasft_start = [np.asarray(v.value) for v in sampler.variables]
-    causal_lm.compile(sampler=sampler)
+
+    def __init__(self, causal_lm, row_lora_variables=()):
+        import jax
+
+        self.causal_lm = causal_lm
+        self.variables = [*causal_lm.trainable_variables, *causal_lm.non_trainable_variables]
+        # LoRA variables whose values come per row (several adapters over one base in one batch).
+        self.row_lora_variables = list(row_lora_variables)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,))
+        self._step = jax.jit(self._step_fn, donate_argnums=(2,))
+
+    def values(self):
+        return [v.value for v in self.variables]
+
+    def empty_cache(self, rows: int, length: int):
+        """Zeros in the cache layout of this model's call_with_cache, `rows` x `length` positions."""
+        import jax.numpy as jnp
+
+        backbone = self.causal_lm.backbone
+        heads = backbone.num_key_value_heads
+        head_dim = getattr(backbone, "head_dim", None) or backbone.hidden_dim // backbone.num_query_heads
+        dtype = self.causal_lm.compute_dtype
+        if type(self.causal_lm).__name__.startswith("Gemma3"):
+            return tuple((jnp.zeros((rows, length, heads, head_dim), dtype), jnp.zeros((rows, length, heads, head_dim), dtype))
+                         for _ in range(backbone.num_layers))
+        return jnp.zeros((rows, backbone.num_layers, 2, length, heads, head_dim), dtype)
+
+    def _with_weights(self, values, lora, fn):
+        """Runs fn with the model's variables bound to `values` (and row_lora_variables to `lora`)."""
+        import keras
+
+        mapping = dict(zip((id(v) for v in self.variables), values))
+        if lora:
+            mapping.update(zip((id(v) for v in self.row_lora_variables), lora))
+        with keras.StatelessScope(state_mapping=[(v, mapping[id(v)]) for v in self.variables]):
+            return fn()
+
+    def _prefill_fn(self, values, lora, cache, slot, token_ids, length, sampling):
+        """Writes one prompt (token_ids: (1, width), right-padded) into cache row `slot` and
+        chooses its first new token. Pad positions after the prompt are overwritten by decoding
+        before any query can see them (causal mask)."""
+        import jax
+        import jax.numpy as jnp
+
+        length_of_cache = jax.tree_util.tree_leaves(cache)[0].shape[1 if isinstance(cache, tuple) else 3]
+        row = self.empty_cache(1, length_of_cache)
+
+        def run():
+            _, hidden, new_row = self.causal_lm.call_with_cache(token_ids, row, 0)
+            last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
+            # Logits at the last prompt position only (the other positions' are never computed).
+            return self.causal_lm.backbone.token_embedding(last, reverse=True)[:, 0], new_row
+
+        logits, new_row = self._with_weights(values, lora, run)
+        cache = jax.tree_util.tree_map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0), cache, new_row)
+        return cache, _choose(logits, *sampling)
+
+    def _step_fn(self, values, lora_table, cache, adapter_ids, tokens, positions, sampling):
+        """One token for every row: row r reads `tokens[r]` at `positions[r]` of its cache row."""
+        import jax
+        import jax.numpy as jnp
+
+        def one_row(row_cache, token, position, adapter):
+            lora = [table[adapter] for table in lora_table]
+            row_cache = jax.tree_util.tree_map(lambda c: c[None], row_cache)
+
+            def run():
+                logits, _, new_cache = self.causal_lm.call_with_cache(token[None, None], row_cache, position)
+                return logits[0, 0], new_cache
+
+            logits, new_cache = self._with_weights(values, lora, run)
+            return logits, jax.tree_util.tree_map(lambda c: c[0], new_cache)
+
+        logits, cache = jax.vmap(one_row)(cache, tokens, positions, adapter_ids)
+        return cache, _choose(logits, *sampling)
+
+    def prefill(self, cache, slot: int, prompt_ids, sampling_row, lora=(), values=None):
+        """Prompt ids into cache row `slot`; returns (cache, Choice of the first new token).
+
+        sampling_row: (temperature, top_k, top_p, seed, counter, choice); lora: the row's values
+        of row_lora_variables."""
+        import jax.numpy as jnp
+
+        width = -(-len(prompt_ids) // PROMPT_BUCKET) * PROMPT_BUCKET
+        token_ids = np.zeros((1, width), np.int32)
+        token_ids[0, : len(prompt_ids)] = prompt_ids
+        cache, chosen = self._prefill(values if values is not None else self.values(), list(lora), cache, jnp.int32(slot),
+                                      token_ids, jnp.int32(len(prompt_ids)), _sampling_arrays([sampling_row]))
+        return cache, Choice(*(np.asarray(x)[0] for x in chosen))
+
+    def step(self, cache, tokens, positions, sampling_rows, adapter_ids=None, lora_table=(), values=None):
+        """One new token for every cache row; returns (cache, Choice). The cache is donated.
+
+        lora_table: per row_lora_variable, its values stacked over adapters; adapter_ids picks
+        each row's."""
+        rows = len(tokens)
+        adapter_ids = np.zeros(rows, np.int32) if adapter_ids is None else np.asarray(adapter_ids, np.int32)
+        cache, chosen = self._step(values if values is not None else self.values(),
+                                   list(lora_table), cache, adapter_ids, np.asarray(tokens, np.int32),
+                                   np.asarray(positions, np.int32), _sampling_arrays(sampling_rows))
+        return cache, Choice(*(np.asarray(x) for x in chosen))
+
+
+def _sampling_arrays(rows):
+    """[(temperature, top_k, top_p, seed, counter, choice)] -> the arrays _choose takes."""
+    temperature, top_k, top_p, seed, counter, choice = zip(*rows)
+    return (np.asarray(temperature, np.float32), np.asarray(top_k, np.int32), np.asarray(top_p, np.float32),
+            np.asarray(seed, np.uint32), np.asarray(counter, np.int32), np.asarray(choice, np.int32))
+
+
+_DECODE_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def decode_functions(causal_lm) -> DecodeFunctions:
+    """The DecodeFunctions of a causal LM (one per model, so compiled programs are reused)."""
+    if causal_lm not in _DECODE_FUNCTIONS:
+        _DECODE_FUNCTIONS[causal_lm] = DecodeFunctions(causal_lm)
+    return _DECODE_FUNCTIONS[causal_lm]
 
 
 def cut_at_stop(new_ids: list[int], stop_ids) -> list[int]:
