@@ -39,6 +39,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 # Below the sys.path and KERAS_BACKEND lines: the script runs from a checkout. None of these imports
 # jax, keras or torch at its top: the peer worker's peak RSS must be its own (the kerasft worker
 # imports the trainer, which brings jax, itself).
+from kerasft.bench import backbone_dims, step_products  # noqa: E402,F401 (bench_matmul_ceiling imports step_products from here)
 from kerasft.config import LoraConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
 from kerasft.data.pipeline import (  # noqa: E402
     batch_width, epoch_batches, make_batch, tokenize_documents, tokenize_examples)
@@ -98,50 +99,6 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
-
-
-def step_products(dims: dict, batch: int, seq: int, targets: int, chunk: int) -> list[tuple[str, tuple[int, int, int], int]]:
-    """(name, (m, k, n), times per step) for every matrix product of one LoRA training step of a Gemma
-    backbone: B x S tokens, `targets` positions through the vocabulary head (in chunks of `chunk`).
-
-    Forward projections of every layer, the same products again for the input gradients (the base is
-    frozen: no weight gradients), attention scores and values forward plus their two backward products
-    each, and the head twice (logits, hidden-state gradient). LoRA's rank-r products (under 1% of the
-    FLOPs at rank 8) are left out. XLA's cost analysis counts a loop body once, so it cannot count a
-    chunked head; this count can.
-
-    Args:
-        dims: the backbone's constructor arguments (vocabulary_size, num_layers, num_query_heads,
-            num_key_value_heads, hidden_dim, head_dim, intermediate_dim) and "ffw_dim", the width of
-            one feed-forward projection (keras-hub's Gemma 1/2 intermediate_dim is twice it).
-    """
-    tokens, hidden, layers = batch * seq, dims["hidden_dim"], dims["num_layers"]
-    q, kv = dims["num_query_heads"] * dims["head_dim"], dims["num_key_value_heads"] * dims["head_dim"]
-    ffw = dims["ffw_dim"]
-    products = []
-    for name, (m, k, n) in [("q projection", (tokens, hidden, q)), ("k projection", (tokens, hidden, kv)),
-                            ("v projection", (tokens, hidden, kv)), ("attention output", (tokens, q, hidden)),
-                            ("ffw gate", (tokens, hidden, ffw)), ("ffw up", (tokens, hidden, ffw)),
-                            ("ffw down", (tokens, ffw, hidden))]:
-        products.append((f"{name} (fwd)", (m, k, n), layers))
-        products.append((f"{name} (input grad)", (m, n, k), layers))
-    heads = batch * dims["num_query_heads"]
-    products.append(("attention scores", (seq, dims["head_dim"], seq), 2 * layers * heads))
-    products.append(("attention values", (seq, seq, dims["head_dim"]), 2 * layers * heads))
-    rows = min(chunk, targets)
-    head_calls = -(-targets // rows)
-    products.append(("vocabulary head logits", (rows, hidden, dims["vocabulary_size"]), head_calls))
-    products.append(("vocabulary head input grad", (rows, dims["vocabulary_size"], hidden), head_calls))
-    return products
-
-
-def backbone_dims(backbone) -> dict:
-    """step_products' dims of a loaded keras-hub Gemma backbone."""
-    dims = {key: getattr(backbone, key) for key in ("vocabulary_size", "num_layers", "num_query_heads",
-                                                    "num_key_value_heads", "hidden_dim", "head_dim", "intermediate_dim")}
-    is_gemma3 = type(backbone).__name__.startswith("Gemma3")
-    dims["ffw_dim"] = dims["intermediate_dim"] if is_gemma3 else dims["intermediate_dim"] // 2
-    return dims
 
 
 def matmul_peak(n: int, repeats: int = 10) -> float:

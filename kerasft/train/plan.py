@@ -325,7 +325,7 @@ def _plan_spec(cfg) -> TrainSpec:
     return TrainSpec.of(cfg, range(len(cfg.lora.trainable_tokens)))
 
 
-def _synthetic_batch(cfg, batch_size: int, sequence_length: int, k: int, vocabulary: int) -> dict:
+def synthetic_batch(cfg, batch_size: int, sequence_length: int, k: int, vocabulary: int) -> dict:
     """A step batch (make_batch's, as training builds it, with the loss normaliser under
     gradient accumulation) of full-length random rows whose last k tokens carry the loss."""
     numbers = np.random.default_rng(0)
@@ -363,7 +363,7 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
         return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
     vocabulary = backbone.token_embedding.embeddings.shape[0]
-    batch = {key: data(value) for key, value in _synthetic_batch(cfg, batch_size, sequence_length, k, vocabulary).items()}
+    batch = {key: data(value) for key, value in synthetic_batch(cfg, batch_size, sequence_length, k, vocabulary).items()}
     arguments = sum(_device_bytes(s) for s in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
     try:
         analysis = train_step.fn.lower(trainable, opt_state, non_trainable, batch, *train_step.rng(0)).compile().memory_analysis()
@@ -428,7 +428,7 @@ def measure_step(cfg, targets_per_row: int | None = None) -> dict:
     s = cfg.data.sequence_length
     k = min(targets_per_row or s, s)
     vocabulary = backbone.token_embedding.embeddings.shape[0]
-    batch = jax.device_put(_synthetic_batch(cfg, cfg.train.batch_size, s, k, vocabulary))
+    batch = jax.device_put(synthetic_batch(cfg, cfg.train.batch_size, s, k, vocabulary))
     rng = train_step.rng(0)
     compiled = train_step.fn.lower(trainable, opt_state, non_trainable, batch, *rng).compile()
     arguments = sum(x.nbytes for x in jax.tree.leaves([trainable, opt_state, non_trainable, batch]))
