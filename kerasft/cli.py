@@ -220,16 +220,15 @@ def _cmd_train(args) -> int:
 
 def _cmd_plan(args) -> int:
     import dataclasses
-    import importlib.util
     import os
 
     from kerasft.config import load_config
-    from kerasft.runtime import resolve_target
+    from kerasft.runtime import cuda_compiler_installed, resolve_target
 
     cfg = load_config(args.config, args.overrides)
     key, target = resolve_target(args.target, args.devices)
     devices = target.devices
-    cuda_compiler = target.kind == "gpu" and importlib.util.find_spec("jax_cuda12_plugin") is not None
+    cuda_compiler = target.kind == "gpu" and cuda_compiler_installed()
     if cuda_compiler and "jax" not in sys.modules and not os.path.exists("/dev/nvidiactl"):
         # XLA's CUDA compiler for abstract GPUs: on a machine without a GPU the CUDA plugin registers
         # only when JAX starts on the CPU platform (otherwise it fails on cuInit and is left out).

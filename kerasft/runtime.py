@@ -66,6 +66,16 @@ def resolve_target(text: str, devices: int = 0) -> tuple[str, Target]:
     return key, dataclasses.replace(target, devices=n, name=target.name if n == 1 else f"{n} x {target.name}")
 
 
+CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")  # jax[cuda12-local] (the gpu-plan extra), jax[cuda13]
+
+
+def cuda_compiler_installed() -> bool:
+    """Whether one of jax's CUDA plugins, and with it XLA's CUDA compiler, is installed (JAX not started)."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
+
+
 def gpu_target_config(target: Target) -> str:
     """The GpuTargetConfig text proto of a GPU target (XLA's own dump for A100/H100/H200; written
     from the vendor's public specifications for the 4090, T4 and L4: each file names its sources)."""

@@ -31,8 +31,8 @@ from kerasft.models.families import KNOWN_ARCHITECTURES
 from kerasft.models.lora import apply_lora
 from kerasft.models.presets import load_model
 from kerasft.models.quant import parameter_count, quantize_abstract
-from kerasft.runtime import (GIB, Target, batch_shards, gpu_target_config, init_backend, peak_rss_bytes, proc_status,
-                             reset_peak_rss, resolve_target, set_distribution)
+from kerasft.runtime import (GIB, Target, batch_shards, cuda_compiler_installed, gpu_target_config, init_backend,
+                             peak_rss_bytes, proc_status, reset_peak_rss, resolve_target, set_distribution)
 from kerasft.train.loop import TrainSpec, accumulation_batches, build_step
 
 HEADROOM = 0.9  # runtimes and fragmentation take a share of device memory; plan to 90 %
@@ -260,9 +260,7 @@ def gpu_topology_devices(target: Target):
     `topology` "1x1xN" is one slice of one host with N GPUs; every input of the step must then be
     sharded over a mesh of these devices, or jit compiles for the CPU instead.
     """
-    import importlib.util
-
-    if target.kind != "gpu" or not target.gpu_spec or importlib.util.find_spec("jax_cuda12_plugin") is None:
+    if target.kind != "gpu" or not target.gpu_spec or not cuda_compiler_installed():
         return None
     from jax.experimental import topologies
 

@@ -49,7 +49,12 @@ def test_plan_fits_and_predicts_the_measured_peak(tiny_preset, capsys):
     assert 0.7 < ratio < 1.5, (plan.step, measured)
 
 
-def test_plan_command_reports_and_searches(tiny_preset, capsys):
+def test_plan_command_reports_and_searches(tiny_preset, capsys, monkeypatch):
+    # The CPU compiler's fallback for a GPU target, even where the gpu-plan extra is installed
+    # (-m gpu_plan tests the CUDA compiler).
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("jax_cuda") else real_find_spec(name, *a))
     argv = ["plan", str(ROOT / "configs/quickstart.yaml"), f"model.preset={tiny_preset}", "--target", "t4",
             "data.sequence_length=128", "train.batch_size=2"]
     assert main(argv) == 0
