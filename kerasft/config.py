@@ -19,6 +19,8 @@ MODEL_DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "float16", "mixed_float
 # data.format and data.clean.dedup values (the studio offers the same lists).
 DATA_FORMATS = ("auto", "squad", "jsonl", "chat", "structured", "csv", "tsv", "excel", "text")
 DEDUP_MODES = ("none", "exact", "normalized")
+# train.objective values: supervised fine-tuning, and the two preference objectives.
+OBJECTIVES = ("sft", "dpo", "orpo")
 # Every projection in a decoder block that LoRA can wrap (keras-hub layer names; Llama's MLP layers
 # are mapped onto them in kerasft.models.lora). Here so the config checks them without keras.
 LORA_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
@@ -88,11 +90,14 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ColumnsConfig:
     """Which key or column of a record holds each field; empty means the usual names
-    (prompt/instruction/question/query, response/answer/output, context, system, id)."""
+    (prompt/instruction/question/query, response/answer/output, context, system, id). For
+    preference pairs `response` names the chosen answer (default `chosen`) and `rejected` the
+    rejected one (default `rejected`)."""
 
     id: str = ""
     prompt: str = ""
     response: str = ""
+    rejected: str = ""
     context: str = ""
     system: str = ""
     meta: tuple[str, ...] = ()
@@ -250,6 +255,12 @@ class TrainConfig:
     plots: PNGs of the learning-rate schedule and the loss curves at the end (matplotlib).
     remat: none | full (recompute each decoder block's activations in the backward pass:
         less activation memory, about a third more compute).
+    objective: sft (next-token loss on the responses) | dpo | orpo (preference pairs: every
+        training record has a chosen and a rejected answer; see kerasft.train.loss).
+    beta: DPO's inverse temperature (IPO's tau), ORPO's weight of the odds-ratio term (lambda).
+    dpo_loss: sigmoid (DPO) | ipo (squared, per-token averaged log-ratios, as TRL's "ipo").
+    precompute_reference: dpo: score every pair under the reference model (the base, LoRA off)
+        once before training, cached like tokens, instead of a second forward pass each step.
     """
 
     epochs: float = 1.0
@@ -274,8 +285,19 @@ class TrainConfig:
     loggers: tuple[str, ...] = ()
     plots: bool = True
     remat: str = "none"
+    objective: str = "sft"
+    beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    precompute_reference: bool = False
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise KerasftError(f"train.objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.dpo_loss not in ("sigmoid", "ipo"):
+            raise KerasftError(f"train.dpo_loss: {self.dpo_loss!r} is not one of sigmoid, ipo")
+        _check_number("train.beta", self.beta, above=0)
+        if self.precompute_reference and self.objective != "dpo":
+            raise KerasftError("train.precompute_reference: only dpo has a reference model")
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "sample_prompts", "sample_tokens"):
             if getattr(self, key) < 1:
                 raise KerasftError(f"train.{key}: must be at least 1, got {getattr(self, key)}")

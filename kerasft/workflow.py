@@ -33,7 +33,7 @@ from kerasft.models.presets import cache_dir, load_model, resolve_preset
 from kerasft.models.vocab import with_new_tokens
 from kerasft.paths import RunDir
 from kerasft.runtime import barrier, init_backend, is_primary, process_count, set_distribution
-from kerasft.train.loop import planned_steps
+from kerasft.train.loop import planned_steps, precompute_reference, score_pairs
 from kerasft.train.loop import TrainSpec
 from kerasft.train.loop import train as train_lora
 
@@ -55,6 +55,15 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
     if train and (cfg.train.eval_every or cfg.train.sample_every) and not splits.validation:
         raise KerasftError("train.eval_every / train.sample_every need a validation split: set data.validation "
                            "or data.split.ratios")
+    preference = cfg.train.objective != "sft"
+    if preference and cfg.data.task != "sft":
+        raise KerasftError(f"train.objective {cfg.train.objective}: needs data.task sft (preference pairs), "
+                           f"not {cfg.data.task}")
+    if preference and train:
+        unpaired = next((ex for ex in [*splits.train, *splits.validation] if not ex.rejected), None)
+        if unpaired is not None:
+            raise KerasftError(f"{unpaired.origin or unpaired.id}: no rejected answer; train.objective "
+                               f"{cfg.train.objective} trains on preference pairs (prompt or messages, chosen, rejected)")
     # A missing, unreachable or unknown model fails here, before the run dir is written.
     resolve_preset(cfg.model.preset, cache_dir(cfg.model.cache_dir))
     set_distribution(cfg.runtime)  # checks runtime.mesh against the devices; before the model loads
@@ -89,29 +98,46 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         apply_lora(loaded.backbone, cfg.lora)
         eval_model = KerasModel(loaded.backbone, loaded.tokenizer, name=cfg.model.preset)
         results = {}
+        token_rows = token_ids_for(loaded.tokenizer, cfg.lora.trainable_tokens)
+        spec = TrainSpec.of(cfg, token_rows, tokens.pad)
+        # Held-out preference pairs (the validation split of a dpo / orpo run): scored before and
+        # after training with the step's own loss and statistics, for the report.
+        pairs = None
+        if preference and train and splits.validation:
+            pairs, _ = tokenize_cached(tokens, splits.validation, cfg.data, cache_dir(cfg.model.cache_dir), pairs=True)
+            if cfg.train.objective == "dpo":  # the reference, before training changes the token rows
+                precompute_reference(loaded.backbone, pairs, spec)
         if evaluate and cfg.eval.compare_base:
             with clock("eval_base"):
-                results["base"] = evaluate_and_save(eval_model, eval_set, cfg, run_dir, "base")
+                results["base"] = evaluate_and_save(eval_model, eval_set, cfg, run_dir, "base",
+                                                    pairs=pairs, spec=spec, backbone=loaded.backbone)
             print("  base: " + "  ".join(f"{k} {v:.1f}" for k, v in list(headline(results["base"]).items())[:3]), flush=True)
         if train:
-            data, cached = tokenize_cached(tokens, train_set, cfg.data, cache_dir(cfg.model.cache_dir))
-            steps = planned_steps(len(data), cfg.train)
+            data, cached = tokenize_cached(tokens, train_set, cfg.data, cache_dir(cfg.model.cache_dir), pairs=preference)
+            steps = planned_steps(data.num_examples, cfg.train)
             padding = padding_fraction(data, cfg.train.batch_size, cfg.train.seed)
             summary["data"] = {"rows": len(data), "trimmed": data.trimmed, "dropped": data.dropped,
                                "padding_fraction": round(padding, 4), "tokenized_from_cache": cached}
+            what = (f"{cfg.train.objective.upper()} (beta {cfg.train.beta:g}"
+                    f"{', ' + cfg.train.dpo_loss if cfg.train.objective == 'dpo' else ''}) on preference pairs, "
+                    if preference else "")
             print(
-                f"training LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {list(cfg.lora.targets)}: "
+                f"training LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {list(cfg.lora.targets)}: {what}"
                 f"{f'{len(train_set)} examples' if isinstance(train_set, list) else train_set.spec} in {len(data)} rows ({data.trimmed} trimmed, {padding:.0%} padding"
                 f"{', tokens from cache' if cached else ''}), {steps} steps of batch "
                 f"{cfg.train.batch_size}x{cfg.train.grad_accum}",
                 flush=True,
             )
-            token_rows = token_ids_for(loaded.tokenizer, cfg.lora.trainable_tokens)
+            if cfg.train.precompute_reference:
+                with clock("reference"):
+                    hit = precompute_reference(loaded.backbone, data, spec, _reference_cache(cfg, data))
+                print(f"  reference log-probs of {data.num_examples} pairs {'from cache' if hit else 'computed'}", flush=True)
             validation = None
             if cfg.train.eval_every:
-                validation, _ = tokenize_cached(tokens, splits.validation, cfg.data, cache_dir(cfg.model.cache_dir))
+                validation = pairs if preference else tokenize_cached(tokens, splits.validation, cfg.data,
+                                                                      cache_dir(cfg.model.cache_dir))[0]
             with clock("train"):
-                result = train_lora(loaded.backbone, data, TrainSpec.of(cfg, token_rows, tokens.pad), run_dir.root,
+                result = train_lora(loaded.backbone, data, spec, run_dir.root,
                                     resume=resume, validation=validation,
                                     sampler=_sampler(eval_model, splits.validation, cfg),
                                     config=config_to_dict(cfg), name=cfg.name)
@@ -126,7 +152,8 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         if evaluate:
             with clock("eval"):
                 eval_model.name = f"{cfg.model.preset} + {run_dir.adapter}" if train else cfg.model.preset
-                results["tuned"] = evaluate_and_save(eval_model, eval_set, cfg, run_dir, "tuned")
+                results["tuned"] = evaluate_and_save(eval_model, eval_set, cfg, run_dir, "tuned",
+                                                     pairs=pairs, spec=spec, backbone=loaded.backbone)
             summary["eval"] = {name: {**headline(r), "count": r["count"]} for name, r in results.items()}
         if export and cfg.export.enabled:
             with clock("export"):
@@ -151,12 +178,19 @@ def held_out_examples(splits: DataSplits, cfg: RunConfig) -> list:
     return examples[: cfg.data.eval_limit] if cfg.data.eval_limit and examples else examples
 
 
-def evaluate_and_save(model, examples, cfg: RunConfig, run_dir: RunDir, which: str) -> dict:
+def evaluate_and_save(model, examples, cfg: RunConfig, run_dir: RunDir, which: str, *, pairs=None, spec=None,
+                      backbone=None) -> dict:
     """Scores one model (`which`: "base" or "tuned") with the task's metrics and writes its result
-    (eval_base.json / eval.json)."""
+    (eval_base.json / eval.json). With held-out preference `pairs` (a tokenised pairs set of a
+    dpo / orpo run, `spec` its TrainSpec, `backbone` the model's), the result also holds their
+    loss and statistics (kerasft.train.loop.score_pairs) under "preference"."""
     label = "the base model" if which == "base" else "the fine-tuned model"
     print(f"evaluating {label} on {len(examples)} held-out examples ...", flush=True)
     result = evaluate(model, examples, cfg.eval, cfg.data)
+    if pairs is not None:
+        result["preference"] = score_pairs(backbone, pairs, spec)
+        print(f"  held-out pairs ({which}): " + "  ".join(f"{k} {v:.3f}" for k, v in result["preference"].items()
+                                                         if k != "pairs"), flush=True)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     write_eval(result, run_dir.eval_result(which))
     return result
@@ -226,7 +260,7 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
     if fmt == "gguf":
         print(f"exporting GGUF ({export_cfg.quant}) to {out_dir} ...", flush=True)
         path = export_gguf(backbone, tokenizer, out_dir, quant=export_cfg.quant, card=card, overwrite=overwrite,
-                           chat_template=cfg.data.template, system=cfg.data.system)
+                           chat_template=cfg.data.template, system=cfg.data.system, decoding=cfg.eval)
         report["file"] = str(path)
         report["verify"] = (_print_check(verify_gguf_export(path, backbone, ids, atol=export_cfg.atol, rtol=export_cfg.rtol),
                                          path, "GGUF re-import (kerasft importer)", strict=export_cfg.quant == "f32")
@@ -264,6 +298,18 @@ def _trained_token_ids(run_dir: Path | None) -> list[int]:
         return []
     rows = read_adapter_config(run.adapter).get("trainable_tokens") or {}
     return [int(i) for i in rows.get("ids", [])]
+
+
+def _reference_cache(cfg: RunConfig, data) -> Path | None:
+    """Where train.precompute_reference keeps the reference log-probs of a tokenised set: beside
+    the token cache, keyed by its tokens and the base model's settings (None without a cache).
+    The key does not hash the weights: a preset changed in place needs data.cache=false."""
+    if not data.cache_key:
+        return None
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([data.cache_key, config_to_dict(cfg.model)]).encode()).hexdigest()[:32]
+    return cache_dir(cfg.model.cache_dir) / "reference" / f"{key}.npy"
 
 
 def _sampler(model, validation, cfg: RunConfig):

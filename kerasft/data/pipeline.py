@@ -6,6 +6,10 @@ closes it, 0 on system and user turns, the template's own text and padding; for 
 the training step computes the vocabulary projection only there (Gemma's 262k-entry head is
 most of the cost of a 270M model).
 
+Preference pairs (train.objective dpo / orpo) are tokenised by the same template function, with
+the same response mask, into two rows each: chosen at row 2i, rejected at 2i + 1. A batch of B
+pairs is 2B rows, the B chosen rows first (the layout TRL's trainers use).
+
 Token ids live in one flat array with offsets, so a tokenised set saved in the cache is
 memory-mapped on reuse rather than read into memory.
 """
@@ -19,7 +23,7 @@ import os
 import shutil
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +55,28 @@ class TokenizedSet:
     dropped: int = 0
     dropped_origins: list[str] = field(default_factory=list)
     group_by_length: bool = False
+    cache_key: str = ""  # set by tokenize_cached
+    pairs: bool = False  # rows 2i and 2i + 1 are the chosen and rejected answers of pair i
+    reference_logps: np.ndarray | None = None  # per row, under the reference model (precompute_reference)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def num_examples(self) -> int:
+        """What an epoch counts and a batch index picks: rows, or pairs of rows."""
+        return len(self) // 2 if self.pairs else len(self)
+
+    def rows_of(self, indices) -> np.ndarray:
+        """The row indices of examples `indices`: for pairs, every chosen row, then every rejected row."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return np.concatenate([2 * indices, 2 * indices + 1]) if self.pairs else indices
+
+    @property
+    def example_lengths(self) -> np.ndarray:
+        """Tokens per example (a pair: its longer row)."""
+        lengths = self.lengths
+        return np.maximum(lengths[0::2], lengths[1::2]) if self.pairs else lengths
 
     @property
     def ids(self):
@@ -97,7 +120,7 @@ class TokenizedSet:
                 continue
             np.save(tmp / f"{name}.npy", array)
         info = {"sequence_length": self.sequence_length, "trimmed": self.trimmed, "dropped": self.dropped,
-                "dropped_origins": self.dropped_origins}
+                "dropped_origins": self.dropped_origins, "pairs": self.pairs}
         (tmp / "info.json").write_text(json.dumps(info))
         try:
             tmp.rename(folder)
@@ -164,6 +187,40 @@ def tokenize_examples(tokens: ChatTokens, examples: list[Example], sequence_leng
         rows = pack_rows(rows, sequence_length)
     return TokenizedSet.from_rows(rows, sequence_length=sequence_length, trimmed=trimmed, dropped=len(dropped),
                                   dropped_origins=dropped)
+
+
+def tokenize_pairs(tokens: ChatTokens, examples: list[Example], sequence_length: int, system: str = "",
+                   template: str = "auto") -> TokenizedSet:
+    """Tokenises preference pairs (Examples with `rejected`) into two rows each with the SFT
+    template and loss mask: chosen at row 2i, rejected at row 2i + 1. A pair whose longer row does
+    not fit sequence_length is left out whole, counted and named on stderr (contexts are not
+    trimmed: both answers must see the same prompt).
+
+    Raises KerasftError naming the first example that has no rejected answer.
+    """
+    missing = next((ex for ex in examples if not ex.rejected), None)
+    if missing is not None:
+        raise KerasftError(f"{missing.origin or missing.id}: no rejected answer; train.objective dpo / orpo "
+                           "trains on preference pairs (prompt or messages, chosen, rejected)")
+    answers = [replace(ex, response=answer) for ex in examples for answer in (ex.response, ex.rejected)]
+    encode = _batch_encoder(tokens, answers, system, template)
+    rows, dropped = [], []
+    for chosen, rejected in zip(answers[0::2], answers[1::2]):
+        pair = [encode_conversation(tokens, ex.prompt, ex.response, ex.system or system, ex.history, template, encode)
+                for ex in (chosen, rejected)]
+        longest = max(len(ids) for ids, _ in pair)
+        if longest > sequence_length:
+            dropped.append(f"{chosen.origin or chosen.id} ({longest} tokens)")
+            continue
+        rows.extend(pair)
+    if dropped:
+        shown = "; ".join(dropped[:3]) + (" ..." if len(dropped) > 3 else "")
+        print(f"warning: {len(dropped)} of {len(examples)} preference pairs are longer than sequence_length="
+              f"{sequence_length} and were left out: {shown}", file=sys.stderr)
+    if not rows:
+        raise KerasftError(f"no preference pair fits in sequence_length={sequence_length}; raise data.sequence_length")
+    return TokenizedSet.from_rows(rows, sequence_length=sequence_length, dropped=len(dropped),
+                                  dropped_origins=dropped, pairs=True)
 
 
 def tokenize_documents(tokens: ChatTokens, documents, sequence_length: int, folder: Path | None = None,
@@ -258,17 +315,19 @@ def pack_rows(rows, sequence_length: int):
     return [(b[1], b[2]) for b in bins]
 
 
-def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | None) -> tuple[TokenizedSet, bool]:
-    """tokenize_examples / tokenize_documents through an on-disk cache keyed by the examples
-    (for a streamed corpus: the source's path, size and mtime), the tokenizer, the template,
-    the system prompt, the sequence length and packing.
+def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | None,
+                    pairs: bool = False) -> tuple[TokenizedSet, bool]:
+    """tokenize_examples / tokenize_documents / tokenize_pairs (`pairs`) through an on-disk cache
+    keyed by the examples (for a streamed corpus: the source's path, size and mtime), the
+    tokenizer, the template, the system prompt, the sequence length and packing.
 
-    Returns (the set, whether it came from the cache).
+    Returns (the set, whether it came from the cache). The set's `cache_key` names its cache entry
+    (what a cache of values computed from these rows, such as reference log-probs, is keyed by).
     """
     pretrain = data_cfg.task == "pretrain"
     digest = hashlib.sha256()
     settings = [CACHE_VERSION, data_cfg.task, data_cfg.template, data_cfg.system, data_cfg.sequence_length,
-                data_cfg.packing]
+                data_cfg.packing] + (["pairs"] if pairs else [])
     digest.update(json.dumps(settings).encode())
     digest.update(hashlib.sha256(tokens.fingerprint()).digest())
     identity = getattr(examples, "identity", None)  # a streamed corpus: keyed without reading it
@@ -280,6 +339,11 @@ def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | N
     folder = None if not data_cfg.cache or cache_root is None else Path(cache_root) / "tokens" / digest.hexdigest()[:32]
     if folder is not None and (folder / "info.json").is_file():
         result, hit = TokenizedSet.load(folder), True
+    elif pairs:
+        result, hit = tokenize_pairs(tokens, examples, data_cfg.sequence_length, data_cfg.system,
+                                     data_cfg.template), False
+        if folder is not None:
+            result.save(folder)
     elif pretrain:
         tmp = None if folder is None else private_tmp(folder)
         result, hit = tokenize_documents(tokens, examples, data_cfg.sequence_length, tmp), False
@@ -292,6 +356,7 @@ def tokenize_cached(tokens: ChatTokens, examples, data_cfg, cache_root: Path | N
         if folder is not None:
             result.save(folder)
     result.group_by_length = data_cfg.batching == "length"
+    result.cache_key = digest.hexdigest()[:32] if folder is not None else ""
     return result, hit
 
 
@@ -374,7 +439,7 @@ def padded_length(length: int, sequence_length: int) -> int:
 def batch_width(data: TokenizedSet, indices) -> int:
     """The width make_batch pads these rows to by default: their longest, rounded up to the
     LENGTH_BUCKET grid (few shapes, few compiles), capped at data.sequence_length."""
-    return padded_length(int(np.max(data.lengths[np.asarray(indices)])), data.sequence_length)
+    return padded_length(int(np.max(data.lengths[data.rows_of(indices)])), data.sequence_length)
 
 
 def make_batch(data: TokenizedSet, indices, num_targets: int, pad_id: int = 0, width: int | None = None) -> dict:
@@ -387,11 +452,14 @@ def make_batch(data: TokenizedSet, indices, num_targets: int, pad_id: int = 0, w
 
     Returns numpy arrays: token_ids (int32) and padding_mask (bool) (B, S); target_positions,
     target_ids (int32) and target_weights (float32) (B, K), where position p predicts
-    target_ids at token p + 1.
+    target_ids at token p + 1. For preference pairs `indices` picks pairs and B is twice their
+    number (chosen rows, then rejected rows); with precomputed reference log-probs the batch
+    carries them too (reference_logps, (B,) float32).
     """
     rows_ids, rows_weights = data.ids, data.weights
-    rows = [rows_ids[i] for i in indices]
     width = batch_width(data, indices) if width is None else width
+    indices = data.rows_of(indices)
+    rows = [rows_ids[i] for i in indices]
     if max(len(r) for r in rows) > width:
         raise KerasftError(f"a row of {max(len(r) for r in rows)} tokens does not fit a batch {width} wide")
     batch = len(rows)
@@ -408,13 +476,16 @@ def make_batch(data: TokenizedSet, indices, num_targets: int, pad_id: int = 0, w
         positions[row, : len(where)] = where - 1
         targets[row, : len(where)] = ids[where]
         target_weights[row, : len(where)] = weights[where]
-    return {
+    batch = {
         "token_ids": token_ids,
         "padding_mask": padding_mask,
         "target_positions": positions,
         "target_ids": targets,
         "target_weights": target_weights,
     }
+    if data.reference_logps is not None:
+        batch["reference_logps"] = np.asarray(data.reference_logps, dtype=np.float32)[indices]
+    return batch
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -430,9 +501,9 @@ def epoch_batches(data: TokenizedSet, batch_size: int, seed: int, epoch: int) ->
     A short last batch is filled from the start of the same epoch's order, keeping one batch
     shape (one compilation) while every example is still seen each epoch.
     """
-    order = epoch_order(len(data), seed, epoch)
+    order = epoch_order(data.num_examples, seed, epoch)
     if data.group_by_length:
-        lengths = data.lengths
+        lengths = data.example_lengths
         window = batch_size * SORT_WINDOW
         order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
                                 for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
@@ -455,6 +526,7 @@ def padding_fraction(data: TokenizedSet, batch_size: int, seed: int = 0) -> floa
     real = padded = 0
     for indices in epoch_batches(data, batch_size, seed, 0):
         width = batch_width(data, indices)
-        real += int(lengths[indices].sum())
-        padded += width * len(indices)
+        rows = data.rows_of(indices)
+        real += int(lengths[rows].sum())
+        padded += width * len(rows)
     return 1.0 - real / padded if padded else 0.0

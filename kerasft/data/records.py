@@ -42,6 +42,8 @@ class Example:
     meta: metadata columns (category, difficulty, ...) for stratified splits and per-group
         metrics; values are strings.
     origin: where the record came from ("file.jsonl:12"), for error messages and reports.
+    rejected: for a preference pair (train.objective dpo / orpo), the rejected answer;
+        `response` is then the chosen one. Empty for every other record.
     """
 
     id: str
@@ -54,6 +56,7 @@ class Example:
     history: tuple[tuple[str, str], ...] = ()
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     origin: str = ""
+    rejected: str = ""
 
     @property
     def answerable(self) -> bool:
@@ -74,6 +77,7 @@ class Example:
             "history": [list(turn) for turn in self.history],
             "meta": self.meta,
             "origin": self.origin,
+            **({"rejected": self.rejected} if self.rejected else {}),
         }
 
 
@@ -129,6 +133,8 @@ def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
     qid = _text(row, _pick(row, cols.id, ID_KEYS), origin, required=False) or fallback_id
     meta = {key: _meta_value(row, key, origin) for key in meta_keys(cfg)}
     system = _text(row, cols.system or "system", origin, required=False)
+    if cols.rejected or "rejected" in row or "chosen" in row:
+        return _pair_example(row, origin, cfg, qid, meta, system)
     if cfg.format == "chat" or ("messages" in row and not cols.prompt):
         return _chat_example(row.get("messages"), origin, qid, meta, system)
 
@@ -166,6 +172,56 @@ def example_from_row(row: dict, origin: str, cfg, fallback_id: str) -> Example:
         raise RecordError(f"{origin}: history must be a list of [user, assistant] text pairs")
     return Example(qid, prompt, response, answers, context, -1 if start is None else start, system, history,
                    meta or dict(row.get("meta") or {}), origin)
+
+
+def _pair_example(row: dict, origin: str, cfg, qid: str, meta: dict, system: str) -> Example:
+    """A preference pair: a prompt (`prompt`, the turns of `messages` up to the last user turn,
+    or `question` + `context` built into the QA prompt with data.instruction, as for SFT) and two
+    answers, `chosen` (data.columns.response) and `rejected` (data.columns.rejected). An answer
+    is text, or TRL's conversational form: a list of messages whose last one is the assistant's."""
+    cols = cfg.columns
+    chosen_key = cols.response or ("chosen" if "chosen" in row else _pick(row, "", RESPONSE_KEYS) or "chosen")
+    chosen = _pair_answer(row, chosen_key, origin)
+    rejected = _pair_answer(row, cols.rejected or "rejected", origin)
+    if chosen == rejected:
+        raise RecordError(f"{origin}: chosen and rejected are the same text")
+    context, start, history = "", -1, ()
+    context_key = _pick(row, cols.context, CONTEXT_KEYS)
+    question_key = cols.prompt if cols.prompt and context_key else _pick(row, "", QUESTION_KEYS)
+    if "messages" in row and not cols.prompt:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+            raise RecordError(f"{origin}: messages: expected a non-empty list of {{role, content}} objects")
+        # The prompt's turns end with the user's; a placeholder answer closes them for the chat parser.
+        parsed = _chat_example([*messages, {"role": "assistant", "content": chosen}], origin, qid, meta, system)
+        prompt, history, system = parsed.prompt, parsed.history, parsed.system
+    elif context_key and question_key:
+        context = _text(row, context_key, origin)
+        prompt = qa_prompt(cfg.instruction, context, _text(row, question_key, origin))
+        start = context.find(chosen)
+    else:
+        prompt_key = _pick(row, cols.prompt, PROMPT_KEYS + QUESTION_KEYS)
+        if prompt_key is None:
+            raise RecordError(f"{origin}: no prompt field; a preference pair needs prompt or messages, chosen and "
+                              f"rejected (found {', '.join(map(str, row))})")
+        prompt = _text(row, prompt_key, origin)
+        history = tuple(tuple(turn) for turn in row.get("history") or ())  # a run's split file
+        if any(len(turn) != 2 or not all(isinstance(t, str) for t in turn) for turn in history):
+            raise RecordError(f"{origin}: history must be a list of [user, assistant] text pairs")
+    return Example(qid, prompt, chosen, (chosen,), context, start, system, history, meta, origin, rejected=rejected)
+
+
+def _pair_answer(row: dict, key: str, origin: str) -> str:
+    value = row.get(key)
+    if isinstance(value, list):  # conversational: [{"role": "assistant", "content": ...}]
+        last = value[-1] if value else None
+        if not isinstance(last, dict) or last.get("role") not in ("assistant", "model") or not isinstance(
+                last.get("content"), str):
+            raise RecordError(f"{origin}: {key}: expected text or a list of messages ending with the assistant's")
+        value = last["content"]
+    if value is None:
+        raise RecordError(f"{origin}: {key}: missing (a preference pair needs chosen and rejected)")
+    return _text({key: value}, key, origin)
 
 
 def _templated_example(row: dict, origin: str, cfg, qid: str, meta: dict, system: str) -> Example:
@@ -232,7 +288,7 @@ def meta_keys(cfg) -> tuple[str, ...]:
 def _check_columns(row: dict, origin: str, cfg) -> None:
     """Every column named in data.columns must exist (with the closest real name suggested)."""
     cols = cfg.columns
-    for name in (cols.id, cols.prompt, cols.response, cols.context, cols.system, *meta_keys(cfg)):
+    for name in (cols.id, cols.prompt, cols.response, cols.rejected, cols.context, cols.system, *meta_keys(cfg)):
         if name and name not in row:
             close = difflib.get_close_matches(name, [str(k) for k in row], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {', '.join(map(str, row))}"

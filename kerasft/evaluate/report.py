@@ -38,7 +38,9 @@ def write_report(out_dir: str | Path, results: dict[str, dict], training_log: st
         "task": last["task"],
         "count": last["count"],
         "models": {name: {"source": r.get("model", ""), **headline(r), "system": r.get("system", {}),
-                          "failures": r.get("failures", {}), "by": r.get("by", {})} for name, r in results.items()},
+                          "failures": r.get("failures", {}), "by": r.get("by", {}),
+                          **({"preference": r["preference"]} if r.get("preference") else {})}
+                   for name, r in results.items()},
         "worst": sorted(last["examples"], key=lambda row: row["score"])[:worst],
         "training": {"steps": len(log), "final_loss": log[-1].get("loss") if log else None},
         "plots": [],
@@ -58,7 +60,7 @@ def _markdown(report: dict) -> str:
     models = report["models"]
     names = list(models)
     columns = list(dict.fromkeys(key for m in models.values() for key in m
-                                 if key not in ("source", "system", "failures", "by")))
+                                 if key not in ("source", "system", "failures", "by", "preference")))
     lines = [f"# Evaluation report ({report['task']}, {report['count']} examples)", ""]
     lines += ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for name in names:
@@ -67,6 +69,18 @@ def _markdown(report: dict) -> str:
     sources = [f"- {name}: `{m['source']}`" for name, m in models.items() if m["source"]]
     if sources:
         lines += ["Models:", *sources, ""]
+    preference = {name: m["preference"] for name, m in models.items() if m.get("preference")}
+    if preference:
+        keys = [k for k in PAIR_COLUMNS if any(k in p for p in preference.values())]
+        count = next(iter(preference.values())).get("pairs", "")
+        lines += [f"## Held-out preference pairs ({count} pairs)", "",
+                  "| model | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+        for name, p in preference.items():
+            lines.append(f"| {name} | " + " | ".join(_cell(p.get(k), 3) for k in keys) + " |")
+        lines += ["", "reward_accuracy is the share of pairs whose chosen answer gets the higher reward (DPO: beta "
+                  "times the log-ratio to the reference, the base model, so the base scores 0 margin; ORPO: beta "
+                  "times the mean log-prob per token); logps are summed over each answer's tokens (ORPO: averaged).",
+                  ""]
     system_keys = list(dict.fromkeys(k for m in models.values() for k in m["system"]))
     if system_keys:
         lines += ["## System", "", "| model | " + " | ".join(system_keys) + " |", "| --- |" + " --- |" * len(system_keys)]
@@ -103,6 +117,11 @@ def _markdown(report: dict) -> str:
     elif report.get("plots_skipped"):
         lines += [f"Plots skipped: {report['plots_skipped']}.", ""]
     return "\n".join(lines)
+
+
+# The columns of the held-out preference table (kerasft.train.loop.score_pairs' keys).
+PAIR_COLUMNS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps",
+                "rejected_logps")
 
 
 def _shortened(prompt: str) -> str:

@@ -14,6 +14,7 @@ from kerasft.paths import RunDir
 
 LR_PLOT = "lr_schedule.png"
 LOSS_PLOT = "loss_curves.png"
+PREFERENCE_PLOT = "preference_curves.png"
 
 
 class RunLog:
@@ -235,4 +236,38 @@ def write_plots(run_dir: str | Path, schedule, total_steps: int) -> list[Path]:
     fig.tight_layout()
     fig.savefig(run_dir / LR_PLOT, dpi=100)
     plt.close(fig)
-    return [run_dir / LR_PLOT, draw_loss_curve(records, run_dir / LOSS_PLOT)]
+    written = [run_dir / LR_PLOT, draw_loss_curve(records, run_dir / LOSS_PLOT)]
+    if any("reward_accuracy" in r for r in records):
+        written.append(draw_preference_curves(records, run_dir / PREFERENCE_PLOT))
+    return written
+
+
+def draw_preference_curves(records: list[dict], path: str | Path) -> Path:
+    """A dpo / orpo run's reward accuracy and margin (left) and chosen / rejected log-probs
+    (right) per step, with the held-out pairs' values where they were measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "reward_accuracy" in r]
+    evals = [r for r in records if "eval_reward_accuracy" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in train]
+    left.plot(steps, [r["reward_accuracy"] for r in train], color="tab:blue", alpha=0.8, label="reward accuracy")
+    left.plot(steps, [r["reward_margin"] for r in train], color="tab:green", alpha=0.8, label="reward margin")
+    right.plot(steps, [r["chosen_logps"] for r in train], color="tab:blue", alpha=0.8, label="chosen log-prob")
+    right.plot(steps, [r["rejected_logps"] for r in train], color="tab:red", alpha=0.8, label="rejected log-prob")
+    if evals:
+        eval_steps = [r["step"] for r in evals]
+        left.plot(eval_steps, [r["eval_reward_accuracy"] for r in evals], "o-", color="tab:purple",
+                  label="held-out accuracy")
+        left.plot(eval_steps, [r["eval_reward_margin"] for r in evals], "s-", color="tab:olive", label="held-out margin")
+    left.set(xlabel="optimizer step", title="Rewards")
+    right.set(xlabel="optimizer step", title="Log-probabilities of the answers")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

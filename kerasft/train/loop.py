@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ from kerasft.paths import RunDir
 from kerasft.runtime import batch_shards, is_primary, place_batch
 from kerasft.train.checkpoint import Checkpointer, Position
 from kerasft.train.logs import RunLog, drop_records_after, read_metrics, write_plots
-from kerasft.train.loss import make_loss_fn
+from kerasft.train.loss import PREFERENCE_STATS, make_loss_fn, make_preference_loss_fn, make_sequence_logps
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """train()'s slice of a run: the train section, and the three things the step needs from
+    """train()'s slice of a run: the train section (with train.objective: sft, or dpo / orpo on
+    preference pairs, whose step takes batches of 2 x batch_size rows and, for dpo, runs the
+    model twice: see kerasft.train.loss), and the three things the step needs from
     elsewhere: lora.dropout, the token ids whose embedding rows train with the adapters (the
     turn tokens; see kerasft.train.loss.make_loss_fn), and the tokenizer's padding id."""
 
@@ -79,25 +82,35 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
     return chain, schedule
 
 
-def make_train_step(backbone, optimizer, token_rows=None, dropout: float = 0.0):
+def make_train_step(backbone, optimizer, token_rows=None, dropout: float = 0.0, train_cfg: TrainConfig | None = None):
     """The jitted update: (params, opt_state, non_trainable, batch[, rng]) -> new state and stats.
     With lora `dropout` > 0 it takes a fifth argument, the step's PRNG key (dropout_key).
 
-    stats["grad_norm"] is the global norm of the gradient the optimizer steps with: under
-    gradient accumulation, the mean over the micro-batches so far (optax.MultiSteps' running
-    mean), which at the last micro-batch is the whole step's gradient."""
-    loss_fn = make_loss_fn(backbone, token_rows, dropout)
+    train_cfg.objective picks the loss: sft (make_loss_fn) or dpo / orpo on preference pairs
+    (make_preference_loss_fn, whose statistics join stats). stats["grad_norm"] is the global
+    norm of the gradient the optimizer steps with: under gradient accumulation, the mean over the
+    micro-batches so far (optax.MultiSteps' running mean), which at the last micro-batch is the
+    whole step's gradient."""
+    preference = train_cfg is not None and train_cfg.objective != "sft"
+    if preference:
+        loss_fn = make_preference_loss_fn(backbone, train_cfg, token_rows, dropout)
+    else:
+        sft_loss = make_loss_fn(backbone, token_rows, dropout)
+
+        def loss_fn(*args):
+            loss, weight_sum = sft_loss(*args)
+            return loss, {"targets": weight_sum}
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable, opt_state, non_trainable, batch, *rng):
-        (loss, weight_sum), grads = grad_fn(trainable, non_trainable, batch, *rng)
+        (loss, aux), grads = grad_fn(trainable, non_trainable, batch, *rng)
         seen = grads
         if isinstance(opt_state, optax.MultiStepsState):
             done = opt_state.mini_step
             seen = jax.tree.map(lambda g, acc: acc + (g - acc) / (done + 1), grads, opt_state.acc_grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(seen), "targets": weight_sum}
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(seen), **aux}
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -179,7 +192,7 @@ def build_step(backbone, spec: TrainSpec, total_steps: int) -> TrainStep:
     schedule's length): train.remat applied to the backbone, the optimizer, the jitted update."""
     apply_remat(backbone, spec.train.remat)
     optimizer, schedule = make_optimizer(spec.train, total_steps)
-    fn = make_train_step(backbone, optimizer, spec.token_rows or None, spec.dropout)
+    fn = make_train_step(backbone, optimizer, spec.token_rows or None, spec.dropout, spec.train)
     return TrainStep(fn, optimizer, schedule, spec)
 
 
@@ -228,7 +241,12 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
         raise KerasftError(f"train.batch_size: {cfg.batch_size} does not split over the mesh's {shards}-way batch axis")
     if cfg.eval_every and not validation:
         raise KerasftError("train.eval_every needs a validation split: set data.validation or data.split.ratios")
-    steps = planned_steps(len(data), cfg)
+    preference = cfg.objective != "sft"
+    if preference != data.pairs:
+        raise KerasftError(f"train.objective {cfg.objective}: the data are "
+                           f"{'preference pairs' if data.pairs else 'single responses'}; "
+                           f"{'dpo and orpo train on pairs' if preference else 'sft trains on single responses'}")
+    steps = planned_steps(data.num_examples, cfg)
     micro_steps = steps * cfg.grad_accum
     train_step = build_step(backbone, spec, steps)
     token_rows = spec.token_rows or None
@@ -239,7 +257,7 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
     paths.root.mkdir(parents=True, exist_ok=True)
     # What must match for a checkpoint to continue this run bit for bit.
     identity = {"seed": cfg.seed, "steps": steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                "examples": len(data)}
+                "examples": data.num_examples}
     position = Position()
     checkpoints = Checkpointer(paths.checkpoints, cfg.keep_checkpoints) if cfg.checkpoint_every or resume else None
     if resume and checkpoints.latest_step() is not None:
@@ -255,7 +273,10 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
     # Early stopping continues from the evaluations already logged (a resumed run re-reads them).
     stopper = _EarlyStopping(cfg, [r for r in read_metrics(paths.metrics) if "eval_loss" in r], paths.best_adapter,
                              trainable)
-    evaluate = _validation_loss(backbone, token_rows, validation, cfg, spec.pad_id) if cfg.eval_every else None
+    evaluate = None
+    if cfg.eval_every:
+        evaluate = (pair_evaluation(backbone, validation, spec) if preference
+                    else _validation_loss(backbone, token_rows, validation, cfg, spec.pad_id))
     log = RunLog(paths.root, cfg.loggers, config=config, name=name, primary=primary)
     batches = _batch_stream(data, cfg.batch_size, cfg.seed, position.epoch, position.batch)
     started = time.perf_counter()
@@ -271,6 +292,7 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
                                                  for _, _, indices in group])
             epoch, index, _ = group[-1]
             losses, step_tokens, step_seconds = [], 0, 0.0
+            step_stats = {name: [] for name in PREFERENCE_STATS} if preference else {}
             for host_batch in host_batches:
                 micro = step * cfg.grad_accum + len(losses)
                 batch = place_batch(host_batch)  # the global batch; each process places its own rows
@@ -278,6 +300,8 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
                 trainable, opt_state, stats = train_step.fn(trainable, opt_state, non_trainable, batch,
                                                             *train_step.rng(micro))
                 losses.append(float(stats["loss"]))  # device sync: the step is done after this
+                for name in step_stats:
+                    step_stats[name].append(float(stats[name]))
                 took = time.perf_counter() - tick
                 real_tokens = int(np.sum(host_batch["padding_mask"]))
                 step_tokens, step_seconds = step_tokens + real_tokens, step_seconds + took
@@ -300,15 +324,19 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
                 "total_steps": steps,
                 "tokens_per_second": float(rate),
                 "eta_seconds": float(eta),
+                **{name: float(np.mean(values)) for name, values in step_stats.items()},
             }
             finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             if finite and evaluate and (step % cfg.eval_every == 0 or step == steps):
-                record["eval_loss"] = evaluate(trainable, non_trainable)
+                record.update(evaluate(trainable, non_trainable))
             log.log(record)
             if step % cfg.log_every == 0 or step == steps or "eval_loss" in record:
                 print(
                     f"  step {step:>4}/{steps}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+                    + (f"acc {record['reward_accuracy']:.2f}  margin {record['reward_margin']:.3f}  "
+                       f"logp {record['chosen_logps']:.2f}/{record['rejected_logps']:.2f}  " if preference else "")
                     + (f"eval_loss {record['eval_loss']:.4f}  " if "eval_loss" in record else "")
+                    + (f"eval_acc {record['eval_reward_accuracy']:.2f}  " if "eval_reward_accuracy" in record else "")
                     + f"{rate:,.0f} tok/s  eta {_clock(eta)}",
                     flush=True,
                 )
@@ -413,14 +441,80 @@ def _validation_loss(backbone, token_rows, validation: TokenizedSet, cfg: TrainC
         batch["target_weights"][len(chunk) :] = 0
         batches.append(place_batch(batch))
 
-    def evaluate(trainable, non_trainable) -> float:
+    def evaluate(trainable, non_trainable) -> dict:
         total = weights = 0.0
         for batch in batches:
             loss_sum, weight_sum = eval_step(trainable, non_trainable, batch)
             total, weights = total + float(loss_sum), weights + float(weight_sum)
-        return total / max(weights, 1.0)
+        return {"eval_loss": total / max(weights, 1.0)}
 
     return evaluate
+
+
+def pair_evaluation(backbone, pairs: TokenizedSet, spec: TrainSpec, limit: int = 0):
+    """evaluate(trainable, non_trainable) -> {"eval_loss", "eval_" + each of PREFERENCE_STATS}:
+    the preference loss and statistics of the step, without gradient or dropout, averaged over
+    held-out pairs (the first `limit` batches of train.batch_size pairs; 0: all), each pair
+    counted once (a short last batch has its own shape)."""
+    loss_fn = jax.jit(make_preference_loss_fn(backbone, spec.train, spec.token_rows or None))
+    size = spec.train.batch_size
+    chunks = [np.arange(i, min(i + size, pairs.num_examples)) for i in range(0, pairs.num_examples, size)]
+    chunks = chunks[:limit] if limit else chunks
+    width = pairs.sequence_length or None
+    batches = [(len(chunk), place_batch(make_batch(pairs, chunk, pairs.num_targets, spec.pad_id, width=width)))
+               for chunk in chunks]
+
+    def evaluate(trainable, non_trainable) -> dict:
+        sums, count = {}, 0
+        for n, batch in batches:
+            loss, stats = loss_fn(trainable, non_trainable, batch)
+            for name, value in {"loss": loss, **{k: stats[k] for k in PREFERENCE_STATS}}.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            count += n
+        return {f"eval_{name}": value / max(count, 1) for name, value in sums.items()}
+
+    return evaluate
+
+
+def score_pairs(backbone, pairs: TokenizedSet, spec: TrainSpec) -> dict:
+    """The preference statistics of the backbone as it is (its LoRA weights and token rows
+    included) on held-out pairs, against the reference (LoRA off; for ORPO none): what the
+    base-vs-tuned report shows. Keys are PREFERENCE_STATS plus "loss" and "pairs"."""
+    trainable = {"lora": [v.value for v in backbone.trainable_variables]}
+    if spec.token_rows:
+        hidden = backbone.token_embedding.embeddings.shape[1]
+        trainable["token_delta"] = jnp.zeros((len(spec.token_rows), hidden), jnp.float32)  # rows are in the table
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+    result = pair_evaluation(backbone, pairs, spec)(trainable, non_trainable)
+    return {**{name[len("eval_"):]: value for name, value in result.items()}, "pairs": pairs.num_examples}
+
+
+def precompute_reference(backbone, data: TokenizedSet, spec: TrainSpec, cache: Path | None = None) -> bool:
+    """train.precompute_reference: the summed response log-probs of every row under the
+    reference (the backbone with LoRA off), computed once and kept on `data` (make_batch then
+    puts them in each batch and the step skips its reference pass). With `cache`, an .npy file
+    read when present and written otherwise (key it like the tokens). Returns whether it was read."""
+    if cache is not None and cache.is_file():
+        values = np.load(cache)
+        if len(values) == len(data):
+            data.reference_logps = values
+            return True
+    logps = jax.jit(make_sequence_logps(backbone, None), static_argnames="reference")
+    params = {"lora": [v.value for v in backbone.trainable_variables]}
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+    size, width = spec.train.batch_size, data.sequence_length or None
+    values = np.zeros(len(data), np.float32)
+    for start in range(0, data.num_examples, size):
+        chunk = np.arange(start, min(start + size, data.num_examples))
+        batch = make_batch(data, chunk, data.num_targets, spec.pad_id, width=width)
+        values[data.rows_of(chunk)] = np.asarray(logps(params, non_trainable, place_batch(batch), reference=True)[0])
+    data.reference_logps = values
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, values)
+        tmp.replace(cache)
+    return False
 
 
 @contextlib.contextmanager

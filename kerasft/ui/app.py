@@ -22,8 +22,8 @@ import typing
 from pathlib import Path
 
 from kerasft.config import (
-    DATA_FORMATS, DEDUP_MODES, EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES, LORA_TARGETS, MODEL_DTYPES, TASK_METRICS,
-    DataConfig, RunConfig, load_config,
+    DATA_FORMATS, DEDUP_MODES, EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES, LORA_TARGETS, MODEL_DTYPES, OBJECTIVES,
+    TASK_METRICS, DataConfig, RunConfig, load_config,
 )
 from kerasft.data.inspect import format_report, inspect_data
 from kerasft.data.prepare import SPLITS, build_datasets
@@ -451,6 +451,15 @@ def _training_tab(studio: Studio, form: _Form) -> None:
             pause = gr.Button("Pause (checkpoint and stop)", elem_id="pause_training")
             resume = gr.Button("Resume", elem_id="resume_training")
             stop = gr.Button("Stop", variant="stop", elem_id="stop_training")
+        with gr.Row():
+            form.fields["train.objective"] = gr.Dropdown(
+                list(OBJECTIVES), value="sft", label="Objective", elem_id="objective",
+                info="sft: prompt -> response; dpo / orpo: preference pairs (prompt or messages, chosen, rejected)")
+            form.fields["train.beta"] = gr.Number(0.1, label="Beta (dpo / orpo)", elem_id="beta")
+            pair_upload = gr.File(label="Upload preference pairs (.jsonl, .csv, .xlsx: prompt, chosen, rejected)",
+                                  file_types=[".jsonl", ".csv", ".tsv", ".xlsx"], elem_id="pair_upload")
+            form.fields["data.columns.rejected"] = gr.Dropdown([""], value="", label="Rejected column (empty: rejected)",
+                                                               elem_id="col_rejected", allow_custom_value=True)
         train_status = gr.Markdown(elem_id="train_status")
         progress_bar = gr.HTML(elem_id="progress_bar")
         loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=280, elem_id="loss_plot")
@@ -458,6 +467,24 @@ def _training_tab(studio: Studio, form: _Form) -> None:
         samples_button = gr.Button("Sample generations (held-out prompts)", elem_id="sample_generations")
         samples = gr.Dataframe(label="Sample generations", elem_id="samples", wrap=True)
         timer = gr.Timer(1.0)
+
+    def on_pairs(file):
+        """A pairs file becomes the training data (data.train, the Dataset tab's file) with the dpo objective."""
+        if file is None:
+            return gr.update(), gr.update(), gr.update(), ""
+        try:
+            saved = ws.save_upload(file, Path(file).name)
+        except KerasftError as err:
+            return gr.update(), gr.update(), gr.update(), _message(str(err), False)
+        columns = peek_columns(saved, "", "utf-8", "")
+        rejected = "rejected" if "rejected" in columns or not columns else ""
+        return (gr.update(choices=[str(p) for p in ws.uploads()], value=str(saved)), gr.update(value="dpo"),
+                gr.update(choices=["", *columns], value=""),
+                _message(f"pairs saved as `{saved.name}` and set as the training data; objective dpo"
+                         + ("" if rejected else f"; map the rejected column (columns: {', '.join(columns)})")))
+
+    pair_upload.upload(on_pairs, pair_upload, [form.fields["data.train"], form.fields["train.objective"],
+                                               form.fields["data.columns.rejected"], train_status])
 
     def on_start(command, *values):
         try:
@@ -519,6 +546,9 @@ def _training_tab(studio: Studio, form: _Form) -> None:
         parts = [f"**{_job_state(job, run_dir)}**", f"step {step}" + (f" / {total}" if total else "")]
         if progress["records"]:
             parts.append(f"loss {progress['records'][-1]['loss']:.4f}")
+            if "reward_accuracy" in progress["records"][-1]:  # a dpo / orpo run
+                last = progress["records"][-1]
+                parts.append(f"reward accuracy {last['reward_accuracy']:.2f}, margin {last['reward_margin']:.3f}")
         if progress["tokens_per_second"]:  # 0.0 until the trainer has timed a step after the compile
             parts.append(f"{progress['tokens_per_second']:,.0f} tokens/s")
             if progress["eta_seconds"] is not None:
