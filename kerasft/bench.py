@@ -181,7 +181,7 @@ def acceptance_run(out_dir: str | Path, *, tiny: bool = False, batch: int = 0, s
 
     # The step as the trainer runs it: kerasft's attention (keras-hub's, and the copy-free multi-query
     # layout where it applies), timed.
-    backbone = _random_backbone(cfg)
+    backbone = _random_backbone(cfg, tiny_preset if tiny else None)
     initial = [np.asarray(v.value) for v in backbone.trainable_variables]  # LoRA A random, B zero
     batches = _batches(cfg, backbone, max(2 + steps, loss_steps))
     memory_before = _memory_stats(device)
@@ -236,17 +236,22 @@ def _run_config(preset: str, batch: int, seq: int):
                               f"train.batch_size={batch}", "train.warmup_ratio=0"])
 
 
-def _random_backbone(cfg):
+def _random_backbone(cfg, tiny_preset: Path | None = None):
     """The configured architecture with random weights on the device (no download), LoRA and the
-    attention layout as load_model and the plan give them."""
+    attention layout as load_model and the plan give them. The tiny preset is loaded instead (its
+    weights are random too): building it a second time would compile every initializer again."""
     import keras_hub
 
     from kerasft.models.attention import use_mqa_layout
     from kerasft.models.lora import apply_lora
+    from kerasft.models.presets import load_model
     from kerasft.train.plan import backbone_spec
 
-    class_name, kwargs = backbone_spec(cfg.model)
-    backbone = getattr(keras_hub.models, class_name)(**kwargs, dtype=cfg.model.dtype)
+    if tiny_preset is not None:
+        backbone = load_model(cfg.model).backbone  # cfg.model.preset is the tiny preset
+    else:
+        class_name, kwargs = backbone_spec(cfg.model)
+        backbone = getattr(keras_hub.models, class_name)(**kwargs, dtype=cfg.model.dtype)
     apply_lora(backbone, cfg.lora)
     use_mqa_layout(backbone)
     return backbone
