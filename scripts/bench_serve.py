@@ -95,8 +95,8 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - started
     finally:
         if server is not None:
-            server.should_exit = True
-            server.thread.join(timeout=30)
+            server.shutdown()
+            server.server_close()
             engine.close()
 
     complete = [r for r in results if r["complete"]]
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2),
         "requests_per_s": round(len(results) / wall, 3),
-        "rows_per_step": _histogram(engine.stats["rows_per_step"]) if engine else None,
+        "rows_per_step": _histogram(engine.stats["batch_sizes"]) if engine else None,
         "answers": {PROMPTS[i]: r["text"] for i, r in enumerate(results[: len(PROMPTS)])},
     }
     print(f"{len(complete)}/{args.requests} complete at concurrency {args.concurrency}, max_tokens {args.max_tokens}: "

@@ -222,6 +222,21 @@ class DecodeFunctions:
                          for _ in range(backbone.num_layers))
         return jnp.zeros((rows, backbone.num_layers, 2, length, heads, head_dim), dtype)
 
+    def grow_cache(self, cache, rows: int, length: int):
+        """`cache` (None: none yet) with room for `length` positions per row; rows keep their contents."""
+        import jax
+
+        fresh = self.empty_cache(rows, length)
+        if cache is None:
+            return fresh
+        axis = 1 if isinstance(cache, tuple) else 3
+
+        def grow(old, new):
+            index = (slice(None),) * axis + (slice(0, old.shape[axis]),)
+            return new.at[index].set(old)
+
+        return jax.tree_util.tree_map(grow, cache, fresh)
+
     def _with_weights(self, values, lora, fn):
         """Runs fn with the model's variables bound to `values` (and row_lora_variables to `lora`)."""
         import keras

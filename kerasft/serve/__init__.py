@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 from kerasft.errors import KerasftError
-from kerasft.serve.app import DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, make_app, start_server
+from kerasft.serve.app import DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, Server, make_app, make_server, start_server
 from kerasft.serve.engine import Engine, RequestError
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "MAX_BODY_BYTES", "Engine", "RequestError", "load_engine", "make_app",
-           "parse_adapters", "serve", "start_server"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "MAX_BODY_BYTES", "Engine", "RequestError", "Server", "load_engine",
+           "make_app", "make_server", "parse_adapters", "serve", "start_server"]
 
 
 def parse_adapters(specs) -> dict:
@@ -56,20 +56,18 @@ def serve(source: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, ap
 
     api_key: defaults to $KERASFT_API_KEY; empty means no key is asked for.
     """
-    import uvicorn
-
     from kerasft.serve.app import listen_socket
 
     api_key = api_key if api_key is not None else os.environ.get("KERASFT_API_KEY") or None
-    sock = listen_socket(host, port)  # fail before the minutes of loading if the port is taken
+    listen_socket(host, port).close()  # a taken port fails now, not after minutes of loading
     engine = load_engine(source, **options)
-    bound_host, bound_port = sock.getsockname()[:2]
-    print(f"serving {', '.join(engine.model_ids)} on http://{bound_host}:{bound_port}/v1 (max batch "
-          f"{engine.max_batch}, {engine.max_seq_len} tokens per request, "
+    server = make_server(engine, host, port, quiet=False, api_key=api_key, cors_origins=cors_origins,
+                         max_body_bytes=max_body_bytes)
+    print(f"serving {', '.join(engine.model_ids)} on http://{server.server_address[0]}:{server.server_address[1]}/v1 "
+          f"(max batch {engine.max_batch}, {engine.max_seq_len} tokens per request, "
           f"{'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
-    server = uvicorn.Server(uvicorn.Config(make_app(engine, api_key=api_key, cors_origins=cors_origins,
-                                                    max_body_bytes=max_body_bytes), log_level="info"))
     try:
-        server.run(sockets=[sock])
+        server.serve_forever()  # uvicorn stops on Ctrl-C and SIGTERM
     finally:
+        server.server_close()
         engine.close()

@@ -259,21 +259,53 @@ class _Reply:
         return self._event(RequestError(f"generation failed: {type(error).__name__}: {error}", status=500).body())
 
 
-def start_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **app_options):
-    """Starts uvicorn on a thread (port 0: any free port); returns (server, url). Stop it with
-    `server.should_exit = True`."""
-    import uvicorn
+class Server:
+    """uvicorn serving make_app(engine) on a socket bound at construction (port 0: any free port),
+    with http.server's method names: serve_forever() on some thread, shutdown() from another (it
+    waits until serving stops), server_close(); server_address is (host, port)."""
 
-    sock = listen_socket(host, port)
-    config = uvicorn.Config(make_app(engine, **app_options), log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    def __init__(self, engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, log_level: str = "warning",
+                 **app_options):
+        import uvicorn
+
+        self.socket = listen_socket(host, port)
+        self.server_address = self.socket.getsockname()[:2]
+        self._uvicorn = uvicorn.Server(uvicorn.Config(make_app(engine, **app_options), log_level=log_level,
+                                                      access_log=log_level == "info"))
+        self._stopped = threading.Event()
+
+    @property
+    def started(self) -> bool:
+        return self._uvicorn.started
+
+    def serve_forever(self) -> None:
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._uvicorn.should_exit = True
+        self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+
+def make_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, quiet: bool = True, **app_options) -> Server:
+    """A Server for `engine` (quiet: no access log)."""
+    return Server(engine, host, port, log_level="warning" if quiet else "info", **app_options)
+
+
+def start_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **app_options) -> tuple[Server, str]:
+    """make_server, serving on a daemon thread once this returns; returns (server, base URL).
+    Stop it with server.shutdown() and server.server_close()."""
+    server = make_server(engine, host, port, **app_options)
+    thread = threading.Thread(target=server.serve_forever, name="kerasft-http", daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.01)
-    bound_host, bound_port = sock.getsockname()[:2]
-    server.thread = thread
-    return server, f"http://{bound_host}:{bound_port}"
+    return server, "http://%s:%d" % server.server_address
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

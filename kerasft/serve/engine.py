@@ -29,6 +29,7 @@ from kerasft.models.families import FAMILIES, model_family
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_SEQ_LEN = 1024
+MIN_CACHE_LENGTH = 128
 MAX_N = 8
 MAX_STOP = 4
 ROLES = ("system", "user", "assistant")
@@ -102,7 +103,8 @@ class Engine:
         self.created = int(time.time())
         self.model_ids, lora_variables, self._lora_table = _stack_adapters(loaded.backbone, model_id, adapters or {})
         self._functions = DecodeFunctions(self.causal_lm, lora_variables)
-        self.stats = {"requests": 0, "steps": 0, "rows_per_step": []}
+        # batches: decode steps run; batch_sizes: the rows in use at each step.
+        self.stats = {"requests": 0, "batches": 0, "batch_sizes": []}
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="kerasft-decode", daemon=True)
@@ -265,7 +267,7 @@ class Engine:
 
     def _run(self) -> None:
         rows = self.max_batch
-        cache = None
+        cache, width = None, 0
         slots: list[Job | None] = [None] * rows
         tokens = np.zeros(rows, np.int32)
         positions = np.zeros(rows, np.int32)
@@ -280,8 +282,12 @@ class Engine:
                         break
                     if job.cancelled:
                         continue
-                    if cache is None:
-                        cache = self._functions.empty_cache(rows, self.max_seq_len)
+                    need = max([len(j.prompt_ids) + j.max_tokens for j in slots if j] + [len(job.prompt_ids) + job.max_tokens])
+                    if cache is None or need > width:
+                        # The cache is as long as the longest request in it needs, on a grid of
+                        # powers of two: attention and cache traffic grow with its length.
+                        width = min(self.max_seq_len, max(MIN_CACHE_LENGTH, 1 << (need - 1).bit_length()))
+                        cache = self._functions.grow_cache(cache, rows, width)
                     slot = slots.index(None)
                     cache, choice = self._functions.prefill(cache, slot, job.prompt_ids, (*job.sampling[:4], 0, job.sampling[4]),
                                                             lora=[t[job.adapter] for t in self._lora_table])
@@ -298,6 +304,7 @@ class Engine:
             if not active:
                 if stopping:
                     return
+                cache = None  # idle: the next request starts a cache of its own length
                 continue
             try:
                 sampling = [(*job.sampling[:4], len(job.ids), job.sampling[4]) if job else (0.0, 0, 1.0, 0, 0, 0)
@@ -310,8 +317,8 @@ class Engine:
                     slots[s] = None
                 cache = None
                 continue
-            self.stats["steps"] += 1
-            self.stats["rows_per_step"].append(len(active))
+            self.stats["batches"] += 1
+            self.stats["batch_sizes"].append(len(active))
             for s in active:
                 tokens[s] = choice.tokens[s]
                 positions[s] += 1

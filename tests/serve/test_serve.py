@@ -44,8 +44,8 @@ def server(tiny_preset, adapters):
                          max_batch=4, max_tokens_limit=MAX_TOKENS, context_length=CONTEXT, max_seq_len=CONTEXT)
     httpd, url = start_server(engine, "127.0.0.1", 0, api_key=KEY, max_body_bytes=4096)
     yield engine, url
-    httpd.should_exit = True
-    httpd.thread.join(timeout=30)
+    httpd.shutdown()
+    httpd.server_close()
     engine.close()
 
 
@@ -147,7 +147,7 @@ def test_streaming_sends_tokens_as_they_are_decoded(server, client):
     for chunk in client.chat.completions.create(model=engine.model_id, messages=messages, max_tokens=MAX_TOKENS,
                                                 stream=True, stream_options={"include_usage": True}):
         if steps_at_first is None and chunk.choices and chunk.choices[0].delta.content:
-            steps_at_first = engine.stats["steps"]
+            steps_at_first = engine.stats["batches"]
         chunks.append(chunk)
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -156,7 +156,7 @@ def test_streaming_sends_tokens_as_they_are_decoded(server, client):
     assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     # The first token reached the client before the decode loop had produced the rest.
-    assert steps_at_first is not None and engine.stats["steps"] > steps_at_first
+    assert steps_at_first is not None and engine.stats["batches"] > steps_at_first
 
     completion = client.completions.create(model=engine.model_id, prompt="The quick brown", max_tokens=10)
     pieces = list(client.completions.create(model=engine.model_id, prompt="The quick brown", max_tokens=10,
@@ -216,7 +216,7 @@ def test_adapters_share_a_batch_and_match_their_own_models(server, adapters, cli
         results[model] = _post(url + "/v1/completions", {"model": model, "prompt": "El río Ebro", "max_tokens": 2,
                                                          "logprobs": 5})[1]
 
-    steps_before = len(engine.stats["rows_per_step"])
+    steps_before = len(engine.stats["batch_sizes"])
     threads = [threading.Thread(target=ask, args=(m,)) for m in ("alpha", "beta", engine.model_id)]
     for thread in threads:
         thread.start()
@@ -237,7 +237,7 @@ def test_adapters_share_a_batch_and_match_their_own_models(server, adapters, cli
     assert all(results[m]["choices"][0]["finish_reason"] for m in results)
     status, body, _ = _post(url + "/v1/completions", {"model": "gamma", "prompt": "x"})
     assert status == 404 and body["error"]["code"] == "model_not_found" and "alpha, beta" in body["error"]["message"]
-    assert max(engine.stats["rows_per_step"][steps_before:], default=0) >= 1
+    assert max(engine.stats["batch_sizes"][steps_before:], default=0) >= 1
 
 
 @pytest.mark.parametrize("route, payload, status, message, code", [
@@ -276,7 +276,7 @@ def test_a_request_joins_the_running_batch(server, client):
     engine, _ = server
     prompts = ["Hola", "¿Cuál es la capital de Francia?", "El niño comió", "Answer the question"]
     alone = [client.completions.create(model=engine.model_id, prompt=p, max_tokens=16).choices[0].text for p in prompts]
-    steps_before = len(engine.stats["rows_per_step"])
+    steps_before = len(engine.stats["batch_sizes"])
     results = [None] * len(prompts)
 
     def ask(index):
@@ -290,7 +290,7 @@ def test_a_request_joins_the_running_batch(server, client):
     for thread in threads:
         thread.join(timeout=120)
     assert results == alone
-    assert max(engine.stats["rows_per_step"][steps_before:]) > 1  # they shared decode steps
+    assert max(engine.stats["batch_sizes"][steps_before:]) > 1  # they shared decode steps
 
 
 def test_serves_a_hugging_face_export(server, tiny_preset, tmp_path):
