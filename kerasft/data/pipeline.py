@@ -204,11 +204,19 @@ def tokenize_pairs(tokens: ChatTokens, examples: list[Example], sequence_length:
                            "trains on preference pairs (prompt or messages, chosen, rejected)")
     answers = [replace(ex, response=answer) for ex in examples for answer in (ex.response, ex.rejected)]
     encode = _batch_encoder(tokens, answers, system, template)
-    rows, dropped = [], []
+    rows, dropped, trimmed = [], [], 0
     for chosen, rejected in zip(answers[0::2], answers[1::2]):
         pair = [encode_conversation(tokens, ex.prompt, ex.response, ex.system or system, ex.history, template, encode)
                 for ex in (chosen, rejected)]
         longest = max(len(ids) for ids, _ in pair)
+        if longest > sequence_length and chosen.context and chosen.answer_start >= 0 and not chosen.history:
+            # One context window for both answers: around the chosen span, fitting the longer answer.
+            longer = replace(chosen, response=max(chosen.response, rejected.response, key=len))
+            prompt = _trimmed_prompt(tokens, longer, chosen.system or system, template, sequence_length)
+            if prompt is not None:
+                pair = [encode_conversation(tokens, prompt, ex.response, ex.system or system, (), template)
+                        for ex in (chosen, rejected)]
+                longest, trimmed = max(len(ids) for ids, _ in pair), trimmed + 1
         if longest > sequence_length:
             dropped.append(f"{chosen.origin or chosen.id} ({longest} tokens)")
             continue
@@ -219,7 +227,7 @@ def tokenize_pairs(tokens: ChatTokens, examples: list[Example], sequence_length:
               f"{sequence_length} and were left out: {shown}", file=sys.stderr)
     if not rows:
         raise KerasftError(f"no preference pair fits in sequence_length={sequence_length}; raise data.sequence_length")
-    return TokenizedSet.from_rows(rows, sequence_length=sequence_length, dropped=len(dropped),
+    return TokenizedSet.from_rows(rows, sequence_length=sequence_length, trimmed=trimmed, dropped=len(dropped),
                                   dropped_origins=dropped, pairs=True)
 
 
@@ -404,6 +412,13 @@ def _batch_encoder(tokens: ChatTokens, examples: list[Example], system: str, tem
 def _trim_context(tokens: ChatTokens, ex: Example, system: str, template: str, budget: int):
     """(ids, weights) with the longest word window of the context that keeps the answer span and
     fits `budget`, or None."""
+    prompt = _trimmed_prompt(tokens, ex, system, template, budget)
+    return None if prompt is None else encode_conversation(tokens, prompt, ex.response, system, (), template)
+
+
+def _trimmed_prompt(tokens: ChatTokens, ex: Example, system: str, template: str, budget: int) -> str | None:
+    """The prompt with the longest word window of the context that keeps the answer span
+    (ex.answer_start, ex.response) and whose conversation with ex.response fits `budget`, or None."""
     words = ex.context.split(" ")
     offsets, pos = [], 0
     for word in words:
@@ -413,18 +428,16 @@ def _trim_context(tokens: ChatTokens, ex: Example, system: str, template: str, b
     end_char = ex.answer_start + len(ex.response)
     last = max(i for i, start in enumerate(offsets) if start < end_char)
 
-    def encode_window(extra: int):
+    def window_prompt(extra: int) -> str:
         lo, hi = max(0, first - extra), min(len(words), last + 1 + extra)
-        window = " ".join(words[lo:hi])
-        prompt = ex.prompt.replace(ex.context, window, 1)
-        return encode_conversation(tokens, prompt, ex.response, system, (), template)
+        return ex.prompt.replace(ex.context, " ".join(words[lo:hi]), 1)
 
     lo, hi, best = 0, len(words), None
     while lo <= hi:  # binary search on the number of words kept on each side of the answer
         mid = (lo + hi) // 2
-        ids, weights = encode_window(mid)
-        if len(ids) <= budget:
-            best, lo = (ids, weights), mid + 1
+        prompt = window_prompt(mid)
+        if len(encode_conversation(tokens, prompt, ex.response, system, (), template)[0]) <= budget:
+            best, lo = prompt, mid + 1
         else:
             hi = mid - 1
     return best

@@ -3,6 +3,7 @@ named, and pairs tokenise with SFT's template and loss mask into chosen/rejected
 
 import json
 
+import numpy as np
 import pytest
 
 from kerasft.config import ColumnsConfig, DataConfig
@@ -105,3 +106,23 @@ def test_pairs_tokenise_with_the_sft_template_and_mask(tokens, tmp_path):
     again, hit_again = tokenize_cached(tokens, pairs, cfg, tmp_path, pairs=True)
     assert not hit and hit_again and again.pairs and list(again.ids[3]) == list(first.ids[3])
     assert first.cache_key and first.cache_key != tokenize_cached(tokens, pairs, cfg, tmp_path)[0].cache_key
+
+
+def test_a_long_qa_pair_is_trimmed_around_the_chosen_span_with_one_window(tokens):
+    context = " ".join(["el gato come pescado en la casa."] * 12 + ["El perro duerme en el jardín."] + ["la luna sale."] * 12)
+    row = {"question": "¿Dónde duerme el perro?", "context": context, "chosen": "en el jardín", "rejected": "la luna sale."}
+    pair = load_examples_from_rows([row])
+    full = tokenize_pairs(tokens, pair, 1024)
+    data = tokenize_pairs(tokens, pair, 128)
+    assert data.trimmed == 1 and max(data.lengths) <= 128 < max(full.lengths)
+    chosen, rejected = list(data.ids[0]), list(data.ids[1])
+    prompt = len(chosen) - int(np.count_nonzero(data.weights[0]))  # the shared prompt: the same tokens
+    assert chosen[:prompt] == rejected[:prompt]
+    kept = tokens.decode(chosen[:prompt])
+    assert "El perro duerme en el jardín." in kept and kept.count("la luna sale.") < 12
+
+
+def load_examples_from_rows(rows):
+    from kerasft.data.records import example_from_row
+
+    return [example_from_row(row, f"rows: line {n}", DataConfig(), f"r{n}") for n, row in enumerate(rows, 1)]
