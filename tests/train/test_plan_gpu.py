@@ -132,8 +132,7 @@ def test_plan_command_compiles_for_abstract_gpus(tiny_preset, capsys):
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["compiler"] == "cuda" and plan["devices"] == 4 and plan["compiled_for"] == "NVIDIA A100-SXM4-80GB"
     assert plan["target"]["devices"] == 4 and plan["target_key"] == "a100-80g" and plan["mesh"] == "model auto"
-    assert main([*base, "--target", "a100-80g", "--devices", "4", "runtime.mesh=model", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == plan["step"]
+    # (--devices 4 resolves to the same target: test_target_names_and_device_counts.)
     import keras
 
     assert keras.distribution.distribution() is None  # put back: later models land on this machine's devices
