@@ -55,16 +55,42 @@ BLOCK_TENSORS = {
 LLAMA_NORM_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 # SentencePiece piece types, which llama.cpp's token types number the same way.
-_USER_DEFINED = 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+# Pieces Gemma's Hugging Face tokenizer_config marks special besides SentencePiece's control
+# pieces: llama.cpp's converter (convert_hf_to_gguf.py, _create_vocab_sentencepiece) types them
+# CONTROL, so llama.cpp never prints them as text and stops on <end_of_turn>.
+_HF_SPECIAL_PIECES = ("<start_of_turn>", "<end_of_turn>", "<mask>")
 
 MODELFILE = "Modelfile"
-# Ollama defaults written into the Modelfile; num_ctx is capped by the family's context length.
-MODELFILE_PARAMETERS = {"temperature": 0.7, "top_p": 0.9, "num_ctx": 4096}
+# Context written into the Modelfile, capped by the family's context length. The decoding
+# PARAMETERs come from how the run was evaluated (modelfile_decoding).
+MODELFILE_PARAMETERS = {"num_ctx": 4096}
+
+
+def modelfile_decoding(eval_cfg=None) -> tuple[dict, str]:
+    """Modelfile PARAMETERs for the decoding a run was evaluated with, and a sentence for the card.
+
+    Greedy evaluation (eval.temperature 0, the default, and what extractive tasks use) becomes
+    `temperature 0`, which llama.cpp and Ollama decode greedily; sampled evaluation keeps its
+    temperature, top_k, top_p and seed.
+    """
+    temperature = float(getattr(eval_cfg, "temperature", 0.0) or 0.0)
+    if temperature <= 0:
+        return {"temperature": 0}, ("Decoding: greedy (`PARAMETER temperature 0` in the Modelfile), as this run was "
+                                    "evaluated (eval.temperature 0).")
+    params = {"temperature": temperature}
+    if getattr(eval_cfg, "top_k", 0):
+        params["top_k"] = int(eval_cfg.top_k)
+    if getattr(eval_cfg, "top_p", 1.0) < 1.0:
+        params["top_p"] = float(eval_cfg.top_p)
+    params["seed"] = int(getattr(eval_cfg, "seed", 0))
+    described = ", ".join(f"{key} {value}" for key, value in params.items())
+    return params, f"Decoding: sampled ({described} in the Modelfile), as this run was evaluated."
 
 
 def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16", card: str | None = None,
                 overwrite: bool = False, chat_template: str = "auto", system: str = "",
-                parameters: dict | None = None) -> Path:
+                parameters: dict | None = None, decoding=None) -> Path:
     """Writes `out_dir/model-<quant>.gguf` (weights, hyperparameters, tokenizer, chat template),
     an Ollama `Modelfile` and a model card README.md.
 
@@ -73,7 +99,9 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
             whose rows are not a multiple of 32 values); norms stay float32, as in llama.cpp.
         chat_template: data.template the model was trained with ("auto": the model's own).
         system: the run's system prompt, written as the Modelfile's SYSTEM.
-        parameters: Modelfile PARAMETER values overriding MODELFILE_PARAMETERS.
+        parameters: Modelfile PARAMETER values overriding MODELFILE_PARAMETERS and the decoding.
+        decoding: the run's eval config (temperature, top_k, top_p, seed): the Modelfile decodes
+            as the run was evaluated, and the card says so (None: greedy).
 
     The folder appears atomically (built beside the target, then renamed).
     """
@@ -101,12 +129,13 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        settings = {**MODELFILE_PARAMETERS, **(parameters or {})}
+        decoding_parameters, decoding_sentence = modelfile_decoding(decoding)
+        settings = {**decoding_parameters, **MODELFILE_PARAMETERS, **(parameters or {})}
         settings["num_ctx"] = min(int(settings["num_ctx"]), FAMILIES[family].context_length)
         (staging / MODELFILE).write_text(modelfile(file_name, tokens, template, system, settings), encoding="utf-8")
         if card is None:
             card = model_card("gguf", backbone, extra={"file": file_name, "quantization": quant})
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "README.md").write_text(card.rstrip("\n") + f"\n\n{decoding_sentence}\n", encoding="utf-8")
     return out / file_name
 
 
@@ -186,12 +215,14 @@ def gguf_vocabulary(tokenizer, size: int | None = None) -> dict:
     model.ParseFromString(tokenizer.proto)
     tokens, scores, types = [], [], []
     for piece in model.pieces:
-        text = piece.piece
-        if piece.type == _USER_DEFINED:
+        text, kind = piece.piece, int(piece.type)
+        if kind == _UNKNOWN or (kind == _USER_DEFINED and (text in _HF_SPECIAL_PIECES or _looks_special(text))):
+            kind = _CONTROL
+        elif kind == _USER_DEFINED:
             text = text.replace("\u2581", " ")  # llama.cpp's converter pre-normalizes these
         tokens.append(text)
         scores.append(float(piece.score))
-        types.append(int(piece.type))
+        types.append(kind)
     trainer = model.trainer_spec
     end_of_turn = model.pieces[tokenizer.token_to_id("<end_of_turn>")].piece == "<end_of_turn>"
     return {
@@ -207,6 +238,13 @@ def gguf_vocabulary(tokenizer, size: int | None = None) -> dict:
         "model": "llama",
         "pre": "default",
     }
+
+
+def _looks_special(piece: str) -> bool:
+    """llama.cpp's converter's does_token_look_special: pieces typed CONTROL even when the
+    tokenizer does not mark them special."""
+    return (piece in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (piece.startswith("<|") and piece.endswith("|>"))
+            or (piece.startswith("<unused") and piece.endswith(">")))
 
 
 def _bpe_vocabulary(tokenizer, size: int | None = None) -> dict:

@@ -125,3 +125,58 @@ def test_embedded_270m_gguf_round_trip(quant, bound, tmp_path):
           f"greedy next token agrees at {agree:.0%} of {tokens.shape[1]} positions")
     assert diff <= bound * scale
     assert agree >= 0.9
+
+
+def test_turn_tokens_are_control_and_the_modelfile_decodes_as_evaluated(tiny_preset, tmp_path):
+    """Token types as llama.cpp's converter writes them for Gemma (the turn markers CONTROL, so
+    llama.cpp stops on <end_of_turn> and never prints <start_of_turn>; other user-defined pieces
+    stay USER_DEFINED with spaces for U+2581), and the Modelfile's decoding is the run's eval
+    decoding: greedy by default, the sampled settings otherwise; the card says which."""
+    import gguf
+
+    from kerasft.config import EvalConfig
+    from kerasft.export.gguf import read_modelfile
+
+    loaded = load_model(ModelConfig(preset=str(tiny_preset)))
+    path = export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "greedy", quant="f32")
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["tokenizer.ggml.token_type"]
+    types = [int(field.parts[i][0]) for i in field.data]
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    by_token = dict(zip(tokens, types))
+    assert by_token["<start_of_turn>"] == by_token["<end_of_turn>"] == 3  # CONTROL, not USER_DEFINED (4)
+    assert by_token["<bos>"] == by_token["<eos>"] == by_token["<pad>"] == 3 and by_token["<unk>"] == 3
+    assert set(types) <= {1, 3, 4, 5, 6}
+    assert read_modelfile(path.parent / "Modelfile")["PARAMETER"]["temperature"] == ["0"]
+    assert "top_p" not in read_modelfile(path.parent / "Modelfile")["PARAMETER"]
+    assert "Decoding: greedy" in (path.parent / "README.md").read_text()
+
+    sampled = EvalConfig(temperature=0.8, top_p=0.9, top_k=40, seed=3)
+    path = export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "sampled", quant="f32", decoding=sampled)
+    parameters = read_modelfile(path.parent / "Modelfile")["PARAMETER"]
+    assert (parameters["temperature"], parameters["top_k"], parameters["top_p"], parameters["seed"]) == (
+        ["0.8"], ["40"], ["0.9"], ["3"])
+    assert "Decoding: sampled (temperature 0.8, top_k 40, top_p 0.9, seed 3" in (path.parent / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_embedded_token_types_equal_llama_cpps_converter():
+    """The embedded Gemma 3 270M's vocabulary as export_gguf types it equals the token-type table
+    of the GGUF file it came from, which llama.cpp's convert_hf_to_gguf.py wrote, id for id."""
+    import gguf
+    import keras_hub
+    from kerasft.export.gguf import gguf_vocabulary
+    from kerasft.models.gguf import assemble_embedded_gguf
+    from kerasft.models.presets import cache_dir, resolve_preset
+
+    preset = resolve_preset("embedded", cache_dir())
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(preset)
+    ours = gguf_vocabulary(tokenizer)
+    original = assemble_embedded_gguf(cache_dir() / "gguf")  # the file the embedded preset was converted from
+    reader = gguf.GGUFReader(str(original))
+    field = reader.fields["tokenizer.ggml.token_type"]
+    theirs = [int(field.parts[i][0]) for i in field.data]
+    assert len(ours["types"]) == len(theirs)
+    differ = [i for i, (a, b) in enumerate(zip(ours["types"], theirs)) if a != b]
+    assert not differ, f"{len(differ)} ids differ, first {differ[:5]}"
+    assert theirs[105] == theirs[106] == 3

@@ -387,7 +387,8 @@ def _check_modelfile(folder: Path, gguf_name: str, tokens, template: str, system
     assert fields["FROM"] == f"./{gguf_name}" and (folder / gguf_name).is_file()
     assert fields["SYSTEM"] == system
     stops = {"gemma": ["<end_of_turn>", "<eos>"], "llama3": ["<|eot_id|>", "<|end_of_text|>"], "zephyr": ["</s>"]}[template]
-    assert fields["PARAMETER"] == {"stop": stops, "temperature": ["0.7"], "top_p": ["0.9"], "num_ctx": [str(num_ctx)]}
+    # Greedy, as a run with the default eval config was evaluated (kerasft.export.gguf.modelfile_decoding).
+    assert fields["PARAMETER"] == {"stop": stops, "temperature": ["0"], "num_ctx": [str(num_ctx)]}
     # The TEMPLATE renders what training rendered, minus the bos llama.cpp adds itself: with the
     # Modelfile's SYSTEM, with a system message instead, and for a generation prompt.
     bos = tokens.bos_text
