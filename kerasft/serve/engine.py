@@ -2,8 +2,8 @@
 
 One worker thread owns the model. It holds a KV cache of `max_batch` rows (kerasft.evaluate.
 generate.DecodeFunctions, the decode loop `kerasft generate` and evaluation use) and loops:
-requests waiting in the queue are prefilled into free rows (their first token is emitted right
-away), then one jitted step decodes one token for every row and hands each new token to its
+requests waiting in the queue are prefilled into free rows, all of them in one call (their first
+token is emitted right away), then one jitted step decodes one token for every row and hands each new token to its
 request. A request that arrives while others are decoding joins at the next step boundary; a row
 whose answer ends is free for the next request at once.
 
@@ -273,33 +273,32 @@ class Engine:
         positions = np.zeros(rows, np.int32)
         stopping = False
         while True:
-            try:
-                while not stopping and None in slots:
-                    busy = any(slots)
-                    job = self._queue.get(block=not busy, timeout=None if not busy else 0)
-                    if job is None:
-                        stopping = True
-                        break
-                    if job.cancelled:
+            if not stopping and None in slots:
+                joining, stopping = self._waiting(slots.count(None), block=not any(slots))
+                # The requests that arrived are prefilled together, one call per adapter among them.
+                for adapter in dict.fromkeys(job.adapter for job in joining):
+                    group = [job for job in joining if job.adapter == adapter]
+                    free = [s for s, job in enumerate(slots) if job is None][: len(group)]
+                    try:
+                        need = max(len(j.prompt_ids) + j.max_tokens for j in [*group, *filter(None, slots)])
+                        if cache is None or need > width:
+                            # The cache is as long as the longest request in it needs, on a grid of
+                            # powers of two: attention and cache traffic grow with its length.
+                            width = min(self.max_seq_len, max(MIN_CACHE_LENGTH, 1 << (need - 1).bit_length()))
+                            cache = self._functions.grow_cache(cache, rows, width)
+                        cache, choice = self._functions.prefill(
+                            cache, free, [job.prompt_ids for job in group],
+                            [(*job.sampling[:4], 0, job.sampling[4]) for job in group],
+                            lora=[t[adapter] for t in self._lora_table])
+                    except Exception as error:  # noqa: BLE001 - the requests that failed get it
+                        for job in group:
+                            job.sink({"error": error})
                         continue
-                    need = max([len(j.prompt_ids) + j.max_tokens for j in slots if j] + [len(job.prompt_ids) + job.max_tokens])
-                    if cache is None or need > width:
-                        # The cache is as long as the longest request in it needs, on a grid of
-                        # powers of two: attention and cache traffic grow with its length.
-                        width = min(self.max_seq_len, max(MIN_CACHE_LENGTH, 1 << (need - 1).bit_length()))
-                        cache = self._functions.grow_cache(cache, rows, width)
-                    slot = slots.index(None)
-                    cache, choice = self._functions.prefill(cache, slot, job.prompt_ids, (*job.sampling[:4], 0, job.sampling[4]),
-                                                            lora=[t[job.adapter] for t in self._lora_table])
-                    slots[slot] = job
-                    tokens[slot], positions[slot] = choice.tokens, len(job.prompt_ids)
-                    if self._take(job, choice, None):
-                        slots[slot] = None
-            except queue.Empty:
-                pass
-            except Exception as error:  # noqa: BLE001 - the request that failed gets it
-                job.sink({"error": error})
-                continue
+                    for r, (slot, job) in enumerate(zip(free, group)):
+                        slots[slot] = job
+                        tokens[slot], positions[slot] = choice.tokens[r], len(job.prompt_ids)
+                        if self._take(job, choice, r):
+                            slots[slot] = None
             active = [s for s, job in enumerate(slots) if job is not None]
             if not active:
                 if stopping:
@@ -325,9 +324,23 @@ class Engine:
                 if self._take(slots[s], choice, s):
                     slots[s] = None
 
-    def _take(self, job: Job, choice, row) -> bool:
-        """Hands a new token to its job; True when the job is finished."""
-        pick = (lambda a: a) if row is None else (lambda a: a[row])
+    def _waiting(self, free: int, block: bool) -> tuple[list[Job], bool]:
+        """Up to `free` queued jobs (waiting for the first when `block`), and whether close() was seen."""
+        jobs = []
+        while len(jobs) < free:
+            try:
+                job = self._queue.get() if block and not jobs else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            if not job.cancelled:
+                jobs.append(job)
+        return jobs, False
+
+    def _take(self, job: Job, choice, row: int) -> bool:
+        """Hands row `row` of a decode call's Choice to its job; True when the job is finished."""
+        pick = lambda a: a[row]  # noqa: E731
         token = int(pick(choice.tokens))
         if job.cancelled:
             return True
