@@ -59,6 +59,15 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert run(Sampling(temperature=5.0, top_k=1, seed=3)) == greedy != first
 
 
+def test_prompts_prefilled_together_decode_as_one_by_one(model):
+    """Prompts that join together share one prefill call (3 prompts padded to 4 rows here); their
+    greedy and seeded answers equal those of prompts prefilled one at a time."""
+    prompts = [model.encode_prompt(p) for p in PROMPTS][:3]
+    for sampling in (Sampling(), Sampling(temperature=3.0, top_p=0.95, seed=7)):
+        one_by_one = model.generate(prompts, 6, 1, sampling)[0]
+        assert model.generate(prompts, 6, 4, sampling)[0] == one_by_one
+
+
 def test_response_logprobs_match_full_logits(model):
     prompts = [model.encode_prompt(p) for p in PROMPTS]
     responses = [model.encode(r) for r in ("Madrid.", "La capital es Madrid", "Sí", "El Ebro pasa por Zaragoza y Tudela")]
