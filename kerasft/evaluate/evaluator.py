@@ -225,18 +225,21 @@ _TASKS = {"qa": _qa, "json": _json, "short_answer": _short_answer, "text": _text
 
 
 def system_metrics(model, prompts, timing: dict, batch_size: int, peak_since: str = "process start") -> dict:
-    """Latency per example (its batch's wall time), prefill and decode tokens/s, peak memory.
+    """Latency per example (Keras: from its prefill to its last token; transformers: its batch's
+    wall time), prefill and decode tokens/s, peak memory.
 
-    Prefill is timed as a separate forward pass over up to three of the run's prompt batches;
+    Prefill is timed as a separate forward pass over up to three batches of the run's prompts;
     decode time is the generation time less the prefill time that rate implies. The peak RSS
     counts from `peak_since` (see evaluate); the accelerator's peak, which JAX cannot reset,
     always counts from the process start.
     """
     batches = timing["batches"]
     latencies = [seconds for seconds, rows, _ in batches for _ in rows]
-    measured = batches[:3]
-    prefill_seconds = sum(model.prefill_seconds(prompts, rows, batch_size) for _, rows, _ in measured)
-    prefill_tokens = sum(len(prompts[i]) for _, rows, _ in measured for i in rows)
+    # Whole prompt batches, not timing's entries: the Keras decode loop reports one entry per prompt.
+    measured = [list(range(start, min(start + batch_size, len(prompts))))
+                for start in range(0, len(prompts), batch_size)][:3]
+    prefill_seconds = sum(model.prefill_seconds(prompts, rows, batch_size) for rows in measured)
+    prefill_tokens = sum(len(prompts[i]) for rows in measured for i in rows)
     prefill_rate = prefill_tokens / prefill_seconds if prefill_seconds > 0 else None
     decode_seconds = timing["seconds"] - (timing["prompt_tokens"] / prefill_rate if prefill_rate else 0.0)
     stats = {

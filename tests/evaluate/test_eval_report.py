@@ -55,7 +55,7 @@ def test_qa_result_has_v2_scores_auroc_system_and_examples(keras_model):
     assert result["has_answer_count"] == 2 and result["no_answer_count"] == 1
     system = result["system"]
     assert system["latency_p50_s"] > 0 and system["latency_p95_s"] >= system["latency_p50_s"]
-    assert system["prefill_tokens_per_s"] > 0 and system["peak_rss_mib"] > 100
+    assert system["prefill_tokens_per_s"] > 0 and system["decode_tokens_per_s"] > 0 and system["peak_rss_mib"] > 100
     assert system["peak_rss_since"] == "evaluation"
     assert system["peak_rss_mib"] < process_peak - 500, (system["peak_rss_mib"], process_peak)
     assert [row["id"] for row in result["examples"]] == ["q1", "q2", "q3"]
