@@ -67,22 +67,20 @@ def _reference(engine, prompt_ids, max_tokens):
 
 def _post(url, payload, raw=None, key=KEY, headers=()):
     data = raw if raw is not None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **dict(headers)})
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read()), response.headers
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read()), error.headers
+    return _request(url, data, key, {"Content-Type": "application/json", **dict(headers)}, timeout=120)
 
 
 def _get(url, key=KEY, headers=()):
-    request = urllib.request.Request(url, headers=dict(headers))
+    return _request(url, None, key, dict(headers), timeout=30)
+
+
+def _request(url, data, key, headers, timeout):
+    """(status, JSON body, headers) of a request, an HTTP error's too."""
+    request = urllib.request.Request(url, data=data, headers=headers)
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read()), response.headers
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read()), error.headers
