@@ -334,7 +334,7 @@ def _cmd_generate(args) -> int:
     system = args.system if args.system is not None else (run_cfg.data.system if run_cfg else "")
     template = run_cfg.data.template if run_cfg else "auto"
     prompts = [encode_prompt(tokens, text, system, template=template) for text in args.prompt]
-    outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids, tokens.pad)
+    outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids)
     for text, ids in zip(args.prompt, outputs):
         print(json.dumps({"prompt": text, "response": tokens.decode(ids)}, ensure_ascii=False))
     return 0

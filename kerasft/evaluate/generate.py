@@ -58,7 +58,7 @@ def causal_lm_for(backbone):
     return causal_lm_class(backbone=backbone, preprocessor=None)
 
 
-def generate_ids(causal_lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop_ids, pad_id: int = 0,
+def generate_ids(causal_lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop_ids,
                  sampling: Sampling | None = None) -> tuple[list[list[int]], dict]:
     """Continuations of tokenised prompts, cut at the first stop token.
 
@@ -75,7 +75,6 @@ def generate_ids(causal_lm, prompts: list[list[int]], max_new_tokens: int, batch
         prompt_tokens, batches: [(seconds from a prompt's prefill to its last token, [its index],
         its padded width)]).
     """
-    del pad_id  # rows are never padded together: each sits at the start of its own cache row
     sampling = sampling or Sampling()
     fns = decode_functions(causal_lm)
     stop = set(int(i) for i in stop_ids)
@@ -306,7 +305,6 @@ class DecodeFunctions:
     def _step_fn(self, values, lora_table, cache, adapter_ids, tokens, positions, sampling):
         """One token for every row: row r reads `tokens[r]` at `positions[r]` of its cache row."""
         import jax
-        import jax.numpy as jnp
 
         def one_row(row_cache, token, position, adapter):
             lora = [table[adapter] for table in lora_table]
@@ -522,7 +520,7 @@ class KerasModel:
     def generate(self, prompts, max_new_tokens: int, batch_size: int, sampling: Sampling | None = None):
         if self._causal_lm is None:
             self._causal_lm = causal_lm_for(self.backbone)
-        return generate_ids(self._causal_lm, prompts, max_new_tokens, batch_size, self.stop_ids, self.tokens.pad, sampling)
+        return generate_ids(self._causal_lm, prompts, max_new_tokens, batch_size, self.stop_ids, sampling)
 
     def logprobs(self, prompts, responses, batch_size: int):
         if self._scorer is None:

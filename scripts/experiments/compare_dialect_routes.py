@@ -144,8 +144,7 @@ def measure(run_dir: Path, max_new_tokens: int) -> dict:
         chars += len(example.response) + sum(len(answer) for _, answer in example.history)
     system = next((e.system for e in examples if e.system), cfg.data.system)
     prompts = [encode_prompt(tokens, text, system, template=cfg.data.template) for text in PROMPTS]
-    outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, max_new_tokens, len(prompts), tokens.stop_ids,
-                              tokens.pad)
+    outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, max_new_tokens, len(prompts), tokens.stop_ids)
     export = RunDir(run_dir).export("hf")
     words = segmentation_stats(processor(loaded.tokenizer.proto), read_word_list(WORDS), top=5)
     return {
