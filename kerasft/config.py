@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,13 +371,17 @@ LANGUAGES = ("es", "en")
 # and no-answer precision/recall, auroc = answerability AUROC from log-probabilities.
 # json: json = parse rate, whole-object exact match, per-field accuracy; schema = JSON-schema
 # validity (eval.schema). short_answer: exact match, token F1 and F1 >= threshold, by metadata.
-# text: perplexity of held-out responses, BLEU, chrF, ROUGE-L. system: latency, tokens/s, memory.
+# text: perplexity of held-out responses, BLEU, chrF, ROUGE-L. classification: accuracy, per-class and
+# macro/micro precision, recall and F1, invalid answers, confusion matrix. system: latency, tokens/s, memory.
 TASK_METRICS = {
     "qa": ("squad", "no_answer", "auroc", "system"),
     "json": ("json", "schema", "system"),
     "short_answer": ("short_answer", "system"),
     "text": ("perplexity", "bleu", "chrf", "rouge_l", "system"),
+    "classification": ("classification", "system"),
 }
+# A user metric in eval.metrics: "package.module:function", called (prediction, reference, example) -> number.
+CUSTOM_METRIC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 @dataclass(frozen=True)
@@ -385,8 +390,15 @@ class EvalConfig:
 
     task: qa (SQuAD F1/EM, no-answer scores, answerability AUROC) | json (parse rate, schema
         validity, exact match, per-field accuracy) | short_answer (exact match, F1 >= threshold,
-        by metadata column) | text (perplexity, BLEU, chrF, ROUGE-L).
-    metrics: which of the task's metric groups to compute; empty means all of them.
+        by metadata column) | text (perplexity, BLEU, chrF, ROUGE-L) | classification (accuracy,
+        per-class and macro/micro precision/recall/F1, invalid answers, confusion matrix).
+    metrics: which of the task's metric groups to compute; empty means all of them. An entry
+        "package.module:function" adds a user metric (prediction, reference, example) -> number,
+        reported as its mean over the examples; with only such entries every group is computed.
+    label_column: classification: the column holding the gold label; empty means the response
+        column (data.columns.response), else a column kept with data.columns.meta.
+    labels: classification: the label set, in report order; empty means data.labels, else the
+        distinct gold labels of the scored examples, sorted.
     source: what `kerasft eval` scores as the tuned model: empty means RUN_DIR's adapter, else
         a run dir, a preset, or a Hugging Face folder (run in transformers).
     compare_base: also evaluate the base model (model.preset) on the same split.
@@ -399,6 +411,8 @@ class EvalConfig:
 
     task: str = "qa"
     metrics: tuple[str, ...] = ()
+    label_column: str = ""
+    labels: tuple[str, ...] = ()
     source: str = ""
     batch_size: int = 16
     max_new_tokens: int = 32
@@ -418,9 +432,13 @@ class EvalConfig:
         if self.task not in TASK_METRICS:
             raise KerasftError(f"eval.task: {self.task!r} is not one of {', '.join(TASK_METRICS)}")
         for name in self.metrics:
-            if name not in TASK_METRICS[self.task]:
+            if ":" in name and not CUSTOM_METRIC.match(name):
+                raise KerasftError(f"eval.metrics: {name!r} is not a user metric of the form package.module:function")
+            if ":" not in name and name not in TASK_METRICS[self.task]:
                 raise KerasftError(f"eval.metrics: {name!r} is not a metric of task {self.task}; "
-                                   f"use {', '.join(TASK_METRICS[self.task])}")
+                                   f"use {', '.join(TASK_METRICS[self.task])} or package.module:function")
+        if len(set(self.labels)) != len(self.labels) or not all(str(label).strip() for label in self.labels):
+            raise KerasftError(f"eval.labels: {list(self.labels)} must be distinct, non-empty label texts")
         if self.lang not in LANGUAGES:
             raise KerasftError(f"eval.lang: {self.lang!r} is not one of {', '.join(LANGUAGES)}")
         for key in ("batch_size", "max_new_tokens"):

@@ -28,7 +28,9 @@ _NEEDS = {"bleu": ("sacrebleu", "BLEU"), "chrf": ("sacrebleu", "chrF"), "schema"
 
 
 def check_eval_config(eval_cfg) -> None:
-    """Fails early, in one line, when a configured metric needs a missing extra or file."""
+    """Fails early, in one line, when a configured metric needs a missing extra or file, or a
+    user metric (package.module:function) cannot be loaded."""
+    custom_metrics(eval_cfg)
     wanted = metrics_for(eval_cfg)
     for name, (module, what) in _NEEDS.items():
         if name in wanted and (name != "schema" or eval_cfg.schema) and importlib.util.find_spec(module) is None:
@@ -38,8 +40,14 @@ def check_eval_config(eval_cfg) -> None:
 
 
 def metrics_for(eval_cfg) -> tuple[str, ...]:
-    """The metric groups to compute: eval.metrics, or every metric the task declares."""
-    return tuple(eval_cfg.metrics) or TASK_METRICS[eval_cfg.task]
+    """The built-in metric groups to compute: those in eval.metrics, or every metric the task
+    declares when eval.metrics names none (it may name only user metrics)."""
+    return tuple(name for name in eval_cfg.metrics if ":" not in name) or TASK_METRICS[eval_cfg.task]
+
+
+def custom_metrics(eval_cfg) -> dict:
+    """The user metrics of eval.metrics: "package.module:function" -> the loaded function."""
+    return {spec: metrics.load_metric_function(spec) for spec in eval_cfg.metrics if ":" in spec}
 
 
 def open_model(src: str, name: str = ""):
@@ -97,12 +105,16 @@ def evaluate(model, examples, eval_cfg, data_cfg) -> dict:
         new_ids, timing = model.generate(prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, sampling)
         predictions = {ex.id: model.decode(ids).strip() for ex, ids in zip(examples, new_ids)}
     scores = _TASKS[eval_cfg.task](model, examples, prompts, predictions, eval_cfg, data_cfg, wanted, result)
+    custom = _custom_scores(examples, predictions, eval_cfg, data_cfg, result)
     if timing is not None:
         result["seconds"] = round(timing["seconds"], 2)
         result["generated_tokens"] = timing["generated_tokens"]
         if "system" in wanted:
             result["system"] = system_metrics(model, prompts, timing, eval_cfg.batch_size, peak_since)
-    result["examples"] = _example_rows(examples, predictions, scores, eval_cfg, data_cfg)
+    result["examples"] = _example_rows(examples, predictions, scores, eval_cfg, data_cfg, result.get("labels", ()))
+    for row, ex in zip(result["examples"], examples):
+        if custom:
+            row["custom"] = {spec: values[ex.id] for spec, values in custom.items()}
     for row in result["examples"]:
         for kind in row["failures"]:
             result["failures"][kind] = result["failures"].get(kind, 0) + 1
@@ -221,7 +233,59 @@ def _text(model, examples, prompts, predictions, eval_cfg, data_cfg, wanted, res
     return per_example
 
 
-_TASKS = {"qa": _qa, "json": _json, "short_answer": _short_answer, "text": _text}
+def gold_label(example, eval_cfg) -> str:
+    """The example's gold label: its response, or the eval.label_column metadata column."""
+    if not eval_cfg.label_column:
+        return example.response
+    if eval_cfg.label_column not in example.meta:
+        raise KerasftError(f"{example.origin or example.id}: eval.label_column {eval_cfg.label_column!r} is not a "
+                           f"column of the example (keep it with data.columns.meta)")
+    return str(example.meta[eval_cfg.label_column])
+
+
+def label_set(examples, eval_cfg, data_cfg) -> list[str]:
+    """The classification labels in report order: eval.labels, else data.labels, else the
+    distinct gold labels of the examples, sorted."""
+    return list(eval_cfg.labels or getattr(data_cfg, "labels", ()) or sorted({gold_label(ex, eval_cfg) for ex in examples}))
+
+
+def _classification(model, examples, prompts, predictions, eval_cfg, data_cfg, wanted, result) -> dict:
+    labels = label_set(examples, eval_cfg, data_cfg)
+    golds = {}
+    for ex in examples:
+        gold = gold_label(ex, eval_cfg)
+        if gold not in labels:
+            raise KerasftError(f"{ex.origin or ex.id}: gold label {gold!r} is not in the label set "
+                               f"({', '.join(labels)}); set eval.labels")
+        golds[ex.id] = gold
+    scores = metrics.classification_scores(predictions, golds, labels)
+    result.update({key: scores[key] for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1",
+                                                "micro_precision", "micro_recall", "micro_f1", "invalid")})
+    result["labels"] = labels
+    result["by"]["class"] = scores["per_class"]
+    result["confusion"] = scores["confusion"]
+    return {ex_id: float(scores["predicted"][ex_id] == gold) for ex_id, gold in golds.items()}
+
+
+def _custom_scores(examples, predictions, eval_cfg, data_cfg, result) -> dict:
+    """Each user metric's mean into result (under its "package.module:function" name) and its
+    per-example values, id -> value."""
+    functions = custom_metrics(eval_cfg)
+    if not functions:
+        return {}
+    references = [gold_label(ex, eval_cfg) if eval_cfg.task == "classification" else ex.response for ex in examples]
+    rows = [{"id": ex.id, "prompt": ex.prompt, "response": ex.response, "answers": list(ex.answers),
+             "context": ex.context, "system": ex.system or data_cfg.system, "meta": dict(ex.meta)} for ex in examples]
+    texts = [predictions.get(ex.id, "") for ex in examples]
+    per_example = {}
+    for spec, function in functions.items():
+        mean, values = metrics.custom_metric_mean(spec, function, texts, references, rows)
+        result[spec] = mean
+        per_example[spec] = {ex.id: value for ex, value in zip(examples, values)}
+    return per_example
+
+
+_TASKS = {"qa": _qa, "json": _json, "short_answer": _short_answer, "text": _text, "classification": _classification}
 
 
 def system_metrics(model, prompts, timing: dict, batch_size: int, peak_since: str = "process start") -> dict:
@@ -260,11 +324,19 @@ def system_metrics(model, prompts, timing: dict, batch_size: int, peak_since: st
     return stats
 
 
-def _example_rows(examples, predictions, scores, eval_cfg, data_cfg) -> list[dict]:
+def _example_rows(examples, predictions, scores, eval_cfg, data_cfg, labels=()) -> list[dict]:
     no_answer = getattr(data_cfg, "no_answer", DEFAULT_NO_ANSWER) if eval_cfg.task == "qa" else ""
     rows = []
     for ex in examples:
         prediction = predictions.get(ex.id, "")
+        if eval_cfg.task == "classification":
+            golds = [gold_label(ex, eval_cfg)]
+            # a label answer is one word or two: only "empty" and "invalid_label" say anything about it
+            failures = ["empty"] if not prediction.strip() else (
+                ["invalid_label"] if metrics.match_label(prediction, labels) is None else [])
+            rows.append({"id": ex.id, "prompt": ex.prompt, "gold": golds[0], "prediction": prediction,
+                         "score": scores.get(ex.id, 0.0), "failures": failures, "meta": dict(ex.meta)})
+            continue
         golds = list(ex.answers) if eval_cfg.task == "qa" else [ex.response]
         failures = metrics.failure_kinds(prediction, golds, ex.context if eval_cfg.task == "qa" else "",
                                          ex.prompt, no_answer, eval_cfg.lang) if predictions else []

@@ -1,5 +1,6 @@
 """Evaluation metrics as pure functions: SQuAD v1.1 / MLQA exact match and token F1, SQuAD v2
 no-answer scores and AUROC, structured-output (JSON) scores, short-answer accuracy by group,
+classification scores (per-class, macro and micro P/R/F1, confusion matrix), user metrics,
 ROUGE-L, perplexity, percentiles, a stopword language guess and failure kinds for error analysis.
 
 Stdlib only: the CLI imports this module, so it must load instantly.
@@ -7,10 +8,13 @@ Normalisation follows the official scripts: lang "en" is the SQuAD v1.1 evaluate
 lang "es" is MLQA's Spanish branch (all Unicode punctuation, Spanish articles).
 """
 
+import importlib
 import json
 import math
+import os
 import re
 import string
+import sys
 import unicodedata
 from collections import Counter, defaultdict
 
@@ -538,6 +542,177 @@ def short_answer_scores(predictions, references, groups=None, threshold=0.5, lan
     result["by"] = {column: {value: summary(ids) for value, ids in sorted(values.items())}
                     for column, values in sorted(by.items())}
     return result
+
+
+# --- classification ---------------------------------------------------------------------------
+
+
+def normalize_label(text):
+    """A label or a generated answer reduced for comparison: accents removed (ñ too), case folded,
+    underscores and hyphens read as spaces, punctuation dropped, whitespace collapsed.
+    "  Envío." , "ENVIO" and "envio!" all become "envio"; "estado_envío" becomes "estado envio"."""
+    text = _strip_accents(unicodedata.normalize("NFKC", text)).casefold().replace("_", " ").replace("-", " ")
+    text = "".join(char for char in text if not _is_mlqa_punctuation(char))
+    return " ".join(text.split())
+
+
+def match_label(prediction, labels):
+    """The label of `labels` that the whole prediction names after normalize_label, or None
+    (an invalid answer: empty, another word, a label with more text around it)."""
+    wanted = normalize_label(prediction)
+    return next((label for label in labels if normalize_label(label) == wanted), None) if wanted else None
+
+
+def _ratio(numerator, denominator):
+    # An undefined precision (a class never predicted) or recall counts as 0, as in
+    # scikit-learn's zero_division=0: a class the model never names cannot raise the macro mean.
+    return numerator / denominator if denominator else 0.0
+
+
+def _f1(precision, recall):
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def classification_scores(predictions, golds, labels):
+    """Accuracy, per-class and macro/micro precision, recall and F1, invalid answers and the
+    confusion matrix of generated labels.
+
+    A prediction is mapped to a label with match_label; one that names no label is "invalid": it
+    is wrong (a false negative of its gold class) but a false positive of no class. Hence micro
+    recall equals accuracy, and micro precision is the accuracy over the valid answers only.
+    Macro scores are unweighted means over `labels` of the per-class scores (macro F1 is the
+    mean of the per-class F1s, not the F1 of macro P and R).
+
+    Args:
+        predictions: Id -> generated text (a missing id counts as an empty, invalid answer).
+        golds: Id -> gold label, each one of `labels`.
+        labels: The label set, in report order.
+
+    Returns:
+        {"accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_precision",
+        "micro_recall", "micro_f1"} as percentages; "invalid" and "count"; "per_class": label ->
+        {"precision", "recall", "f1" (percentages), "support"}; "confusion": {"labels": the gold
+        rows, "predicted": the columns (labels, then "invalid"), "matrix": counts [gold][predicted]};
+        "predicted": id -> the matched label or None.
+
+    Raises:
+        ValueError: If golds is empty, labels has duplicates after normalisation, or a gold
+            label is not in labels.
+    """
+    if not golds:
+        raise ValueError("no gold labels to score")
+    labels = list(labels)
+    if len({normalize_label(label) for label in labels}) != len(labels):
+        raise ValueError(f"labels {labels} are not distinct after normalisation")
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * (len(labels) + 1) for _ in labels]
+    predicted = {}
+    for example_id, gold in golds.items():
+        if gold not in index:
+            raise ValueError(f"{example_id}: gold label {gold!r} is not one of {labels}")
+        label = match_label(predictions.get(example_id, ""), labels)
+        predicted[example_id] = label
+        matrix[index[gold]][index[label] if label is not None else len(labels)] += 1
+    count = len(golds)
+    per_class = {}
+    true_positives = predicted_valid = 0
+    for i, label in enumerate(labels):
+        tp = matrix[i][i]
+        column = sum(row[i] for row in matrix)
+        support = sum(matrix[i])
+        precision, recall = _ratio(tp, column), _ratio(tp, support)
+        per_class[label] = {"precision": 100.0 * precision, "recall": 100.0 * recall,
+                            "f1": 100.0 * _f1(precision, recall), "support": support}
+        true_positives += tp
+        predicted_valid += column
+    invalid = count - predicted_valid
+    micro_precision, micro_recall = _ratio(true_positives, predicted_valid), true_positives / count
+    return {
+        "accuracy": 100.0 * true_positives / count,
+        "macro_precision": sum(c["precision"] for c in per_class.values()) / len(labels),
+        "macro_recall": sum(c["recall"] for c in per_class.values()) / len(labels),
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / len(labels),
+        "micro_precision": 100.0 * micro_precision,
+        "micro_recall": 100.0 * micro_recall,
+        "micro_f1": 100.0 * _f1(micro_precision, micro_recall),
+        "invalid": invalid,
+        "count": count,
+        "per_class": per_class,
+        "confusion": {"labels": labels, "predicted": [*labels, "invalid"], "matrix": matrix},
+        "predicted": predicted,
+    }
+
+
+# --- user metrics ------------------------------------------------------------------------------
+
+
+def load_metric_function(spec):
+    """Imports the user metric "package.module:function" and returns the function.
+
+    The working directory is searched after sys.path, so a metrics.py next to the config works.
+
+    Raises:
+        KerasftError: One line naming the function, when the module cannot be imported (or fails
+            while importing), has no such attribute, or the attribute is not callable.
+    """
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise KerasftError(f"eval.metrics: {spec!r} is not of the form package.module:function")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # an import error or any error the module raises while importing
+        raise KerasftError(f"eval.metrics: {spec}: cannot import {module_name}: "
+                           f"{type(error).__name__}: {_one_line(error)}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise KerasftError(f"eval.metrics: {spec}: module {module_name} has no attribute {function_name!r}")
+    if not callable(function):
+        raise KerasftError(f"eval.metrics: {spec}: {function_name} is not callable ({type(function).__name__})")
+    return function
+
+
+def custom_metric_mean(spec, function, predictions, references, examples):
+    """The mean of a user metric over the examples, and its value for each.
+
+    Args:
+        spec: "package.module:function", for messages.
+        function: (prediction, reference, example) -> int or float (not bool, finite).
+        predictions, references: one text per example, in order.
+        examples: one dict per example (passed as `example`).
+
+    Returns:
+        (mean, values).
+
+    Raises:
+        KerasftError: One line naming the function and the example index when the function
+            raises or returns something other than a finite number.
+    """
+    if not examples:
+        raise ValueError("no examples to score")
+    values = []
+    for index, (prediction, reference, example) in enumerate(zip(predictions, references, examples)):
+        try:
+            value = function(prediction, reference, example)
+        except Exception as error:
+            raise KerasftError(f"eval.metrics: {spec} raised on example {index} ({example.get('id')}): "
+                               f"{type(error).__name__}: {_one_line(error)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise KerasftError(f"eval.metrics: {spec} returned {_one_line(repr(value))} on example {index} "
+                               f"({example.get('id')}); expected a finite number")
+        values.append(float(value))
+    return sum(values) / len(values), values
+
+
+def _one_line(value, limit=200):
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- text: ROUGE-L and perplexity ------------------------------------------------------------

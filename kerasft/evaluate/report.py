@@ -1,8 +1,9 @@
 """The evaluation report: report.md, report.json and PNG plots, base next to fine-tuned.
 
 Plots (matplotlib, the `eval` extra, Agg backend): the training loss curve from
-RUN_DIR/metrics.jsonl (and eval loss when logged), headline metrics base vs tuned, and per-group
-bars for any breakdown (metadata column, JSON field). Error analysis lists the worst examples
+RUN_DIR/metrics.jsonl (and eval loss when logged), headline metrics base vs tuned (user metrics of
+eval.metrics included), per-group bars for any breakdown (metadata column, JSON field, class) and,
+for classification, one confusion matrix per model. Error analysis lists the worst examples
 with prompt, gold and prediction, and counts failure kinds.
 """
 
@@ -39,7 +40,8 @@ def write_report(out_dir: str | Path, results: dict[str, dict], training_log: st
         "count": last["count"],
         "models": {name: {"source": r.get("model", ""), **headline(r), "system": r.get("system", {}),
                           "failures": r.get("failures", {}), "by": r.get("by", {}),
-                          **({"preference": r["preference"]} if r.get("preference") else {})}
+                          **({"preference": r["preference"]} if r.get("preference") else {}),
+                          **({"confusion": r["confusion"]} if r.get("confusion") else {})}
                    for name, r in results.items()},
         "worst": sorted(last["examples"], key=lambda row: row["score"])[:worst],
         "training": {"steps": len(log), "final_loss": log[-1].get("loss") if log else None},
@@ -60,12 +62,15 @@ def _markdown(report: dict) -> str:
     models = report["models"]
     names = list(models)
     columns = list(dict.fromkeys(key for m in models.values() for key in m
-                                 if key not in ("source", "system", "failures", "by", "preference")))
+                                 if key not in ("source", "system", "failures", "by", "preference", "confusion")))
     lines = [f"# Evaluation report ({report['task']}, {report['count']} examples)", ""]
     lines += ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(_cell(models[name].get(c)) for c in columns) + " |")
-    lines += ["", "Rates are percentages; perplexity and eval_loss are per token.", ""]
+    lines += ["", "Rates are percentages; perplexity and eval_loss are per token"
+              + ("; invalid counts the answers that name no label" if any("invalid" in m for m in models.values()) else "")
+              + ("; package.module:function columns are the means of user metrics (eval.metrics)"
+                 if any(":" in c for c in columns) else "") + ".", ""]
     sources = [f"- {name}: `{m['source']}`" for name, m in models.items() if m["source"]]
     if sources:
         lines += ["Models:", *sources, ""]
@@ -98,6 +103,15 @@ def _markdown(report: dict) -> str:
                 row = models[name]["by"].get(column, {}).get(value, {})
                 lines.append(f"| {name} | {value} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
         lines.append("")
+    for name, m in models.items():
+        if m.get("confusion"):
+            confusion = m["confusion"]
+            lines += [f"## Confusion matrix ({name}): rows gold, columns predicted", "",
+                      "| gold \\ predicted | " + " | ".join(confusion["predicted"]) + " |",
+                      "| --- |" + " ---: |" * len(confusion["predicted"])]
+            lines += [f"| {label} | " + " | ".join(str(n) for n in row) + " |"
+                      for label, row in zip(confusion["labels"], confusion["matrix"])]
+            lines.append("")
     kinds = list(dict.fromkeys(k for m in models.values() for k in m["failures"]))
     lines += ["## Failure kinds", ""]
     if kinds:
@@ -165,7 +179,7 @@ def _draw_plots(folder: Path, results: dict[str, dict], log: list[dict]) -> list
         written.append("plots/loss.png")
     names = list(results)
     scalars = [key for key in dict.fromkeys(k for r in results.values() for k in headline(r))
-               if key not in ("perplexity", "eval_loss")]  # the rest are percentages on one axis
+               if key not in ("perplexity", "eval_loss", "invalid")]  # the rest are percentages on one axis
     if scalars:
         save(_bars(plt, scalars, {n: [headline(results[n]).get(k) for k in scalars] for n in names}, "score"), "metrics.png")
     for column in dict.fromkeys(c for r in results.values() for c in r.get("by", {})):
@@ -177,7 +191,29 @@ def _draw_plots(folder: Path, results: dict[str, dict], log: list[dict]) -> list
         heights = {n: [results[n].get("by", {}).get(column, {}).get(v, {}).get(key) for v in values] for n in names}
         fig = _bars(plt, values, heights, f"{key} by {column}")
         save(fig, f"by_{_file_safe(column)}.png")
+    for name, result in results.items():
+        if result.get("confusion"):
+            save(_confusion(plt, result["confusion"], name), f"confusion_{_file_safe(name)}.png")
     return written
+
+
+def _confusion(plt, confusion: dict, name: str):
+    """A confusion matrix as a heat map with the count in every cell (rows gold, columns predicted)."""
+    matrix, rows, columns = confusion["matrix"], confusion["labels"], confusion["predicted"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(columns), 1.0 + 0.6 * len(rows)))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, max(max(row) for row in matrix)))
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"confusion matrix: {name}")
+    top = max(max(row) for row in matrix)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    return fig
 
 
 def _bars(plt, labels, heights: dict, ylabel: str):
