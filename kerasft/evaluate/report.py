@@ -66,7 +66,8 @@ def _markdown(report: dict) -> str:
     lines = [f"# Evaluation report ({report['task']}, {report['count']} examples)", ""]
     lines += ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(_cell(models[name].get(c)) for c in columns) + " |")
+        # user metrics (package.module:function) are means on their own scale, often 0-1: 3 digits
+        lines.append(f"| {name} | " + " | ".join(_cell(models[name].get(c), 3 if ":" in c else 1) for c in columns) + " |")
     lines += ["", "Rates are percentages; perplexity and eval_loss are per token"
               + ("; invalid counts the answers that name no label" if any("invalid" in m for m in models.values()) else "")
               + ("; package.module:function columns are the means of user metrics (eval.metrics)"
