@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,27 @@ def test_structured_queries_validate_against_their_schema():
     assert not validator.is_valid({**sample, "dia": "31 de febrerito"})
     for key in ("transporte", "origen", "destino", "dia", "franja", "pasajeros", "ida_y_vuelta"):
         assert any(r["output"][key] is None for r in rows) and any(r["output"][key] is not None for r in rows), key
+
+
+def test_intent_splits_match_their_build_script_and_stay_apart(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_intents_data.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    shipped = ROOT / "data" / "intents_es"
+    splits = {}
+    for name in ("train", "validation", "test"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (shipped / f"{name}.jsonl").read_bytes(), \
+            f"{name}.jsonl: rerun scripts/build_intents_data.py"
+        splits[name] = [json.loads(line) for line in (shipped / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [row for rows in splits.values() for row in rows]
+    intents = sorted({row["intent"] for row in rows})
+    assert len(rows) >= 300 and len(intents) >= 6
+    assert len({row["id"] for row in rows}) == len(rows)
+    # no message twice, in any split, even up to case and accents
+    folded = [re.sub(r"\W", "", unicodedata.normalize("NFD", row["text"].lower())) for row in rows]
+    assert len(set(folded)) == len(rows)
+    for name, share in (("train", 0.7), ("validation", 0.15), ("test", 0.15)):
+        counts = {intent: sum(row["intent"] == intent for row in splits[name]) for intent in intents}
+        assert len(set(counts.values())) == 1 and sum(counts.values()) == round(share * len(rows)), (name, counts)
+    # the recipe's label set is exactly the data's
+    from kerasft.config import load_config
+    assert sorted(load_config(ROOT / "configs" / "recipe_intents.yaml").eval.labels) == intents
