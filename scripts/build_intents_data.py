@@ -36,7 +36,8 @@ SLOTS = {
             "noviembre", "diciembre", "este mes", "el mes pasado"],
     "servicio": ["la fibra", "el plan de datos", "la suscripción", "el seguro del móvil", "la línea fija", "el paquete de TV",
                  "el plan familiar", "la cuenta premium", "el internet", "la línea del celular"],
-    # "|a" gives the agreement ending that {o} and {n} take in the motives (la cafetera ... rota).
+    # "|a" gives the agreement the motives take: {o} -> o/a/os/as, {n} -> n for plurals and
+    # <singular/plural> verb forms (la cafetera llegó rota, los auriculares llegaron rotos).
     "producto": ["la cafetera|a", "las zapatillas|as", "el pedido de libros|o", "la chaqueta|a", "el móvil|o",
                  "los auriculares|os", "la licuadora|a", "el paquete|o", "la silla de oficina|a", "el teclado|o",
                  "las camisetas|as", "la tablet|a", "el colchón|o", "el celular|o", "la mochila|a"],
@@ -57,9 +58,9 @@ SLOTS = {
     "tienda": ["la tienda del centro", "la oficina de Gran Vía", "la sucursal de Polanco", "el local de Palermo",
                "la tienda del centro comercial", "la oficina de atención", "el punto de recogida", "la sucursal de Chapinero",
                "la tienda de la estación", "el mostrador"],
-    "motivo": ["me queda{n} chic{o}", "llegó{n} rot{o}", "no es lo que pedí", "vino{n} con un defecto",
-               "no me gustó{n}", "la talla no es la correcta", "el color es distinto al de la foto", "llegó{n} abollad{o}",
-               "ya no l{o} necesito", "vino{n} incomplet{o}"],
+    "motivo": ["me queda{n} chic{o}", "<llegó/llegaron> rot{o}", "no es lo que pedí", "<vino/vinieron> con un defecto",
+               "no me <gustó/gustaron>", "la talla no es la correcta", "el color es distinto al de la foto", "<llegó/llegaron> abollad{o}",
+               "ya no l{o} necesito", "<vino/vinieron> incomplet{o}"],
     "competidor": ["otra compañía", "la competencia", "otro operador", "una oferta mejor", "otra empresa más barata"],
 }
 
@@ -107,7 +108,7 @@ TEMPLATES = {
     "envío": [
         "¿Dónde está mi pedido {pedido}?",
         "Hice un pedido hace {dias} y todavía no ha llegado",
-        "¿Cuándo llega {producto}? Pedido {pedido}",
+        "¿Cuándo llega{n} {producto}? Pedido {pedido}",
         "el seguimiento del pedido {pedido} no se mueve desde hace {dias}",
         "Buenos días, quisiera saber el estado de envío del pedido {pedido}",
         "compré {producto} y no me ha llegado nada, ya pasaron {dias}",
@@ -168,19 +169,19 @@ TEMPLATES = {
         "Quiero devolver {producto} porque {motivo}",
         "¿Cómo hago una devolución? {producto} {motivo2}",
         "Me gustaría devolver {producto} del pedido {pedido} y que me reembolsen el dinero",
-        "{producto} {motivo2}, ¿lo puedo cambiar por otro?",
+        "{producto} {motivo2}, ¿l{o} puedo cambiar por otr{o}?",
         "devolución del pedido {pedido}, {motivo}",
-        "Buenas, compré {producto} hace {dias} y {motivo}. ¿Todavía estoy a tiempo de devolverlo?",
+        "Buenas, compré {producto} hace {dias} y {motivo}. ¿Todavía estoy a tiempo de devolverl{o}?",
         "¿Cuánto tarda el reembolso de una devolución?",
         "necesito la etiqueta para devolver {producto}",
         "Solicito la devolución de {producto}, ya que {motivo}. Adjunto el número de pedido {pedido}",
         "che, quiero devolver {producto}, {motivo}, cómo es el trámite?",
-        "¿Puedo devolver {producto} en {tienda} o tengo que mandarlo por correo?",
+        "¿Puedo devolver {producto} en {tienda} o tengo que mandarl{o} por correo?",
         "ya mandé la devolución de {producto} hace {dias} y no me devuelven la plata",
         "quiero cambiar {producto} por una talla más grande",
         "{producto} {motivo2}, quiero mi dinero de vuelta",
         "¿La devolución es gratis o tengo que pagar yo el envío?",
-        "Hola! {producto} {motivo2} así que lo quiero regresar",
+        "Hola! {producto} {motivo2} así que l{o} quiero regresar",
         "oigan, {motivo}, ¿me aceptan la devolución aunque abrí la caja?",
         "pedido {pedido}: quiero devolverlo",
     ],
@@ -209,8 +210,8 @@ TEMPLATES = {
 # Slots that need a different grammatical form of the same values.
 DERIVED = {
     "aparato2": ["router", "módem", "decodificador", "celular", "teléfono", "tele", "wifi"],
-    "motivo2": ["llegó{n} rot{o}", "no funciona{n}", "vino{n} defectuos{o}", "no me queda{n} bien", "es{n} de otro color",
-                "llegó{n} incomplet{o}", "no es{n} como en la foto"],
+    "motivo2": ["<llegó/llegaron> rot{o}", "no funciona{n}", "<vino/vinieron> defectuos{o}", "no me queda{n} bien", "<es/son> de otro color",
+                "<llegó/llegaron> incomplet{o}", "no <es/son> como en la foto"],
     "dia2": ["las fiestas", "el verano", "Navidad", "agosto", "Semana Santa"],
 }
 
@@ -256,19 +257,23 @@ def add_typo(text: str, rng: random.Random) -> str:
 
 def fill(template: str, rng: random.Random) -> str:
     """The template with every {slot} replaced by a random value; motives agree in gender and
-    number with the product ({o} -> o/a/os/as, {n} -> n for plurals), "a el" / "de el" contract."""
+    number with the product ({o} -> o/a/os/as, {n} -> n, <llegó/llegaron>), "a el" / "de el" contract."""
     ending = "o"
 
     def value(match):
         nonlocal ending
         name = match.group(1)
+        if name in ("o", "n"):  # agreement marks, filled once the product is known
+            return match.group(0)
         chosen = rng.choice(SLOTS.get(name) or DERIVED[name])
         if name == "producto":
             chosen, ending = chosen.split("|")
         return chosen
 
     text = re.sub(r"\{(\w+)\}", value, template)
-    text = text.replace("{o}", ending).replace("{n}", "n" if ending.endswith("s") else "")
+    plural = ending.endswith("s")
+    text = text.replace("{o}", ending).replace("{n}", "n" if plural else "")
+    text = re.sub(r"<([^<>/]+)/([^<>/]+)>", lambda m: m.group(2 if plural else 1), text)
     return re.sub(r"\b(a|de) el\b", lambda m: "al" if m.group(1) == "a" else "del", text)
 
 
