@@ -22,6 +22,11 @@ DATA_FORMATS = ("auto", "squad", "jsonl", "chat", "structured", "csv", "tsv", "e
 DEDUP_MODES = ("none", "exact", "normalized")
 # train.objective values: supervised fine-tuning, and the two preference objectives.
 OBJECTIVES = ("sft", "dpo", "orpo")
+# train.optimizer, train.moments (how AdamW stores its two moments) and train.schedule values
+# (built by kerasft.train.optim; the studio offers the same lists).
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+MOMENT_DTYPES = ("float32", "bfloat16", "int8")
+SCHEDULES = ("cosine", "linear", "constant")
 # Every projection in a decoder block that LoRA can wrap (keras-hub layer names; Llama's MLP layers
 # are mapped onto them in kerasft.models.lora). Here so the config checks them without keras.
 LORA_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
@@ -229,14 +234,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW with linear warmup and cosine decay, global-norm clipping.
+    """Optimisation: the optimizer, its learning-rate schedule, global-norm clipping (kerasft.train.optim).
 
     epochs: passes over the training rows (fractions allowed).
     batch_size / grad_accum: rows per micro-batch, and micro-batches per optimizer step; the loss
         of a step is normalised by the loss weights of all its micro-batches together, so
         batch_size=2, grad_accum=2 takes the same step as batch_size=4, grad_accum=1.
     learning_rate: the peak of the schedule (> 0); warmup_ratio: its share of the steps spent
-        warming up, in [0, 1); weight_decay: AdamW's decoupled decay (>= 0).
+        warming up (linearly from 0), in [0, 1); weight_decay: decoupled decay, as AdamW's, for
+        every optimizer (>= 0).
+    optimizer: adamw | adafactor (factored second moment, no first) | lion (sign of an
+        interpolated momentum: use a 3-10x smaller learning rate) | sgd (with `momentum`).
+    moments: how adamw stores its two moments: float32 | bfloat16 (half the bytes, stochastically
+        rounded) | int8 (bitsandbytes' blockwise 8-bit Adam: about a quarter). adamw only.
+    momentum: sgd's momentum (0: plain SGD, no optimizer state), in [0, 1).
+    schedule: cosine | linear (decay to 0 at the last step) | constant, each after the warmup.
     max_grad_norm: the gradient's global norm is clipped to this before the update; 0 turns
         clipping off.
     max_steps: when above 0, the run's length in optimizer steps, in place of epochs: the rows
@@ -271,6 +283,10 @@ class TrainConfig:
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    moments: str = "float32"
+    momentum: float = 0.9
+    schedule: str = "cosine"
     max_grad_norm: float = 1.0
     seed: int = 0
     log_every: int = 1
@@ -312,6 +328,12 @@ class TrainConfig:
         _check_number("train.weight_decay", self.weight_decay, at_least=0)
         _check_number("train.warmup_ratio", self.warmup_ratio, at_least=0, below=1)
         _check_number("train.max_grad_norm", self.max_grad_norm, at_least=0)
+        for key, allowed in (("optimizer", OPTIMIZERS), ("moments", MOMENT_DTYPES), ("schedule", SCHEDULES)):
+            if getattr(self, key) not in allowed:
+                raise KerasftError(f"train.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.moments != "float32" and self.optimizer != "adamw":
+            raise KerasftError(f"train.moments: {self.moments} moments are adamw's; train.optimizer is {self.optimizer}")
+        _check_number("train.momentum", self.momentum, at_least=0, below=1)
         if (self.early_stopping_patience or self.keep_best) and not self.eval_every:
             raise KerasftError("train.early_stopping_patience and train.keep_best need train.eval_every > 0")
         for name in self.loggers:

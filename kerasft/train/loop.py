@@ -1,5 +1,5 @@
 """LoRA supervised fine-tuning: one pure, jitted step (stateless backbone call, response-only
-logits, optax AdamW) and the loop that feeds it.
+logits, the optax optimizer of kerasft.train.optim) and the loop that feeds it.
 
 build_step makes the step that train() runs; the memory plan (kerasft.train.plan) and the
 benchmarks (scripts/bench.py, scripts/experiments/profile_step.py) build theirs with it too, so
@@ -31,6 +31,7 @@ from kerasft.runtime import batch_shards, is_primary, place_batch
 from kerasft.train.checkpoint import Checkpointer, Position
 from kerasft.train.logs import RunLog, drop_records_after, read_metrics, write_plots
 from kerasft.train.loss import PREFERENCE_STATS, make_loss_fn, make_preference_loss_fn, make_sequence_logps
+from kerasft.train.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -61,25 +62,6 @@ class TrainResult:
     best_step: int = 0  # the evaluation with the lowest eval_loss (0: no evaluation)
     best_eval_loss: float = math.inf
     stopped_early: bool = False
-
-
-def make_optimizer(cfg: TrainConfig, total_steps: int):
-    """AdamW with linear warmup, cosine decay to zero, global-norm clipping (train.max_grad_norm;
-    0: none), and gradient accumulation over train.grad_accum micro-batches (optax.MultiSteps
-    averages their gradients: see accumulation_batches for why that is the whole batch's)."""
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=0.0,
-    )
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
-    chain = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
-    if cfg.grad_accum > 1:
-        chain = optax.MultiSteps(chain, every_k_schedule=cfg.grad_accum)
-    return chain, schedule
 
 
 def make_train_step(backbone, optimizer, token_rows=None, dropout: float = 0.0, train_cfg: TrainConfig | None = None):
@@ -191,7 +173,7 @@ def build_step(backbone, spec: TrainSpec, total_steps: int) -> TrainStep:
     """The step train() runs for `spec` over a run of `total_steps` optimizer steps (the
     schedule's length): train.remat applied to the backbone, the optimizer, the jitted update."""
     apply_remat(backbone, spec.train.remat)
-    optimizer, schedule = make_optimizer(spec.train, total_steps)
+    optimizer, schedule = build_optimizer(spec.train, total_steps)
     fn = make_train_step(backbone, optimizer, spec.token_rows or None, spec.dropout, spec.train)
     return TrainStep(fn, optimizer, schedule, spec)
 

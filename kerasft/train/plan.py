@@ -55,6 +55,7 @@ class StepMemory:
     weights: int
     trainable_and_optimizer: int
     logits: int
+    optimizer_state: int = 0  # of trainable_and_optimizer: train.optimizer's state (train.moments for adamw)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Plan:
     step: StepMemory
     quantize: str = "none"
     remat: str = "none"
+    optimizer: str = "adamw"  # train.optimizer, with train.moments for adamw ("adamw, int8 moments")
     compiled_for: str = ""  # the abstract device the compiler targeted (its device_kind), or this machine's backend
     margin: int = 0  # bytes per device held back from the target's memory (HEADROOM)
     margin_covers: str = ""
@@ -212,7 +214,8 @@ def _plan_step(cfg, target_name: str, targets_per_row: int | None, search: bool,
                 mesh=f"{cfg.runtime.mesh} {cfg.runtime.mesh_shape}", sequence_length=sequence_length, targets_per_row=k,
                 parameters=parameter_count(backbone),
                 trainable_parameters=sum(_size(v) for v in backbone.trainable_variables), step=step, notes=notes,
-                quantize=cfg.model.quantize, remat=cfg.train.remat)
+                quantize=cfg.model.quantize, remat=cfg.train.remat,
+                optimizer=cfg.train.optimizer + (f", {cfg.train.moments} moments" if cfg.train.optimizer == "adamw" else ""))
     plan.tried.append((step.batch_size, step.peak))
     if not plan.fits:
         if cfg.train.remat == "none":
@@ -388,6 +391,7 @@ def _compile_step(backbone, cfg, distribution, batch_size: int, sequence_length:
         temporaries=int(sizes[3]),
         weights=sum(_device_bytes(s) for s in non_trainable),
         trainable_and_optimizer=sum(_device_bytes(s) for s in jax.tree.leaves([trainable, opt_state])),
+        optimizer_state=sum(_device_bytes(s) for s in jax.tree.leaves(opt_state)),
         # float32 logits at the loss positions (the step never forms the full-sequence logits)
         logits=int(per_device_rows * k * vocabulary * np.dtype("float32").itemsize),
     )
@@ -455,6 +459,7 @@ def format_plan(plan: Plan, target_key: str) -> str:
         f"  weights (frozen)               {_gib(step.weights):>11}"
         + (f"  (projections {plan.quantize}, weight-only)" if plan.quantize != "none" else ""),
         f"  trainable + optimizer state    {_gib(step.trainable_and_optimizer):>11}",
+        f"    of which optimizer state     {_gib(step.optimizer_state):>11}  ({plan.optimizer})",
         f"  activations and temporaries    {_gib(step.temporaries):>11}  (float32 logits alone: {_gib(step.logits)})",
         f"  peak                           {_gib(step.peak):>11}  (arguments + outputs - donated + temporaries) -> {verdict}",
     ]

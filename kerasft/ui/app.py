@@ -22,8 +22,8 @@ import typing
 from pathlib import Path
 
 from kerasft.config import (
-    DATA_FORMATS, DEDUP_MODES, EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES, LORA_TARGETS, MODEL_DTYPES, OBJECTIVES,
-    TASK_METRICS, DataConfig, RunConfig, load_config,
+    DATA_FORMATS, DEDUP_MODES, EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES, LORA_TARGETS, MODEL_DTYPES, MOMENT_DTYPES,
+    OBJECTIVES, OPTIMIZERS, SCHEDULES, TASK_METRICS, DataConfig, RunConfig, load_config,
 )
 from kerasft.data.inspect import format_report, inspect_data
 from kerasft.data.prepare import SPLITS, build_datasets
@@ -32,7 +32,8 @@ from kerasft.errors import KerasftError
 from kerasft.evaluate.evaluator import headline
 from kerasft.paths import RunDir
 from kerasft.runtime import TARGETS as PLAN_TARGETS
-from kerasft.train.loop import make_optimizer, planned_steps
+from kerasft.train.loop import planned_steps
+from kerasft.train.optim import build_schedule
 from kerasft.ui.workspace import (
     DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, kerasft_argv, latest_checkpoint, peek_columns,
     read_json, training_progress,
@@ -404,13 +405,13 @@ def _model_tab(studio: Studio, form: _Form) -> None:
         except KerasftError as err:
             return None, _message(str(err), False)
         steps = planned_steps(examples, cfg.train) if examples else (cfg.train.max_steps or 100)
-        _, schedule = make_optimizer(cfg.train, steps)  # the optimizer training builds
+        schedule = build_schedule(cfg.train, steps)  # the schedule training builds
         import pandas
 
         frame = pandas.DataFrame({"step": list(range(1, steps + 1)),
                                   "learning_rate": [float(schedule(s - 1)) for s in range(1, steps + 1)]})
         what = f"{examples} training examples" if examples else "no data yet: 100 steps shown"
-        return frame, f"warmup then cosine decay over {steps} optimizer steps ({what})"
+        return frame, f"warmup then {cfg.train.schedule} over {steps} optimizer steps ({what})"
 
     form.on(schedule_button.click, on_schedule, [schedule_plot, schedule_note])
 
@@ -460,6 +461,15 @@ def _training_tab(studio: Studio, form: _Form) -> None:
                                   file_types=[".jsonl", ".csv", ".tsv", ".xlsx"], elem_id="pair_upload")
             form.fields["data.columns.rejected"] = gr.Dropdown([""], value="", label="Rejected column (empty: rejected)",
                                                                elem_id="col_rejected", allow_custom_value=True)
+        with gr.Row():
+            form.fields["train.optimizer"] = gr.Dropdown(
+                list(OPTIMIZERS), value="adamw", label="Optimizer", elem_id="optimizer",
+                info="lion wants a 3-10x smaller learning rate; sgd uses momentum 0.9")
+            form.fields["train.moments"] = gr.Dropdown(
+                list(MOMENT_DTYPES), value="float32", label="AdamW moments (memory)", elem_id="moments",
+                info="bfloat16: half the optimizer memory; int8: 8-bit Adam, about a quarter (adamw only)")
+            form.fields["train.schedule"] = gr.Dropdown(
+                list(SCHEDULES), value="cosine", label="Learning-rate schedule (after warmup)", elem_id="schedule")
         train_status = gr.Markdown(elem_id="train_status")
         progress_bar = gr.HTML(elem_id="progress_bar")
         loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=280, elem_id="loss_plot")
