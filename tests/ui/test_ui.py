@@ -342,3 +342,28 @@ def test_served_on_loopback_with_login_and_upload_limit(tmp_path):
             assert client.post("/gradio_api/upload", files={"files": big}).status_code == 413
     finally:
         app.close()
+
+
+def test_training_tab_offers_the_optimizers_and_schedules(tmp_path):
+    """The Training tab's optimizer, AdamW-moments and schedule lists are the config's own, and
+    the form writes the choices into the config that `kerasft train` starts with (a combination
+    the config refuses leaves nothing written)."""
+    from kerasft.config import MOMENT_DTYPES, OPTIMIZERS, SCHEDULES
+    from kerasft.ui.app import _Form, build_app
+
+    app = build_app(tmp_path / "ws")
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    for elem_id, allowed, default in (("optimizer", OPTIMIZERS, "adamw"), ("moments", MOMENT_DTYPES, "float32"),
+                                      ("schedule", SCHEDULES, "cosine")):
+        assert [value for _, value in by_id[elem_id].choices] == list(allowed) and by_id[elem_id].value == default
+
+    form = _Form(Workspace(tmp_path / "ws"))
+    for key in ("name", "train.optimizer", "train.moments", "train.schedule", "lora.targets", "data.columns.meta"):
+        form.fields[key] = object()  # the components; only their order matters here
+    _, path = form.save(["opt", "adamw", "int8", "linear", ["query"], [], 1.0, 0.0, 0.0, "embedded", ""])
+    train = load_config(path).train
+    assert (train.optimizer, train.moments, train.schedule) == ("adamw", "int8", "linear")
+    assert "moments: int8\n" in path.read_text()
+    with pytest.raises(KerasftError, match="train.moments: int8 moments are adamw's; train.optimizer is lion"):
+        form.save(["bad", "lion", "int8", "cosine", ["query"], [], 1.0, 0.0, 0.0, "embedded", ""])
+    assert not (tmp_path / "ws" / "configs" / "bad.yaml").exists()
