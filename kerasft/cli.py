@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the run dir's newest checkpoint (train.checkpoint_every)")
+    p = command("reproduce", _cmd_reproduce, "rerun a run dir's resolved config into RUN_DIR-reproduce; --check "
+                "requires the same losses, evaluations and adapter bytes (same commit and machine kind)")
+    p.add_argument("run_dir", help="a run folder written by `kerasft run` or `kerasft train` (has lineage.json)")
+    p.add_argument("--check", action="store_true",
+                   help="compare the rerun with the run; exit status 1 when any logged value differs")
+    p.add_argument("--out", default="", help="the rerun's folder (default: RUN_DIR-reproduce)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing rerun folder")
     p = command("plan", _cmd_plan, "per-device memory of the training step on a target, and the largest batch that fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -215,6 +222,20 @@ def _cmd_train(args) -> int:
         raise KerasftError("--resume and --overwrite exclude each other")
     run(load_config(args.config, args.overrides), evaluate=False, export=False, overwrite=args.overwrite,
         resume=args.resume)
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from kerasft.workflow import reproduce
+
+    _, differences = reproduce(args.run_dir, out=args.out or None, check=args.check, overwrite=args.overwrite)
+    if not args.check:
+        return 0
+    if differences:
+        print(f"not reproduced: {len(differences)} difference(s) from {args.run_dir}:")
+        print("\n".join(f"  {line}" for line in differences))
+        return 1
+    print(f"reproduced: every logged training value, evaluation and adapter byte of {args.run_dir} repeated exactly")
     return 0
 
 

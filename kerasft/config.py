@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kerasft.errors import KerasftError
+from kerasft.notify import check_targets
 
 MODEL_DTYPES = ("float32", "bfloat16", "mixed_bfloat16", "float16", "mixed_float16")
 # data.format and data.clean.dedup values (the studio offers the same lists).
@@ -274,6 +275,10 @@ class TrainConfig:
     dpo_loss: sigmoid (DPO) | ipo (squared, per-token averaged log-ratios, as TRL's "ipo").
     precompute_reference: dpo: score every pair under the reference model (the base, LoRA off)
         once before training, cached like tokens, instead of a second forward pass each step.
+    notify: where to report the end of a run (finished, failed or interrupted): http(s) webhook
+        URLs (a POST of the summary as JSON) and mailto:ADDRESS entries (SMTP; the server and
+        credentials come from KERASFT_SMTP_* environment variables, see kerasft.notify). A failed
+        notification warns and never fails the run.
     """
 
     epochs: float = 1.0
@@ -306,6 +311,7 @@ class TrainConfig:
     beta: float = 0.1
     dpo_loss: str = "sigmoid"
     precompute_reference: bool = False
+    notify: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -315,6 +321,7 @@ class TrainConfig:
         _check_number("train.beta", self.beta, above=0)
         if self.precompute_reference and self.objective != "dpo":
             raise KerasftError("train.precompute_reference: only dpo has a reference model")
+        check_targets(self.notify)
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "sample_prompts", "sample_tokens"):
             if getattr(self, key) < 1:
                 raise KerasftError(f"train.{key}: must be at least 1, got {getattr(self, key)}")

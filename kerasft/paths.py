@@ -81,6 +81,12 @@ class RunDir:
         return self.root / "summary.json"
 
     @property
+    def lineage(self) -> Path:
+        """Where the run came from: versions, commit, machine, data hashes, config and seeds
+        (kerasft.lineage)."""
+        return self.root / "lineage.json"
+
+    @property
     def failed(self) -> Path:
         """Present while a run that started did not finish."""
         return self.root / "FAILED"

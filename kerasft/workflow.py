@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasft import lineage
 from kerasft.config import RunConfig, config_to_dict, load_config, save_config
 from kerasft.data.pipeline import padding_fraction, tokenize_cached
 from kerasft.data.prepare import DataSplits, build_datasets, write_splits
@@ -31,6 +32,7 @@ from kerasft.models.families import trainable_turn_tokens
 from kerasft.models.lora import apply_lora, load_adapter, read_adapter_config, save_adapter, token_ids_for
 from kerasft.models.presets import cache_dir, load_model, resolve_preset
 from kerasft.models.vocab import with_new_tokens
+from kerasft.notify import notify
 from kerasft.paths import RunDir
 from kerasft.runtime import barrier, init_backend, is_primary, process_count, set_distribution
 from kerasft.train.loop import planned_steps, precompute_reference, score_pairs
@@ -82,6 +84,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         if primary:
             save_config(cfg, run_dir.config)
             write_splits(splits, run_dir.data)  # the exact examples of this run, as JSONL
+            lineage.write(lineage.collect(config_to_dict(cfg), run_dir.root), run_dir.lineage)
 
         init_backend(cfg.train.seed)
         with clock("load"):
@@ -163,11 +166,63 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
             run_dir.summary.write_text(json.dumps(summary, indent=2) + "\n")
         if results:
             write_reports(run_dir, results, cfg)
-    except BaseException:
+    except BaseException as err:
         if primary:
             run_dir.failed.write_text("this run did not finish; its outputs are incomplete\n")
+            event = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            notify(cfg.train.notify, event, {"run": cfg.name, "run_dir": str(run_dir), "summary": summary,
+                                             "error": str(err).splitlines()[0] if str(err) else type(err).__name__})
         raise
+    if primary:
+        notify(cfg.train.notify, "finished", {"run": cfg.name, "run_dir": str(run_dir), "summary": summary})
     return summary
+
+
+def reproduce(run_dir: str | Path, *, out: str | Path | None = None, check: bool = False,
+              overwrite: bool = False) -> tuple[dict, list[str]]:
+    """`kerasft reproduce`: reruns a run dir's resolved config (config.yaml) into a new run dir,
+    with the stages the run had, reading its data files where lineage.json recorded them.
+
+    Returns (summary of the rerun, differences). Before anything runs, lineage.differences()
+    lines are printed (another commit, package, machine or data file). A changed data file is an
+    error with `check`: the rerun could not repeat the run. With `check` the differences are
+    lineage.compare_runs() lines: every training log value, evaluation and adapter byte that
+    the rerun did not repeat (empty: reproduced exactly).
+
+    Args:
+        out: the rerun's folder (default: RUN_DIR-reproduce beside it).
+    """
+    source = RunDir(run_dir)
+    if not source.config.is_file():
+        raise KerasftError(f"{source}: not a run dir (no config.yaml)")
+    recorded = lineage.read(source.lineage)
+    out = Path(out) if out else source.root.with_name(source.root.name + "-reproduce")
+    overrides = [f"output_dir={out.parent}", f"name={out.name}"]
+    cfg = load_config(source.config, overrides)
+    # Data paths as the run wrote them (relative ones from its working directory); where one does
+    # not resolve from here, the absolute path lineage.json recorded.
+    data = config_to_dict(cfg)["data"]
+    moved = [f"{key}={entry['path']}" for key, entry in recorded.get("data_files", {}).items()
+             if entry.get("path") and not Path(str(_dotted(data, key.split(".", 1)[1]))).is_file()]
+    cfg = load_config(source.config, overrides + moved) if moved else cfg
+    notes = lineage.differences(recorded, lineage.collect(config_to_dict(cfg), out / "not-written-yet"))
+    for line in notes:
+        print(f"lineage differs: {line}", flush=True)
+    changed = [line for line in notes if line.startswith("data.")]
+    if check and changed:
+        raise KerasftError(f"{source.lineage}: {changed[0]}; the rerun cannot repeat this run")
+    if check and not notes:
+        print("same commit, packages, machine kind and data: the numbers must repeat exactly", flush=True)
+    done = json.loads(source.summary.read_text()) if source.summary.is_file() else {}
+    stages = {"train": "train" in done or source.has_adapter, "evaluate": "eval" in done, "export": "export" in done}
+    summary = run(cfg, overwrite=overwrite, **stages)
+    return summary, (lineage.compare_runs(source.root, out) if check else [])
+
+
+def _dotted(values: dict, key: str):
+    for part in key.split("."):
+        values = values.get(part) or {}
+    return values
 
 
 def held_out_examples(splits: DataSplits, cfg: RunConfig) -> list:

@@ -78,6 +78,8 @@ def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | No
         lines.append("- training: none recorded (exported from a preset, not a kerasft run dir)")
     if extra:
         lines += ["", "## Export", ""] + [f"- {key}: {value}" for key, value in extra.items()]
+    if run.get("lineage"):
+        lines += ["", "## Reproducibility", ""] + _lineage_lines(run["lineage"], run_dir)
     lines += ["", "## Evaluation", ""]
     lines += _eval_table(run.get("evals", {})) or ["No evaluation results were recorded for this export."]
     lines += ["", "## How to use", ""] + _usage(fmt, base, extra or {})
@@ -121,7 +123,30 @@ def _run_facts(run_dir: Path) -> dict:
         path = run.eval_result(which)
         if path.is_file():
             evals[name] = json.loads(path.read_text(encoding="utf-8"))
-    return {"base_model": base, "facts": facts, "evals": evals}
+    lineage = json.loads(run.lineage.read_text(encoding="utf-8")) if run.lineage.is_file() else {}
+    return {"base_model": base, "facts": facts, "evals": evals, "lineage": lineage}
+
+
+def _lineage_lines(record: dict, run_dir) -> list[str]:
+    """The card's summary of lineage.json (kerasft.lineage)."""
+    source = record.get("kerasft", {})
+    commit = source.get("commit") or "not a git checkout"
+    lines = [f"- kerasft {source.get('version')}, commit `{commit}`" + (" (with uncommitted changes)" if source.get("dirty") else "")]
+    packages = {k: v for k, v in record.get("packages", {}).items() if v}
+    if packages:
+        lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()))
+    machine = record.get("machine", {})
+    device = machine.get("devices") or {}
+    lines.append(f"- machine: {machine.get('processor') or machine.get('machine')}, {machine.get('cpu_count')} CPUs"
+                 + (f"; {device.get('count')} x {device.get('kind')} ({device.get('platform')})" if device else ""))
+    for key, entry in record.get("data_files", {}).items():
+        lines.append(f"- {key}: `{Path(entry.get('path') or entry.get('source', '')).name}` sha256 "
+                     f"`{entry.get('sha256') or 'n/a (not a local file)'}`")
+    if record.get("seeds"):
+        lines.append("- seeds: " + ", ".join(f"{k} {v}" for k, v in record["seeds"].items()))
+    lines.append(f"- rerun and compare: `kerasft reproduce {run_dir} --check` (the same commit on the same machine "
+                 "kind repeats every loss, evaluation and adapter byte)")
+    return lines
 
 
 def _train_steps(run: RunDir):
