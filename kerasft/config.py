@@ -482,9 +482,9 @@ class EvalConfig:
 
 
 # The export formats and their options: the CLI, the studio and the exporters take them from here.
-EXPORT_FORMATS = ("hf", "peft", "gguf")
+EXPORT_FORMATS = ("hf", "peft", "gguf", "savedmodel", "onnx", "torch")
 HF_DTYPES = ("float32", "bfloat16", "float16")
-GGUF_QUANTS = ("f32", "f16", "q8_0")
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q5_0")
 
 
 @dataclass(frozen=True)
@@ -492,9 +492,11 @@ class ExportConfig:
     """The run's export, checked against its consumer when `verify` is on.
 
     format: hf (merged safetensors, reloaded in transformers), peft (LoRA adapter for the merged
-        base model) or gguf (llama.cpp file, read back by kerasft's GGUF importer).
+        base model), gguf (llama.cpp file, read back by kerasft's GGUF importer), savedmodel
+        (TensorFlow, reloaded with tf.saved_model.load), onnx (run in onnxruntime) or torch
+        (state_dict + torch.export program, both reloaded): kerasft.export.export_derived.
     dtype: tensor dtype of the hf format: float32 | bfloat16 | float16.
-    quant: matrix type of the gguf format: f32 | f16 | q8_0.
+    quant: matrix type of the gguf format: f32 | f16 | q8_0 | q4_0 | q5_0.
     max_shard_mb: hf weights above this size are split into shards with an index file.
     The check passes when max |keras - reference| <= atol + rtol * max |logit| (hf in float32
     and gguf f32; other dtypes report the difference without failing).

@@ -23,6 +23,7 @@ from kerasft.errors import KerasftError
 from kerasft.evaluate.evaluator import check_eval_config, comparison_table, evaluate, headline, open_model, write_eval
 from kerasft.evaluate.generate import KerasModel
 from kerasft.evaluate.report import write_report
+from kerasft.export import DERIVED_FORMATS, export_derived
 from kerasft.export.card import model_card
 from kerasft.export.gguf import export_gguf
 from kerasft.export.hf import export_hf
@@ -300,11 +301,16 @@ def export_and_verify(backbone, tokenizer, tokens, examples, out_dir: Path, cfg:
     """
     fmt, export_cfg = cfg.export.format, cfg.export
     details = {"hf": {"dtype": export_cfg.dtype}, "peft": {}, "gguf": {"file": f"model-{export_cfg.quant}.gguf",
-                                                                      "quantization": export_cfg.quant}}[fmt]
+                                                                      "quantization": export_cfg.quant}}.get(fmt, {})
     card = model_card(fmt, backbone, source=source or cfg.model.preset, run_dir=run_dir, extra=details)
     report = {"path": str(out_dir), "format": fmt}
     sample = next(iter(examples))
     ids = np.asarray([(encode_prompt(tokens, sample.prompt, cfg.data.system) + encode_response(tokens, sample.response))[:96]])
+    if fmt in DERIVED_FORMATS:  # savedmodel, onnx, torch: checked before they are renamed into place
+        print(f"exporting {fmt} to {out_dir} ...", flush=True)
+        return export_derived(fmt, backbone, tokenizer, out_dir, ids, card=card, overwrite=overwrite,
+                              chat_template=cfg.data.template, verify=export_cfg.verify, atol=export_cfg.atol,
+                              rtol=export_cfg.rtol)
     if fmt == "peft":
         print(f"exporting the PEFT LoRA adapter to {out_dir} ...", flush=True)
         export_peft(backbone, out_dir, base_model_name_or_path=cfg.model.preset, token_ids=_trained_token_ids(run_dir),

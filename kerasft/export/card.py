@@ -35,14 +35,18 @@ _FORMAT_TITLES = {
     "hf": "merged Hugging Face checkpoint (safetensors)",
     "peft": "PEFT LoRA adapter",
     "gguf": "GGUF file for llama.cpp",
+    "savedmodel": "TensorFlow SavedModel",
+    "onnx": "ONNX model",
+    "torch": "PyTorch state_dict and torch.export program",
 }
+_LIBRARIES = {"peft": "peft", "gguf": "gguf", "savedmodel": "tensorflow", "onnx": "onnx", "torch": "pytorch"}
 
 
 def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | None = None, extra: dict | None = None) -> str:
     """Markdown model card for an export.
 
     Args:
-        fmt: "hf", "peft" or "gguf": decides the loading instructions.
+        fmt: "hf", "peft", "gguf", "savedmodel", "onnx" or "torch": decides the loading instructions.
         backbone: the exported keras-hub backbone (its family and size are described).
         source: what the model was loaded from (a run dir, preset, folder or .gguf file).
         run_dir: the training run, if any: its config, adapter, step count and evaluations are
@@ -56,7 +60,7 @@ def model_card(fmt: str, backbone, *, source: str = "", run_dir: str | Path | No
     params = sum(int(_size(w.shape)) for w in backbone.weights if "lora" not in w.path)
     lines = [
         "---",
-        "library_name: " + ("peft" if fmt == "peft" else "gguf" if fmt == "gguf" else "transformers"),
+        "library_name: " + _LIBRARIES.get(fmt, "transformers"),
         "license: " + ("other" if llama else "gemma"),
         "tags: [kerasft, " + ("llama" if llama else "gemma") + ", lora]",
         "---",
@@ -197,6 +201,8 @@ def _usage(fmt: str, base: str, extra: dict) -> list[str]:
             f"kerasft serve {file_name}              # or serve it with kerasft (OpenAI-style HTTP API)",
             "```",
         ]
+    if fmt in _DERIVED_USAGE:
+        return _DERIVED_USAGE[fmt]
     return [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -212,6 +218,42 @@ def _usage(fmt: str, base: str, extra: dict) -> list[str]:
         "keras-hub loads the same folder: `keras_hub.models.Gemma3CausalLM.from_preset(\"path/to/this/folder\")` "
         "(GemmaCausalLM for Gemma 1 and 2, Llama3CausalLM for Llama); so does `kerasft serve path/to/this/folder`.",
     ]
+
+
+_DERIVED_USAGE = {
+    "savedmodel": [
+        "```python",
+        "import numpy as np, tensorflow as tf",
+        "",
+        'model = tf.saved_model.load("path/to/this/folder")',
+        "ids = np.array([[2, 105, 2364]], np.int32)  # token ids (tokenizer.model, SentencePiece)",
+        'logits = model.signatures["logits"](token_ids=ids, padding_mask=ids > 0)["output_0"]',
+        "# greedy: right-pad each prompt with zeros (padding_mask False) up to the length wanted;",
+        "# the zeros are filled with greedy tokens, and stay 0 after a stop token.",
+        "buffer = np.pad(ids, ((0, 0), (0, 32)))",
+        'tokens = model.signatures["greedy"](token_ids=buffer, padding_mask=buffer > 0)["output_0"]',
+        "```",
+    ],
+    "onnx": [
+        "```python",
+        "import numpy as np, onnxruntime",
+        "",
+        'session = onnxruntime.InferenceSession("path/to/this/folder/model.onnx")',
+        "ids = np.array([[2, 105, 2364]], np.int64)  # the tokenizer files of this folder (transformers AutoTokenizer)",
+        'logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]',
+        "```",
+    ],
+    "torch": [
+        "```python",
+        "import torch",
+        "from transformers import AutoConfig, AutoModelForCausalLM",
+        "",
+        'model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("path/to/this/folder"))',
+        'model.load_state_dict(torch.load("path/to/this/folder/model_state_dict.pt", weights_only=True))',
+        'program = torch.export.load("path/to/this/folder/model.pt2")  # (input_ids, attention_mask) -> logits',
+        "```",
+    ],
+}
 
 
 def _size(shape) -> int:

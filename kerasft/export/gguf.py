@@ -95,8 +95,10 @@ def export_gguf(backbone, tokenizer, out_dir: str | Path, *, quant: str = "f16",
     an Ollama `Modelfile` and a model card README.md.
 
     Args:
-        quant: "f32", "f16" or "q8_0" for the matrices (q8_0 falls back to f16 for a matrix
-            whose rows are not a multiple of 32 values); norms stay float32, as in llama.cpp.
+        quant: "f32", "f16", "q8_0", "q4_0" or "q5_0" for the matrices (the block types fall back
+            to f16 for a matrix whose rows are not a multiple of 32 values); norms stay float32, as
+            in llama.cpp. gguf-py (0.19) writes no k-quant (its quantize raises
+            NotImplementedError for Q4_K and Q6_K), so Q4_K_M is not offered.
         chat_template: data.template the model was trained with ("auto": the model's own).
         system: the run's system prompt, written as the Modelfile's SYSTEM.
         parameters: Modelfile PARAMETER values overriding MODELFILE_PARAMETERS and the decoding.
@@ -281,7 +283,8 @@ def _write_metadata(writer, backbone, family: str, quant: str, vocabulary: dict,
     import gguf
 
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                  "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0}
     writer.add_type("model")
     writer.add_name(f"kerasft {family} export")
     if family not in LLAMA_FAMILIES:
@@ -458,12 +461,11 @@ def _add_tensor(writer, name: str, array, quant: str) -> None:
     if array.ndim == 1 or quant == "f32":
         writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
         return
-    block_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
-    if quant == "f16" or array.shape[-1] % block_size:
+    qtype = GGMLQuantizationType[quant.upper()]
+    if quant == "f16" or array.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
         writer.add_tensor(name, array.astype(np.float16))
         return
-    q8 = GGMLQuantizationType.Q8_0
-    writer.add_tensor(name, quantize(np.ascontiguousarray(array, dtype=np.float32), q8), raw_dtype=q8)
+    writer.add_tensor(name, quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), raw_dtype=qtype)
 
 
 def _check_query_scaling(backbone, family: str) -> None:

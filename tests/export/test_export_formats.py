@@ -278,7 +278,7 @@ def test_cli_peft_export_of_a_run_dir_keeps_trained_rows(tiny_preset, tmp_path, 
 
 
 @pytest.mark.parametrize("override, message", [
-    ("export.format=onnx", "export.format: 'onnx' is not one of hf, peft, gguf"),
+    ("export.format=tflite", "export.format: 'tflite' is not one of hf, peft, gguf, savedmodel, onnx, torch"),
     ("export.quant=q4_k", "export.quant: 'q4_k' is not one of f32, f16, q8_0"),
     ("export.max_shard_mb=0", "export.max_shard_mb: must be positive"),
 ])
