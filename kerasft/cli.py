@@ -102,14 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, or compare=base")
 
     p = command("export", _cmd_export, "merge LoRA and export with a model card: Hugging Face safetensors "
-                                       "(logits checked in transformers), GGUF (checked by re-import) or a "
-                                       "PEFT adapter (not checked)")
+                                       "(logits checked in transformers), GGUF (checked by re-import), a "
+                                       "PEFT adapter (not checked), or a TensorFlow SavedModel, ONNX or PyTorch "
+                                       "model (each checked in its own runtime)")
     p.add_argument("src", help="a run dir, a keras-hub preset dir, a .gguf file or any preset string")
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--format", default="hf", choices=EXPORT_FORMATS,
-                   help="hf: merged safetensors (default); peft: LoRA adapter; gguf: llama.cpp file")
+                   help="hf: merged safetensors (default); peft: LoRA adapter; gguf: llama.cpp file; savedmodel: "
+                        "TensorFlow (logits + greedy signatures); onnx: model.onnx; torch: state_dict + torch.export")
     p.add_argument("--quant", default="f16", choices=GGUF_QUANTS,
-                   help="GGUF matrix type (--format gguf); only f32 must match exactly, others report their error")
+                   help="GGUF matrix type (--format gguf: f32, f16, q8_0, q4_0, q5_0); only f32 must match exactly, "
+                        "others report their error")
     p.add_argument("--dtype", default="float32", choices=HF_DTYPES,
                    help="safetensors dtype (--format hf); only float32 must match exactly, others report their error")
     p.add_argument("--max-shard-mb", type=float, default=5000.0,

@@ -682,10 +682,11 @@ def _export_tab(studio: Studio, form: _Form) -> None:
     ws = studio.ws
     with gr.Tab("Export", id="export"):
         with gr.Row():
-            export_format = gr.Radio(list(EXPORT_FORMATS), value="hf", label="Format",
-                                     info="hf: merged safetensors; peft: LoRA adapter; gguf: llama.cpp file")
-            export_quant = gr.Dropdown(list(GGUF_QUANTS), value="f16", label="GGUF type")
-            export_dtype = gr.Dropdown(list(HF_DTYPES), value="float32", label="HF dtype")
+            export_format = gr.Radio(list(EXPORT_FORMATS), value="hf", label="Format", elem_id="export_format",
+                                     info="hf: merged safetensors; peft: LoRA adapter; gguf: llama.cpp file; "
+                                          "savedmodel: TensorFlow; onnx: onnxruntime; torch: state_dict + torch.export")
+            export_quant = gr.Dropdown(list(GGUF_QUANTS), value="f16", label="GGUF type", elem_id="export_quant")
+            export_dtype = gr.Dropdown(list(HF_DTYPES), value="float32", label="HF dtype", elem_id="export_dtype")
         export_button = gr.Button("Export", variant="primary", elem_id="export")
         export_status = gr.Markdown(elem_id="export_status")
         export_files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="export_files")

@@ -367,3 +367,17 @@ def test_training_tab_offers_the_optimizers_and_schedules(tmp_path):
     with pytest.raises(KerasftError, match="train.moments: int8 moments are adamw's; train.optimizer is lion"):
         form.save(["bad", "lion", "int8", "cosine", ["query"], [], 1.0, 0.0, 0.0, "embedded", ""])
     assert not (tmp_path / "ws" / "configs" / "bad.yaml").exists()
+
+
+def test_export_tab_offers_every_format_and_gguf_type(tmp_path):
+    """The Export tab's lists are the config's own: every format `kerasft export` writes
+    (hf, peft, gguf, savedmodel, onnx, torch) and every GGUF type (f32 ... q4_0, q5_0)."""
+    from kerasft.config import EXPORT_FORMATS, GGUF_QUANTS, HF_DTYPES
+    from kerasft.ui.app import build_app
+
+    app = build_app(tmp_path / "ws")
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    for elem_id, allowed, default in (("export_format", EXPORT_FORMATS, "hf"), ("export_quant", GGUF_QUANTS, "f16"),
+                                      ("export_dtype", HF_DTYPES, "float32")):
+        assert [value for _, value in by_id[elem_id].choices] == list(allowed) and by_id[elem_id].value == default
+    assert {"savedmodel", "onnx", "torch"} <= set(EXPORT_FORMATS) and {"q4_0", "q5_0"} <= set(GGUF_QUANTS)
