@@ -62,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the run dir's newest checkpoint (train.checkpoint_every)")
+    p = command("sweep", _cmd_sweep, "grid or random search over config keys: each trial trained and scored on the "
+                "validation split, a table and one sensitivity plot per key, the best trial scored on test")
+    p.add_argument("config")
+    p.add_argument("axes", nargs="+", metavar="KEY=V1,V2",
+                   help="swept keys (comma-separated values) and fixed overrides (one value), e.g. "
+                        "lora.rank=4,8,16 train.learning_rate=1e-4,3e-4 train.max_steps=50")
+    p.add_argument("--budget", type=int, default=0, help="at most N trials, a seeded random sample of the grid")
+    p.add_argument("--metric", default="", help="validation metric that picks the best trial (default: the task's "
+                   "first, e.g. f1; perplexity and losses are minimised, the rest maximised)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --budget sample")
+    p.add_argument("--out", default="", help="sweep folder (default OUTPUT_DIR/NAME-sweep); rerun to resume")
     p = command("reproduce", _cmd_reproduce, "rerun a run dir's resolved config into RUN_DIR-reproduce; --check "
                 "requires the same losses, evaluations and adapter bytes (same commit and machine kind)")
     p.add_argument("run_dir", help="a run folder written by `kerasft run` or `kerasft train` (has lineage.json)")
@@ -225,6 +236,13 @@ def _cmd_train(args) -> int:
         raise KerasftError("--resume and --overwrite exclude each other")
     run(load_config(args.config, args.overrides), evaluate=False, export=False, overwrite=args.overwrite,
         resume=args.resume)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from kerasft.sweep import sweep
+
+    sweep(args.config, args.axes, budget=args.budget, metric=args.metric, seed=args.seed, out=args.out or None)
     return 0
 
 
