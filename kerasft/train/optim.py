@@ -7,8 +7,8 @@ and accumulates gradients with optax.MultiSteps under train.grad_accum.
 
 AdamW's two moments can be stored in less memory (train.moments):
 - bfloat16: both moments in bfloat16, rounded stochastically. Round-to-nearest would freeze the
-  second moment: with b2 = 0.999 a step changes it by 0.1 % of itself, below half of bfloat16's
-  spacing (2^-8 relative), so it could never decay. Stochastic rounding is exact in expectation;
+  second moment: with b2 = 0.999 a step without gradient shrinks it by 0.1 % of itself, less than
+  half the gap to the next bfloat16 value (at least 2^-9, 0.2 %), so it could never decay. Stochastic rounding is exact in expectation;
   its random bits are a pure function of (train.seed, step), so a resumed run rounds the
   same way.
 - int8: bitsandbytes' blockwise 8-bit Adam (Dettmers et al. 2022, "8-bit optimizers via blockwise

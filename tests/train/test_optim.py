@@ -98,6 +98,9 @@ def test_bfloat16_stochastic_rounding_is_exact_in_expectation():
     rounded = np.asarray(stochastic_round_bf16(x, jax.random.PRNGKey(0)).astype(jnp.float32))
     assert set(np.unique(rounded)) == {1.0, 1 + 2.0**-7}
     assert rounded.mean() == pytest.approx(1 + 2.0**-10, rel=2e-4)
+    # Why: rounded to nearest, a second moment decayed by b2 = 0.999 stays where it was.
+    stored = jnp.asarray([1.0, 1.5, 1.99], jnp.bfloat16)
+    assert np.all(np.asarray((0.999 * stored.astype(jnp.float32)).astype(jnp.bfloat16) == stored))
 
 
 # -- every optimizer on the tiny preset ---------------------------------------------------------
