@@ -159,6 +159,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--system", default=None, help="system prompt (default: the run's data.system, else none)")
 
+    p = command("attention", _cmd_attention, "draw a prompt's attention weights, as the model's own softmax "
+                "computed them (after soft caps, within sliding windows), for one layer and one or all heads")
+    p.add_argument("src", help="a run dir or a preset (embedded, a folder, a .gguf file, ...)")
+    p.add_argument("prompt", help="user message, rendered with the run's chat template and system prompt")
+    p.add_argument("--layer", type=int, default=-1, help="attention layer (default -1: the last; negative counts back)")
+    p.add_argument("--head", type=int, default=None, help="one query head (default: every head, one panel each)")
+    p.add_argument("--png", required=True, help="the heatmap PNG to write")
+    p.add_argument("--json", default="", help="also write tokens and the layer's weights (heads x query x key) as JSON")
+    p.add_argument("--system", default=None, help="system prompt (default: the run's data.system, else none)")
+
     p = command("import-gguf", _cmd_import_gguf, "convert a Gemma or Llama GGUF file into a keras-hub preset folder")
     p.add_argument("gguf_file")
     p.add_argument("out_preset")
@@ -379,6 +389,36 @@ def _cmd_generate(args) -> int:
     outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids)
     for text, ids in zip(args.prompt, outputs):
         print(json.dumps({"prompt": text, "response": tokens.decode(ids)}, ensure_ascii=False))
+    return 0
+
+
+def _cmd_attention(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from kerasft.data.template import chat_tokens, encode_prompt
+    from kerasft.evaluate.attention_maps import attention_weights, draw_attention
+    from kerasft.models.presets import load_source
+    from kerasft.runtime import init_backend
+
+    init_backend()
+    loaded, run_cfg = load_source(args.src)
+    tokens = chat_tokens(loaded.tokenizer)
+    system = args.system if args.system is not None else (run_cfg.data.system if run_cfg else "")
+    ids = encode_prompt(tokens, args.prompt, system, template=run_cfg.data.template if run_cfg else "auto")
+    (layer, weights), = attention_weights(loaded.backbone, ids, [args.layer]).items()
+    pieces = [tokens.encoder.piece(int(i)) for i in ids]
+    draw_attention(weights, pieces, args.png, head=args.head,
+                   title=f"{args.src}: layer {layer}" + (f", head {args.head}" if args.head is not None else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tokens": pieces, "ids": ids, "layer": layer,
+                                               "weights": np.round(weights, 6).tolist()}, ensure_ascii=False))
+    last = weights.mean(axis=0)[-1]  # what the position that starts the answer attends to, over heads
+    top = np.argsort(-last)[:5]
+    print(json.dumps({"png": args.png, "layer": layer, "heads": int(weights.shape[0]), "tokens": len(ids),
+                      "last_token_attends_to": [{"position": int(i), "token": pieces[i], "weight": round(float(last[i]), 4)}
+                                                for i in top]}, ensure_ascii=False))
     return 0
 
 
