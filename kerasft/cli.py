@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare the rerun with the run; exit status 1 when any logged value differs")
     p.add_argument("--out", default="", help="the rerun's folder (default: RUN_DIR-reproduce)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing rerun folder")
+    p = command("control", _cmd_control, "steer a running `kerasft train` / `kerasft run` job at its next step: save a "
+                "checkpoint now, stop now (keeping the best or the last adapter), or change the learning rate")
+    p.add_argument("run_dir", help="the run folder of the job that is training")
+    p.add_argument("action", choices=["save", "stop", "lr"])
+    p.add_argument("value", nargs="?", type=float, default=None, help="lr: the new learning rate")
+    p.add_argument("--keep", default="last", choices=["last", "best"],
+                   help="stop: keep these weights (last) or those of the lowest eval_loss so far (best)")
     p = command("plan", _cmd_plan, "per-device memory of the training step on a target, and the largest batch that fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -158,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+", help="user message(s); each is answered separately")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--system", default=None, help="system prompt (default: the run's data.system, else none)")
+    p.add_argument("--json", action="store_true",
+                   help="also print each generated token with its probability under the model (\"tokens\")")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="with --json: each token's K most likely alternatives, with their probabilities (0-20)")
 
     p = command("attention", _cmd_attention, "draw a prompt's attention weights, as the model's own softmax "
                 "computed them (after soft caps, within sliding windows), for one layer and one or all heads")
@@ -253,6 +264,14 @@ def _cmd_sweep(args) -> int:
     from kerasft.sweep import sweep
 
     sweep(args.config, args.axes, budget=args.budget, metric=args.metric, seed=args.seed, out=args.out or None)
+    return 0
+
+
+def _cmd_control(args) -> int:
+    from kerasft.train.control import request
+
+    path = request(args.run_dir, args.action, keep=args.keep, value=args.value)
+    print(f"requested {args.action}: {path} (the job acts on it when its current step ends)")
     return 0
 
 
@@ -375,10 +394,14 @@ def _cmd_serve(args) -> int:
 
 def _cmd_generate(args) -> int:
     from kerasft.data.template import chat_tokens, encode_prompt
-    from kerasft.evaluate.generate import causal_lm_for, generate_ids
+    from kerasft.evaluate.generate import TOP_LOGPROBS, causal_lm_for, generate_ids, token_probabilities
     from kerasft.models.presets import load_source
     from kerasft.runtime import init_backend
 
+    if args.top_k and not args.json:
+        raise KerasftError("generate: --top-k needs --json (the alternatives are printed in the JSON lines)")
+    if not 0 <= args.top_k <= TOP_LOGPROBS:
+        raise KerasftError(f"generate: --top-k must be from 0 to {TOP_LOGPROBS}, got {args.top_k}")
     init_backend()
     loaded, run_cfg = load_source(args.src)
     tokens = chat_tokens(loaded.tokenizer)
@@ -386,9 +409,14 @@ def _cmd_generate(args) -> int:
     system = args.system if args.system is not None else (run_cfg.data.system if run_cfg else "")
     template = run_cfg.data.template if run_cfg else "auto"
     prompts = [encode_prompt(tokens, text, system, template=template) for text in args.prompt]
-    outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids)
-    for text, ids in zip(args.prompt, outputs):
-        print(json.dumps({"prompt": text, "response": tokens.decode(ids)}, ensure_ascii=False))
+    entries: list = []
+    outputs, _ = generate_ids(causal_lm_for(loaded.backbone), prompts, args.max_new_tokens, len(prompts), tokens.stop_ids,
+                              entries=entries)
+    for text, ids, answer_entries in zip(args.prompt, outputs, entries):
+        line = {"prompt": text, "response": tokens.decode(ids)}
+        if args.json:
+            line["tokens"] = token_probabilities(answer_entries, tokens.decode, args.top_k)
+        print(json.dumps(line, ensure_ascii=False))
     return 0
 
 

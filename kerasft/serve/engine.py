@@ -24,7 +24,7 @@ import numpy as np
 
 from kerasft.data.template import chat_tokens, encode_prompt
 from kerasft.errors import KerasftError
-from kerasft.evaluate.generate import TOP_LOGPROBS, DecodeFunctions, causal_lm_for
+from kerasft.evaluate.generate import TOP_LOGPROBS, DecodeFunctions, causal_lm_for, token_entry
 from kerasft.models.families import FAMILIES, model_family
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -340,8 +340,7 @@ class Engine:
 
     def _take(self, job: Job, choice, row: int) -> bool:
         """Hands row `row` of a decode call's Choice to its job; True when the job is finished."""
-        pick = lambda a: a[row]  # noqa: E731
-        token = int(pick(choice.tokens))
+        token = int(choice.tokens[row])
         if job.cancelled:
             return True
         if token in self.tokens.stop_ids:
@@ -349,8 +348,7 @@ class Engine:
             return True
         job.ids.append(token)
         text = self.tokens.decode(job.ids)
-        entry = {"token": token, "logprob": float(pick(choice.logprobs)),
-                 "top": list(zip(pick(choice.top_ids).tolist(), pick(choice.top_logprobs).tolist()))}
+        entry = token_entry(choice, row)
         if text.endswith("\ufffd") and len(job.ids) < job.max_tokens:
             job.pending.append(entry)  # an incomplete UTF-8 sequence: wait for the rest
             return False
