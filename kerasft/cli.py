@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare the rerun with the run; exit status 1 when any logged value differs")
     p.add_argument("--out", default="", help="the rerun's folder (default: RUN_DIR-reproduce)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing rerun folder")
+    p = command("control", _cmd_control, "steer a running `kerasft train` / `kerasft run` job at its next step: save a "
+                "checkpoint now, stop now (keeping the best or the last adapter), or change the learning rate")
+    p.add_argument("run_dir", help="the run folder of the job that is training")
+    p.add_argument("action", choices=["save", "stop", "lr"])
+    p.add_argument("value", nargs="?", type=float, default=None, help="lr: the new learning rate")
+    p.add_argument("--keep", default="last", choices=["last", "best"],
+                   help="stop: keep these weights (last) or those of the lowest eval_loss so far (best)")
     p = command("plan", _cmd_plan, "per-device memory of the training step on a target, and the largest batch that fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -257,6 +264,14 @@ def _cmd_sweep(args) -> int:
     from kerasft.sweep import sweep
 
     sweep(args.config, args.axes, budget=args.budget, metric=args.metric, seed=args.seed, out=args.out or None)
+    return 0
+
+
+def _cmd_control(args) -> int:
+    from kerasft.train.control import request
+
+    path = request(args.run_dir, args.action, keep=args.keep, value=args.value)
+    print(f"requested {args.action}: {path} (the job acts on it when its current step ends)")
     return 0
 
 

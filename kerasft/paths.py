@@ -81,6 +81,11 @@ class RunDir:
         return self.root / "summary.json"
 
     @property
+    def control(self) -> Path:
+        """Requests to a running training job (`kerasft control`: save, stop, lr)."""
+        return self.root / "control"
+
+    @property
     def lineage(self) -> Path:
         """Where the run came from: versions, commit, machine, data hashes, config and seeds
         (kerasft.lineage)."""

@@ -27,8 +27,9 @@ from kerasft.config import RunConfig, TrainConfig
 from kerasft.data.pipeline import TokenizedSet, batch_width, epoch_batches, make_batch
 from kerasft.errors import KerasftError
 from kerasft.paths import RunDir
-from kerasft.runtime import batch_shards, is_primary, place_batch
+from kerasft.runtime import batch_shards, is_primary, place_batch, process_count
 from kerasft.train.checkpoint import Checkpointer, Position
+from kerasft.train.control import recorded_lr_changes, take_requests
 from kerasft.train.logs import RunLog, drop_records_after, read_metrics, write_plots
 from kerasft.train.loss import PREFERENCE_STATS, make_loss_fn, make_preference_loss_fn, make_sequence_logps
 from kerasft.train.optim import build_optimizer
@@ -169,11 +170,12 @@ class TrainStep:
         return (dropout_key(self.spec.train.seed, micro_step),) if self.spec.dropout > 0 else ()
 
 
-def build_step(backbone, spec: TrainSpec, total_steps: int) -> TrainStep:
+def build_step(backbone, spec: TrainSpec, total_steps: int, lr_changes: tuple = ()) -> TrainStep:
     """The step train() runs for `spec` over a run of `total_steps` optimizer steps (the
-    schedule's length): train.remat applied to the backbone, the optimizer, the jitted update."""
+    schedule's length): train.remat applied to the backbone, the optimizer, the jitted update.
+    lr_changes: (first update, learning rate) pairs from `kerasft control RUN_DIR lr`."""
     apply_remat(backbone, spec.train.remat)
-    optimizer, schedule = build_optimizer(spec.train, total_steps)
+    optimizer, schedule = build_optimizer(spec.train, total_steps, tuple(lr_changes))
     fn = make_train_step(backbone, optimizer, spec.token_rows or None, spec.dropout, spec.train)
     return TrainStep(fn, optimizer, schedule, spec)
 
@@ -252,6 +254,14 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
     if primary:
         drop_records_after(paths.metrics, position.step)
         drop_records_after(paths.samples, position.step)
+    # Learning-rate changes made with `kerasft control` before the resumed step apply again.
+    lr_changes = recorded_lr_changes(read_metrics(paths.metrics)) if position.step else []
+    if lr_changes:
+        train_step = build_step(backbone, spec, steps, lr_changes)
+    controlled = process_count() == 1  # every process would have to act on a request at the same step
+    if controlled:
+        take_requests(paths.root)  # requests left from an earlier job are stale
+    asked: dict = {}
     # Early stopping continues from the evaluations already logged (a resumed run re-reads them).
     stopper = _EarlyStopping(cfg, [r for r in read_metrics(paths.metrics) if "eval_loss" in r], paths.best_adapter,
                              trainable)
@@ -311,6 +321,9 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
             finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             if finite and evaluate and (step % cfg.eval_every == 0 or step == steps):
                 record.update(evaluate(trainable, non_trainable))
+            requests = take_requests(paths.root) if controlled and finite else []
+            if requests:
+                record["control"] = requests
             log.log(record)
             if step % cfg.log_every == 0 or step == steps or "eval_loss" in record:
                 print(
@@ -336,18 +349,36 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
                         for sample in samples:
                             out.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
             stop = "eval_loss" in record and stopper.update(step, record["eval_loss"], trainable, primary)
-            if checkpoints and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == steps or stop):
+            asked = {entry["action"]: entry for entry in requests}  # the last request of each kind counts
+            if "save" in asked and checkpoints is None:
+                checkpoints = Checkpointer(paths.checkpoints, cfg.keep_checkpoints)
+            if checkpoints and ((cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == steps or stop))
+                                or "save" in asked):
                 checkpoints.save({"trainable": trainable, "opt_state": opt_state},
                                  Position(step, *_next_position(data, cfg, epoch, index)), identity)
+                if "save" in asked:
+                    print(f"  checkpoint saved at step {step} (kerasft control save)", flush=True)
+            if "lr" in asked and step < steps:
+                lr_changes.append((step, asked["lr"]["value"]))
+                train_step = build_step(backbone, spec, steps, lr_changes)
+                print(f"  learning rate {asked['lr']['value']:.3g} from step {step + 1} (kerasft control lr)", flush=True)
             if stop:
                 print(f"  early stopping at step {step}: eval_loss has not improved for {cfg.early_stopping_patience} "
                       f"evaluations (best {stopper.best_loss:.4f} at step {stopper.best_step})", flush=True)
+                break
+            if "stop" in asked:
+                keep_best_now = asked["stop"]["keep"] == "best"
+                print(f"  stopping at step {step} (kerasft control stop, keeping the "
+                      f"{'best' if keep_best_now else 'last'} adapter)", flush=True)
+                if keep_best_now and stopper.best is None:
+                    print("  no evaluation has run (train.eval_every): keeping the last adapter", flush=True)
                 break
     finally:
         log.close()
         if checkpoints:
             checkpoints.close()
-    if cfg.keep_best and stopper.best is not None and stopper.best_step != step:
+    keep_best = cfg.keep_best or (step < steps and asked.get("stop", {}).get("keep") == "best")
+    if keep_best and stopper.best is not None and stopper.best_step != step:
         print(f"  keeping the best adapter: step {stopper.best_step} (eval_loss {stopper.best_loss:.4f})", flush=True)
         trainable = stopper.best
     for variable, value in zip(backbone.trainable_variables, trainable["lora"]):

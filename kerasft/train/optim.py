@@ -41,7 +41,8 @@ LION_B1, LION_B2 = 0.9, 0.99  # Lion's paper defaults (Chen et al. 2023), optax'
 ADAFACTOR_DECAY = 0.8  # optax / T5 default: second-moment decay 1 - step^-0.8
 
 
-def build_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+def build_optimizer(cfg: TrainConfig, total_steps: int,
+                    lr_changes: tuple = ()) -> tuple[optax.GradientTransformation, Callable]:
     """The optimizer and schedule of a run of `total_steps` optimizer steps.
 
     Args:
@@ -49,11 +50,13 @@ def build_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientT
             weight_decay, momentum (sgd), max_grad_norm, grad_accum, seed.
         total_steps: the schedule's length; its last update (step total_steps - 1) still has a
             learning rate above 0 for cosine and linear.
+        lr_changes: (first update, learning rate) pairs that replace the schedule from that update
+            on (`kerasft control RUN_DIR lr VALUE`); later pairs win.
 
     Returns:
         (transformation, schedule): schedule(step) is the learning rate of update `step` (0-based).
     """
-    schedule = build_schedule(cfg, total_steps)
+    schedule = with_lr_changes(build_schedule(cfg, total_steps), lr_changes)
     if cfg.optimizer == "adamw":
         direction = {"float32": optax.scale_by_adam(B1, B2, EPS),
                      "bfloat16": scale_by_adam_bf16(B1, B2, EPS, seed=cfg.seed),
@@ -77,6 +80,21 @@ def build_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientT
     if cfg.grad_accum > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=cfg.grad_accum)
     return optimizer, schedule
+
+
+def with_lr_changes(schedule: Callable, changes) -> Callable:
+    """`schedule`, except that from update `start` on the rate is `value`, for each (start, value)
+    of `changes` in order (a later change wins). The optimizer state's tree does not change."""
+    if not changes:
+        return schedule
+
+    def changed(step):
+        rate = schedule(step)
+        for start, value in changes:
+            rate = jnp.where(step >= start, jnp.asarray(value, jnp.float32), rate)
+        return rate
+
+    return changed
 
 
 def build_schedule(cfg: TrainConfig, total_steps: int) -> Callable:
