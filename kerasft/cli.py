@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the plan as one JSON object (bytes as integers) instead of the report")
 
+    p = command("model", _cmd_model, "a model view before training: the backbone's weights per layer kind, parameter "
+                "counts, the kernels LoRA wraps with its parameter count, and the trainable share (nothing allocated)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the view as one JSON object instead of the table")
+
     p = command("bench", _cmd_bench, "accelerator acceptance run on this machine's GPU or TPU: the Gemma 2 2B "
                 "architecture (random bfloat16 weights, no download), LoRA r16 on query/value, sequence 1024: "
                 "tokens/s, MFU, peak memory against the deviceless plan, attention paths, HF export parity")
@@ -327,6 +333,19 @@ def _cmd_plan(args) -> int:
               f"{measured['arguments'] / 2**20:.1f} MiB + RSS rise {measured['peak_rise'] / 2**20:.1f} MiB); "
               f"planned {plan.step.peak / 2**20:.1f} MiB; planned/measured = {ratio:.2f}")
     return 0 if plan.fits else 1
+
+
+def _cmd_model(args) -> int:
+    from kerasft.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from kerasft.runtime import init_backend
+    from kerasft.train.model_view import format_model_view, model_view
+
+    init_backend()
+    view = model_view(cfg)
+    print(json.dumps(view) if args.json else format_model_view(view), flush=True)
+    return 0
 
 
 def _cmd_bench(args) -> int:
