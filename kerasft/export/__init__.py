@@ -71,14 +71,16 @@ def export_derived(fmt: str, backbone, tokenizer, out_dir: str | Path, token_ids
                 if verify:
                     reloaded = load_savedmodel(staging)
                     checks["tf.saved_model.load, signature logits"] = savedmodel_logits(reloaded, token_ids)
-                    prompt = token_ids[0].tolist()
-                    ours = generate_ids(causal_lm_for(backbone), [prompt], GREEDY_CHECK_TOKENS, 1, stop_ids)[0][0]
-                    theirs = savedmodel_greedy(reloaded, [prompt], GREEDY_CHECK_TOKENS, stop_ids)[0]
-                    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                    report["greedy"] = {"kerasft": ours, "savedmodel": theirs, "same": ours == theirs,
-                                        "agree_prefix": agree}
-                    print(f"  greedy signature: {'the same' if ours == theirs else 'DIFFERENT'} {len(theirs)} new tokens "
-                          f"as kerasft's greedy decoding ({len(ours)} tokens; first {agree} equal)", flush=True)
+                    # Two prompts of different lengths in one call: the right padding of the shorter is filled too.
+                    full = token_ids[0].tolist()
+                    prompts = [full, full[: max(1, len(full) // 2)]]
+                    ours = generate_ids(causal_lm_for(backbone), prompts, GREEDY_CHECK_TOKENS, 2, stop_ids)[0]
+                    theirs = savedmodel_greedy(reloaded, prompts, GREEDY_CHECK_TOKENS, stop_ids)
+                    same = sum(a == b for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b))
+                    count = sum(len(row) for row in ours)
+                    report["greedy"] = {"kerasft": ours, "savedmodel": theirs, "same": ours == theirs}
+                    print(f"  greedy signature: {same} of {count} new tokens of 2 prompts equal to kerasft's greedy "
+                          f"decoding{'' if ours == theirs else ' (DIFFERENT)'}", flush=True)
             else:
                 from kerasft.export.torch_export import load_transformers
 
