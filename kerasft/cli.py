@@ -144,6 +144,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check of the export (the output says so)")
 
+    p = command("push", _cmd_push, "upload an export folder and its model card to the Hugging Face Hub in one commit "
+                "(private unless --public; token from --token, HF_TOKEN or `hf auth login`)")
+    p.add_argument("src", help="a folder written by kerasft export (or RUN_DIR/export_hf)")
+    p.add_argument("repo_id", help="owner/name on the Hub; created if it does not exist")
+    p.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    p.add_argument("--token", default=None, help="a Hub token with write access (default: HF_TOKEN, then the login)")
+    p.add_argument("--message", default="", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; upload nothing")
+
     p = command("serve", _cmd_serve, "OpenAI-style HTTP server (/v1/completions, /v1/chat/completions): token "
                                      "streaming, continuous batching, sampling, several adapters over one base")
     p.add_argument("src", help="a run dir, a keras-hub preset dir, a Hugging Face export dir, a .gguf file or a preset")
@@ -397,6 +406,18 @@ def _cmd_export(args) -> int:
     report = export_and_verify(loaded.backbone, loaded.tokenizer, chat_tokens(loaded.tokenizer), sample, _path(args.out),
                                cfg, overwrite=args.overwrite, run_dir=run_dir, source=args.src)
     print(f"wrote {report.get('file', report['path'])}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from kerasft.export.push import push, push_plan
+
+    if args.dry_run:
+        print(json.dumps(push_plan(args.src, args.repo_id, private=not args.public), indent=2, ensure_ascii=False))
+        return 0
+    result = push(args.src, args.repo_id, private=not args.public, token=args.token, message=args.message)
+    print(json.dumps({"repo_id": result["repo_id"], "private": result["private"], "files": len(result["files"]),
+                      "commit_url": result["commit_url"]}))
     return 0
 
 
