@@ -35,8 +35,8 @@ from kerasft.runtime import TARGETS as PLAN_TARGETS
 from kerasft.train.loop import planned_steps
 from kerasft.train.optim import build_schedule
 from kerasft.ui.workspace import (
-    DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, kerasft_argv, latest_checkpoint, peek_columns,
-    read_json, training_progress,
+    DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, kerasft_argv, latest_checkpoint, machine_usage, peek_columns,
+    read_json, storage_usage, sweep_folders, sweep_view, training_progress,
 )
 
 # The models offered in the Model tab's list: small Gemmas whose architecture kerasft knows
@@ -210,6 +210,8 @@ def build_app(workspace: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
         _training_tab(studio, form)
         _evaluation_tab(studio, form)
         _export_tab(studio, form)
+        _sweeps_tab(studio)
+        _explore_tab(studio)
         form.wire()
     app.studio = studio
     return app
@@ -476,6 +478,21 @@ def _training_tab(studio: Studio, form: _Form) -> None:
         train_log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="train_log")
         samples_button = gr.Button("Sample generations (held-out prompts)", elem_id="sample_generations")
         samples = gr.Dataframe(label="Sample generations", elem_id="samples", wrap=True)
+        with gr.Row():
+            storage = gr.Markdown(elem_id="storage")
+            machine = gr.Markdown(elem_id="machine_usage")
+        with gr.Accordion("Live controls: the running job takes them at its next step (kerasft control)", open=False):
+            with gr.Row():
+                save_now = gr.Button("Save checkpoint now", elem_id="save_now")
+                stop_best = gr.Button("Stop now (keep best)", elem_id="stop_best")
+                stop_last = gr.Button("Stop now (keep last)", elem_id="stop_last")
+            with gr.Row():
+                new_lr = gr.Number(None, label="New learning rate", elem_id="new_lr")
+                change_lr = gr.Button("Change learning rate", elem_id="change_lr")
+        with gr.Accordion("Model view before training (kerasft model)", open=False):
+            model_view_button = gr.Button("Show model view", elem_id="model_view_button")
+            model_view_summary = gr.Markdown(elem_id="model_view_summary")
+            model_view_table = gr.Dataframe(label="Weights per layer kind", elem_id="model_view_table", wrap=True)
         timer = gr.Timer(1.0)
 
     def on_pairs(file):
@@ -595,6 +612,93 @@ def _training_tab(studio: Studio, form: _Form) -> None:
 
     samples_button.click(on_samples, name_field, [samples, train_status])
 
+    timer.tick(lambda name: resources_markdown(studio, name), name_field, [storage, machine])
+    save_now.click(lambda name: control_job(studio, name, "save"), name_field, train_status)
+    stop_best.click(lambda name: control_job(studio, name, "stop", keep="best"), name_field, train_status)
+    stop_last.click(lambda name: control_job(studio, name, "stop", keep="last"), name_field, train_status)
+    change_lr.click(lambda name, value: control_job(studio, name, "lr", value=value), [name_field, new_lr], train_status)
+
+    def on_model_view(*values):
+        try:
+            name, path = form.save(values)
+            yield f"building the model abstractly ...\n\n`$ kerasft model {path} --json`", None
+            for job, code in studio.run_to_end(name, "model", kerasft_argv("model", path, "--json")):
+                if code is not None:
+                    view = _last_json_object(job.log_text(200000)) if code == 0 else None
+                    if view is None:
+                        yield _message(f"kerasft model failed:\n```\n{job.log_text(4000)}\n```", False), None
+                    else:
+                        yield model_view_tables(view)
+        except KerasftError as err:
+            yield _message(str(err), False), None
+
+    form.on(model_view_button.click, on_model_view, [model_view_summary, model_view_table])
+
+
+def resources_markdown(studio: Studio, name: str) -> tuple[str, str]:
+    """(storage, machine) lines of the Training tab: sizes of RUN_DIR/checkpoints and the run dir and
+    the free disk; CPU and memory of this machine and of the training subprocess (psutil). The
+    trainer reports no accelerator memory, so none is shown."""
+    try:
+        run_dir = studio.ws.run_dir(name)
+    except KerasftError:
+        return "", ""
+    used = storage_usage(run_dir.root)
+    storage = (f"**Storage** · checkpoints {_size(used['checkpoints'])} · run dir {_size(used['run_dir'])} · "
+               f"disk free {_size(used['disk_free'])}")
+    job = studio.jobs.get((name, "train"))
+    usage = machine_usage(job.process.pid if job and job.running else None)
+    parts = [f"**Machine** · CPU {usage['cpu_percent']:.0f} % of {usage['cpus']} cores",
+             f"memory {_size(usage['memory_used'])} / {_size(usage['memory_total'])}"]
+    if usage["process_rss"] is not None:
+        parts.append(f"training process CPU {usage['process_cpu_percent']:.0f} %, memory {_size(usage['process_rss'])}")
+    parts.append("accelerator memory: not reported by the trainer")
+    return storage, " · ".join(parts)
+
+
+def control_job(studio: Studio, name: str, action: str, keep: str = "last", value=None) -> str:
+    """A kerasft.train.control request for the studio's running training job of run `name`."""
+    try:
+        job = studio.jobs.get((name, "train"))
+        if not job or not job.running:
+            raise KerasftError("no training is running")
+        from kerasft.train.control import request
+
+        request(studio.ws.run_dir(name).root, action, keep=keep, value=None if value is None else float(value))
+    except KerasftError as err:
+        return _message(str(err), False)
+    what = {"save": "save a checkpoint", "stop": f"stop, keeping the {keep} adapter",
+            "lr": f"learning rate {value:g}" if isinstance(value, (int, float)) else "learning rate"}[action]
+    return _message(f"requested: {what}; the job takes it at its next step (logged in metrics.jsonl)")
+
+
+def model_view_tables(view: dict):
+    """(summary markdown, weights DataFrame) of a `kerasft model --json` view."""
+    import pandas
+
+    lora, rows = view["lora"], view["token_rows"]
+    summary = "\n".join([
+        f"**{view['backbone']}** ({view['family']}) · {view['blocks']} blocks · hidden {view['hidden_dim']} · "
+        f"vocabulary {view['vocabulary']:,} · dtype {view['dtype']} · quantize {view['quantize']}",
+        f"- base parameters: {view['parameters']:,}",
+        f"- LoRA r{lora['rank']} (alpha {lora['alpha']:g}) on {lora['layers']} kernels "
+        f"({', '.join(lora['kernels'])}): {lora['parameters']:,} parameters",
+        f"- trained embedding rows: {rows['rows']} ({' '.join(rows['tokens']) or 'none'}): {rows['parameters']:,}",
+        f"- **trainable {view['trainable']:,} of {view['total']:,} ({view['trainable_share']:.3%})**, total = base + LoRA",
+        *[f"- note: {note}" for note in view["notes"]],
+    ])
+    frame = pandas.DataFrame([{"weight": r["name"], "count": r["count"], "shape (each)": str(tuple(r["shape"])),
+                               "parameters": r["parameters"], "LoRA": r["lora"] or ("adapter" if "lora_kernel" in r["name"] else "")}
+                              for r in view["weights"] + lora["weights"]])
+    return summary, frame
+
+
+def _size(value: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"
+
 
 def _evaluation_tab(studio: Studio, form: _Form) -> None:
     """`kerasft eval compare=base`, its eval*.json and report side by side, and a prompt playground."""
@@ -673,6 +777,113 @@ def _evaluation_tab(studio: Studio, form: _Form) -> None:
 
     playground_button.click(on_generate, [name_field, playground_source, playground_prompt, playground_tokens],
                             playground_output)
+
+
+def _sweeps_tab(studio: Studio) -> None:
+    """The sweeps of this workspace (`kerasft sweep` folders): their table and sensitivity plots."""
+    import gradio as gr
+
+    ws = studio.ws
+    with gr.Tab("Sweeps", id="sweeps"):
+        gr.Markdown("Folders in this workspace that `kerasft sweep` wrote (they hold sweep.json); a sweep still "
+                    "running shows the trials scored so far.")
+        with gr.Row():
+            choice = gr.Dropdown(sweep_choices(ws), label="Sweep folder", elem_id="sweep_folder")
+            refresh = gr.Button("Refresh list", elem_id="sweep_refresh")
+        summary = gr.Markdown(elem_id="sweep_summary")
+        table = gr.Dataframe(label="Trials (validation split)", elem_id="sweep_table", wrap=True)
+        plots = gr.Gallery(label="Sensitivity: validation score against each swept key", columns=2,
+                           elem_id="sweep_plots")
+
+    refresh.click(lambda: gr.update(choices=sweep_choices(ws)), None, choice)
+
+    def on_choice(folder):
+        if not folder:
+            return "", None, []
+        try:
+            return sweep_tables(ws, folder)
+        except KerasftError as err:
+            return _message(str(err), False), None, []
+
+    choice.change(on_choice, choice, [summary, table, plots])
+
+
+def sweep_choices(ws: Workspace) -> list[str]:
+    """Sweep folders under the workspace, relative to it."""
+    return [str(path.relative_to(ws.root)) for path in sweep_folders(ws.root)]
+
+
+def sweep_tables(ws: Workspace, folder: str):
+    """(summary markdown, trials DataFrame, sensitivity PNG paths) of a sweep folder inside the workspace."""
+    import pandas
+
+    path = (ws.root / folder).resolve()
+    if not path.is_relative_to(ws.root):
+        raise KerasftError(f"{folder}: not inside the workspace")
+    view = sweep_view(path)
+    lines = [f"**{folder}** · {len(view['rows'])} trial(s)"]
+    if view["rule"]:
+        lines.append(f"Rule: {view['rule']}; best: {view['best']}")
+    if view["test"]:
+        lines.append("Best trial on the test split: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in view["test"].items()))
+    return "\n\n".join(lines), pandas.DataFrame(view["rows"], columns=view["columns"]), [str(p) for p in view["plots"]]
+
+
+def _explore_tab(studio: Studio) -> None:
+    """Attention maps: `kerasft attention SRC PROMPT --png` for a run of this workspace or a preset."""
+    import gradio as gr
+
+    ws = studio.ws
+    with gr.Tab("Explore", id="explore"):
+        gr.Markdown("Attention weights of one layer for a prompt, as the model's own softmax computed them "
+                    "(`kerasft attention`). Model: a run name of this workspace, or a preset (embedded, a folder).")
+        with gr.Row():
+            source = gr.Textbox("embedded", label="Model (run name or preset)", elem_id="attention_source")
+            layer = gr.Number(-1, precision=0, label="Layer (negative counts back)", elem_id="attention_layer")
+            head = gr.Number(None, precision=0, label="Head (empty: every head)", elem_id="attention_head")
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="attention_prompt")
+        button = gr.Button("Draw attention", variant="primary", elem_id="attention_button")
+        status = gr.Markdown(elem_id="attention_status")
+        image = gr.Image(label="Attention", type="filepath", elem_id="attention_png")
+
+    def on_draw(src, text, layer_index, head_index):
+        try:
+            argv, png = attention_argv(ws, src, text, layer_index, head_index)
+            yield f"`$ kerasft {' '.join(argv[3:])}` ...", None
+            for job, code in studio.run_to_end("explore", "attention", argv):
+                if code is not None:
+                    result = _last_json_object(job.log_text(20000)) if code == 0 else None
+                    if result is None:
+                        yield _message(f"kerasft attention failed:\n```\n{job.log_text(4000)}\n```", False), None
+                    else:
+                        top = ", ".join(f"{t['token']!r} {t['weight']:.2f}" for t in result["last_token_attends_to"])
+                        yield (f"layer {result['layer']} · {result['heads']} heads · {result['tokens']} tokens · "
+                               f"the last position attends most to: {top}"), str(png)
+        except KerasftError as err:
+            yield _message(str(err), False), None
+
+    button.click(on_draw, [source, prompt, layer, head], [status, image])
+
+
+def attention_argv(ws: Workspace, source: str, prompt: str, layer, head) -> tuple[list[str], Path]:
+    """The `kerasft attention` command line for the Explore tab, and the PNG it writes (a new file
+    under WORKSPACE/explore/ each time)."""
+    source, prompt = (source or "").strip(), (prompt or "").strip()
+    if not source or not prompt:
+        raise KerasftError("attention: give a model (run name or preset) and a prompt")
+    try:
+        run_dir = ws.run_dir(source)
+        src = str(run_dir.root) if run_dir.has_adapter else source
+    except KerasftError:  # not a run name: a preset name or path
+        src = source
+    out = ws.root / "explore"
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"attention-{time.time_ns()}.png"
+    argv = kerasft_argv("attention", src, prompt, "--png", str(png), "--layer", str(int(layer if layer is not None else -1)))
+    if head is not None and head != "":
+        argv += ["--head", str(int(head))]
+    return argv, png
 
 
 def _export_tab(studio: Studio, form: _Form) -> None:

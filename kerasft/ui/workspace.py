@@ -276,5 +276,73 @@ def read_json(path: str | Path) -> dict | None:
     return data
 
 
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the files under `path` (0 when missing); files removed while counting are skipped."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def storage_usage(run_dir: str | Path) -> dict:
+    """Bytes of RUN_DIR/checkpoints and of the whole run dir, and the free bytes of the disk that
+    holds it (shutil.disk_usage of its nearest existing folder)."""
+    run = RunDir(run_dir)
+    existing = run.root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return {"checkpoints": folder_bytes(run.checkpoints), "run_dir": folder_bytes(run.root),
+            "disk_free": shutil.disk_usage(existing).free}
+
+
+def machine_usage(pid: int | None = None) -> dict:
+    """CPU utilisation (percent of all cores since the previous call) and memory of this machine,
+    and of process `pid` with its children (the training subprocess), from psutil."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    usage = {"cpu_percent": psutil.cpu_percent(interval=None), "cpus": psutil.cpu_count(),
+             "memory_used": memory.total - memory.available, "memory_total": memory.total,
+             "process_rss": None, "process_cpu_percent": None}
+    if pid:
+        try:
+            process = psutil.Process(pid)
+            tree = [process, *process.children(recursive=True)]
+            usage["process_rss"] = sum(p.memory_info().rss for p in tree)
+            usage["process_cpu_percent"] = sum(p.cpu_percent(interval=0.05) for p in tree)
+        except psutil.Error:  # the job ended between the check and the reading
+            pass
+    return usage
+
+
+def sweep_folders(root: str | Path) -> list[Path]:
+    """Folders under `root` that hold a sweep.json (written by `kerasft sweep`), sorted."""
+    return sorted(p.parent for p in Path(root).rglob("sweep.json") if p.is_file())
+
+
+def sweep_view(folder: str | Path) -> dict:
+    """A sweep folder's sweep.json as a table (one row per trial: name, swept values, status,
+    validation score, final training loss), its rule, best trial, test scores and sensitivity PNGs."""
+    folder = Path(folder)
+    spec = read_json(folder / "sweep.json")
+    if spec is None:
+        raise KerasftError(f"{folder}: no sweep.json (not a `kerasft sweep` folder)")
+    keys = list(spec.get("axes") or {})
+    metric = spec.get("metric") or "score"
+    rows = []
+    for trial in spec.get("trials") or []:
+        overrides = trial.get("overrides") or {}
+        rows.append({"trial": trial.get("name", "") + (" (best)" if trial.get("name") == spec.get("best") else ""),
+                     **{key: overrides.get(key, "") for key in keys}, "status": trial.get("status", ""),
+                     f"validation {metric}": trial.get("score"), "final train loss": trial.get("train_loss")})
+    plots = sorted((folder / "plots").glob("sensitivity_*.png")) if (folder / "plots").is_dir() else []
+    return {"columns": ["trial", *keys, "status", f"validation {metric}", "final train loss"], "rows": rows,
+            "rule": spec.get("rule", ""), "best": spec.get("best"), "test": spec.get("test"), "plots": plots}
+
+
 def _quote(arg: str) -> str:
     return shlex.quote(str(arg))
