@@ -62,3 +62,19 @@ def test_model_command_prints_the_table_and_json(tiny_preset, capsys):
     assert "decoder_block_*/attention/query/kernel" in text and f"{view['trainable']:,}" in text
     assert main(["model", config, "lora.targets=[nope]"]) == 2
     assert "lora.targets" in capsys.readouterr().err
+
+
+def test_a_preset_that_cannot_be_planned_is_loaded_with_the_same_counts(view, tiny_preset, monkeypatch):
+    import kerasft.train.plan
+    from kerasft.errors import KerasftError
+    from kerasft.train.model_view import model_view
+
+    def refuse(model_cfg):
+        raise KerasftError("model.preset: cannot plan offline")
+
+    monkeypatch.setattr(kerasft.train.plan, "backbone_spec", refuse)
+    cfg = load_config(ROOT / "configs/quickstart.yaml",
+                      [f"model.preset={tiny_preset}", "lora.rank=4", "lora.targets=[query,value,ffw_linear]"])
+    loaded = model_view(cfg)
+    assert loaded["built"] == "loaded"
+    assert {k: v for k, v in loaded.items() if k != "built"} == {k: v for k, v in view.items() if k != "built"}
