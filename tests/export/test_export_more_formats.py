@@ -44,6 +44,8 @@ def test_savedmodel_logits_and_greedy_signatures(lora_model, tmp_path, capsys):
     loaded, lora = lora_model
     report = export_derived("savedmodel", loaded.backbone, loaded.tokenizer, tmp_path / "sm", TOKENS)
     out = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + out)  # the measured drift, for pytest -s (docs/EXPORT.md)
     assert "tf.saved_model.load, signature logits: max |logit diff|" in out and "OK, tolerance" in out
     assert report["verify"]["ok"] and report["greedy"]["same"] and all(report["greedy"]["savedmodel"])
     assert {"saved_model.pb", "variables", "README.md", "tokenizer.model"} <= set(report["files"])
@@ -82,6 +84,8 @@ def test_cli_onnx_export_runs_in_onnxruntime(tiny_preset, tmp_path, capsys):
     out = tmp_path / "onnx"
     assert main(["export", str(tiny_preset), str(out), "--format", "onnx"]) == 0
     printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed)
     assert "onnxruntime: max |logit diff|" in printed and "(OK, tolerance" in printed
     assert {"model.onnx", "config.json", "README.md"} <= {p.name for p in out.iterdir()}
     assert "library_name: onnx" in (out / "README.md").read_text()
@@ -155,3 +159,31 @@ def test_gguf_block_quantizations_read_back(lora_model, quant, tmp_path):
     print(f"\n{quant}: max |logit diff| {diff:.3g} at logit scale {scale:.2f}; greedy next token agrees at "
           f"{agree:.0%} of {TOKENS.shape[1]} positions")
     assert np.isfinite(found).all() and diff <= GGUF_BOUND * scale
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant, bound, min_agree", [("q5_0", 0.2, 0.8), ("q4_0", 0.6, 0.65)])
+def test_embedded_270m_gguf_block_quantizations(quant, bound, min_agree, tmp_path):
+    """The real Gemma 3 270M through export_gguf q4_0 / q5_0 and kerasft's importer: the drift of
+    the logits (bound: a fraction of the largest |logit|) and how often the greedy next token
+    stays the same, as test_gguf_export's 270M test does for f16 and q8_0 (q8_0: 0.86 at scale
+    40.9, 22 of 22 positions).
+
+    Measured 2026-12-07 (`pytest -m slow -s -k embedded_270m tests/export/test_export_more_formats.py`),
+    logit scale 40.9: q5_0 (191 MB) 5.95, greedy 86% (19 of 22); q4_0 (158 MB) 21.1, 73% (16 of 22).
+    """
+    from kerasft.export.gguf import export_gguf
+    from kerasft.models.gguf import import_gguf
+
+    loaded = load_model(ModelConfig(preset="embedded"))
+    text = "El río Ebro atraviesa Zaragoza y desemboca en el mar Mediterráneo, cerca de Tortosa."
+    tokens = np.array([[2, *np.asarray(loaded.tokenizer(text)).tolist()]], dtype=np.int32)
+    expected = keras_logits(loaded.backbone, tokens)
+    path = export_gguf(loaded.backbone, loaded.tokenizer, tmp_path / "gguf", quant=quant)
+    found = keras_logits(load_model(ModelConfig(preset=str(import_gguf(path, tmp_path / "preset")))).backbone, tokens)
+    diff, scale = np.abs(found - expected).max(), np.abs(expected).max()
+    agree = (found.argmax(-1) == expected.argmax(-1)).mean()
+    print(f"\n270M {quant}: {path.stat().st_size / 1e6:.0f} MB; max |logit diff| {diff:.3g} at logit scale {scale:.1f}; "
+          f"greedy next token agrees at {agree:.0%} of {tokens.shape[1]} positions")
+    assert diff <= bound * scale
+    assert agree >= min_agree
