@@ -8,9 +8,9 @@ and accumulates gradients with optax.MultiSteps under train.grad_accum.
 AdamW's two moments can be stored in less memory (train.moments):
 - bfloat16: both moments in bfloat16, rounded stochastically. Round-to-nearest would freeze the
   second moment: with b2 = 0.999 a step without gradient shrinks it by 0.1 % of itself, less than
-  half the gap to the next bfloat16 value (at least 2^-9, 0.2 %), so it could never decay. Stochastic rounding is exact in expectation;
-  its random bits are a pure function of (train.seed, step), so a resumed run rounds the
-  same way.
+  half the gap to the next bfloat16 value (at least 2^-9, 0.2 %), so it could never decay.
+  Stochastic rounding is exact in expectation; its random bits are a pure function of
+  (train.seed, step), so a resumed run rounds the same way.
 - int8: bitsandbytes' blockwise 8-bit Adam (Dettmers et al. 2022, "8-bit optimizers via blockwise
   quantization"): each moment is flattened into blocks of BLOCK_SIZE values, each block keeps its
   absolute maximum as a float32 scale and each value one byte, an index into a 256-entry
@@ -74,7 +74,8 @@ def build_optimizer(cfg: TrainConfig, total_steps: int,
         raise ValueError(f"train.optimizer: {cfg.optimizer!r}")
     # optax.adamw's own chain, nested as before train.optimizer existed: checkpoints of earlier
     # runs keep their optimizer state's tree.
-    optimizer = optax.chain(direction, optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(schedule))
+    optimizer = optax.chain(direction, optax.add_decayed_weights(cfg.weight_decay),
+                            optax.scale_by_learning_rate(schedule))
     if cfg.max_grad_norm:
         optimizer = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optimizer)
     if cfg.grad_accum > 1:
