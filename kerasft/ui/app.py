@@ -720,6 +720,7 @@ def _evaluation_tab(studio: Studio, form: _Form) -> None:
         playground_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="playground_prompt")
         playground_button = gr.Button("Generate", elem_id="generate")
         playground_output = gr.Textbox(label="Answer", lines=4, elem_id="playground_output")
+        playground_probs = gr.HTML(elem_id="playground_tokens")
     results = [eval_status, metrics_table, report, worst]
 
     def on_evaluate(name):
@@ -752,7 +753,7 @@ def _evaluation_tab(studio: Studio, form: _Form) -> None:
 
     def on_generate(name, source, prompt, max_tokens):
         if not (prompt or "").strip():
-            yield _message("type a prompt first", False)
+            yield _message("type a prompt first", False), ""
             return
         try:
             run_dir = ws.run_dir(name)
@@ -766,17 +767,21 @@ def _evaluation_tab(studio: Studio, form: _Form) -> None:
                 system = []
                 _require_adapter(run_dir, name)
                 src = str(run_dir)
-            argv = kerasft_argv("generate", src, prompt, "--max-new-tokens", int(max_tokens or 48), *system)
-            yield "generating ..."
+            argv = kerasft_argv("generate", src, prompt, "--max-new-tokens", int(max_tokens or 48), *system,
+                                "--json", "--top-k", PLAYGROUND_TOP_K)
+            yield "generating ...", ""
             for job, code in studio.run_to_end(name, "generate", argv):
                 if code is not None:
                     frame, note = _generations(job, [prompt], code)
-                    yield frame["response"][0] if frame is not None else note
+                    if frame is None:
+                        yield note, ""
+                    else:
+                        yield frame["response"][0], token_probabilities_html(frame["tokens"][0])
         except KerasftError as err:
-            yield _message(str(err), False)
+            yield _message(str(err), False), ""
 
     playground_button.click(on_generate, [name_field, playground_source, playground_prompt, playground_tokens],
-                            playground_output)
+                            [playground_output, playground_probs])
 
 
 def _sweeps_tab(studio: Studio) -> None:
@@ -1033,6 +1038,28 @@ def _heldout_prompts(run_dir: RunDir, count: int) -> list[str]:
                     break
             return prompts
     return []
+
+
+PLAYGROUND_TOP_K = 5
+
+
+def token_probabilities_html(tokens: list[dict]) -> str:
+    """The answer's tokens (`kerasft generate --json --top-k`: token, id, prob, top) as HTML: each
+    token shaded from red (improbable) to green (probable), its probability and the alternatives
+    in its tooltip."""
+    import html
+
+    spans = []
+    for token in tokens:
+        prob = float(token["prob"])
+        alternatives = ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in token.get("top", []))
+        tip = f"p={prob:.3f}" + (f"; alternatives: {alternatives}" if alternatives else "")
+        hue = round(120 * min(max(prob, 0.0), 1.0))  # 0 red .. 120 green
+        spans.append(f'<span class="kerasft-token" title="{html.escape(tip)}" data-prob="{prob:.4f}" '
+                     f'style="background: hsla({hue}, 70%, 50%, 0.35); white-space: pre-wrap">'
+                     f"{html.escape(token['token'])}</span>")
+    legend = "<small>Token colour: the model's probability (red low, green high); hover for the alternatives.</small>"
+    return f'<div class="kerasft-tokens">{"".join(spans)}</div>{legend}' if spans else ""
 
 
 def _generations(job: Job, prompts: list[str], code: int):

@@ -381,3 +381,26 @@ def test_export_tab_offers_every_format_and_gguf_type(tmp_path):
                                       ("export_dtype", HF_DTYPES, "float32")):
         assert [value for _, value in by_id[elem_id].choices] == list(allowed) and by_id[elem_id].value == default
     assert {"savedmodel", "onnx", "torch"} <= set(EXPORT_FORMATS) and {"q4_0", "q5_0"} <= set(GGUF_QUANTS)
+
+
+def test_playground_colours_tokens_by_probability(tmp_path):
+    """The playground's token view is made from `kerasft generate --json --top-k` records
+    (kerasft.evaluate.generate.token_probabilities): shade by probability, escaped text, the
+    alternatives in the tooltip."""
+    import math
+
+    from kerasft.evaluate.generate import token_probabilities
+    from kerasft.ui.app import build_app, token_probabilities_html
+
+    pieces = {7: "<b>", 8: " sí", 9: "no"}
+    entries = [{"token": 7, "logprob": 0.0, "top": [(7, 0.0), (9, -30.0)]},
+               {"token": 8, "logprob": math.log(0.25), "top": [(9, math.log(0.5)), (8, math.log(0.25))]}]
+    records = token_probabilities(entries, lambda ids: "".join(pieces[i] for i in ids), 2)
+    page = token_probabilities_html(records)
+    assert page.count('class="kerasft-token"') == 2
+    assert "&lt;b&gt;" in page and "<b>" not in page.split("</div>")[0]  # token text is escaped
+    assert "hsla(120," in page and "hsla(30," in page  # p=1 green, p=0.25 a quarter of the way
+    assert 'data-prob="0.2500"' in page and "alternatives: &#x27;no&#x27; 0.500, &#x27; sí&#x27; 0.250" in page
+    assert token_probabilities_html([]) == ""
+    app = build_app(tmp_path / "ws")
+    assert any(getattr(block, "elem_id", None) == "playground_tokens" for block in app.blocks.values())
