@@ -1,7 +1,8 @@
 """A DPO run as a whole, on the tiny Gemma 3 preset: interrupted and resumed it ends with the same
 adapter, bit for bit, as the uninterrupted run; its merged Hugging Face export reloads in
 transformers with the tuned model's logits; `kerasft serve`'s engine answers from its run dir with
-the tuned model. One tiny run is shared by the three tests."""
+the tuned model (one tiny run shared by these three tests). And ORPO under gradient accumulation
+normalises its NLL per micro-batch, as TRL does."""
 
 import json
 from pathlib import Path
@@ -67,6 +68,14 @@ def dpo_runs(tiny_preset, tmp_path_factory):
     return root / "whole", cut
 
 
+@pytest.fixture(scope="module")
+def tuned(dpo_runs):
+    """The uninterrupted run's model as kerasft loads a run dir: its base preset plus the adapter."""
+    from kerasft.models.presets import load_source
+
+    return load_source(str(dpo_runs[0]))[0]
+
+
 def test_interrupted_dpo_run_resumes_bit_for_bit(dpo_runs):
     whole, cut = dpo_runs
     expected, got = (load_file(str(run / "adapter/adapter.safetensors")) for run in (whole, cut))
@@ -80,28 +89,25 @@ def test_interrupted_dpo_run_resumes_bit_for_bit(dpo_runs):
         assert [r[key] for r in steps[1]] == [r[key] for r in steps[0]], key
 
 
-def test_dpo_run_exports_merged_to_transformers(dpo_runs, tiny_preset, tmp_path):
+def test_dpo_run_exports_merged_to_transformers(dpo_runs, tuned, tiny_preset, tmp_path):
     from kerasft.cli import main
     from kerasft.config import ModelConfig
     from kerasft.export.verify import verify_hf_export
-    from kerasft.models.presets import load_model, load_source
+    from kerasft.models.presets import load_model
 
     whole, _ = dpo_runs
     assert main(["export", str(whole), str(tmp_path / "hf")]) == 0  # checks its logits itself (strict: float32)
-    tuned, _ = load_source(str(whole))
     check = verify_hf_export(tmp_path / "hf", tuned.backbone, TOKENS)
     assert check["ok"], check
     base = verify_hf_export(tmp_path / "hf", load_model(ModelConfig(preset=str(tiny_preset))).backbone, TOKENS)
     assert not base["ok"] and base["max_abs_diff"] > 100 * check["max_abs_diff"], (base, check)
 
 
-def test_serve_answers_from_a_dpo_run_dir(dpo_runs):
+def test_serve_answers_from_a_dpo_run_dir(dpo_runs, tuned):
     from kerasft.export.hf import keras_logits
-    from kerasft.models.presets import load_source
     from kerasft.serve import load_engine
 
     whole, _ = dpo_runs
-    tuned, _ = load_source(str(whole))
     engine = load_engine(str(whole), max_tokens_limit=8, max_batch=1)
     try:
         assert engine.model_id == "whole"
