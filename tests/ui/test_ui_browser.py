@@ -1,6 +1,8 @@
 """The studio end to end in headless Chromium: upload a CSV, map its columns, check the data, pick
-the tiny preset, plan memory, train a few steps while the loss curve fills in, sample, evaluate,
-try the playground and export; light and dark themes checked for contrast.
+the tiny preset, plan memory, train a few steps while the loss curve fills in (live controls: save a
+checkpoint now, change the learning rate; storage, machine use and the model view), sample, evaluate,
+try the playground (tokens coloured by probability), draw attention, look at a sweep and export;
+light and dark themes checked for contrast.
 
 Opt-in (`pytest -m ui`): needs gradio and playwright (`pip install 'kerasft[ui,test]'`) and a
 Chromium binary (Debian: `apt-get install chromium`; or set KERASFT_CHROMIUM). Screenshots go to
@@ -183,6 +185,16 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
         time.sleep(0.5)
     assert f"resuming at step {checkpoint}/100000" in job_log()
     _wait_text(page, "train_status", rf"training · step (?!{checkpoint} )\d+")  # steps after the checkpoint
+    # Live controls (kerasft control): the job takes each request at the end of its next step.
+    page.get_by_text("Live controls: the running job").first.click()  # an accordion, closed at first
+    page.locator("#save_now").click()
+    _set_number(page, "new_lr", 0.0001)
+    page.locator("#change_lr").click()
+    deadline = time.time() + 300
+    while not ("(kerasft control save)" in job_log() and "(kerasft control lr)" in job_log()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert "(kerasft control save)" in job_log() and "learning rate 0.0001 from step" in job_log()
+    assert "checkpoints" in _text(page, "storage") and "CPU" in _text(page, "machine_usage")
     page.locator("#stop_training").click()
     assert "stopped" in _wait_text(page, "train_status", r"stopped|finished|failed")
 
@@ -199,6 +211,10 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
     assert steps == list(range(1, 13)), steps
     page.locator("#loss_plot canvas, #loss_plot svg").first.wait_for()
     assert "100%" in page.locator("#progress_bar .kft-bar").get_attribute("title")
+    assert re.search(r"checkpoints \d", _wait_text(page, "storage", r"disk free"))
+    page.get_by_text("Model view before training").first.click()
+    page.locator("#model_view_button").click()
+    assert "LoRA r" in _wait_text(page, "model_view_summary", r"trainable [\d,]+ of", timeout=240)
     _shot(page, "04_training")
     page.locator("#sample_generations").click()
     _wait_text(page, "samples", r"response")
@@ -217,10 +233,40 @@ def test_studio_upload_train_evaluate_export(studio, browser, tiny_preset, tmp_p
                            " return t && t.value && t.value !== 'generating ...'; }", timeout=120_000)
     answer = page.locator("#playground_output textarea").input_value()
     assert answer and "Error:" not in answer
+    tokens = page.locator("#playground_tokens span.kerasft-token")
+    tokens.first.wait_for()
+    assert 0 <= float(tokens.first.get_attribute("data-prob")) <= 1 and tokens.first.get_attribute("title")
     _shot(page, "06_evaluation")
     page.locator("#show_results").click()
     _wait_text(page, "eval_status", r"results in")
     assert "fine-tuned" in _text(page, "metrics_table")
+
+    # Explore: the attention map of a prompt, drawn by `kerasft attention` from the tuned run.
+    _tab(page, "Explore")
+    page.locator("#attention_source input, #attention_source textarea").first.fill("faq-tiny")
+    page.locator("#attention_prompt textarea").fill("¿Abrís los domingos?")
+    page.locator("#attention_button").click()
+    assert "heads" in _wait_text(page, "attention_status", r"attends most to", timeout=240)
+    page.locator("#attention_png img").wait_for()
+    _shot(page, "06b_attention")
+
+    # Sweeps: a two-trial `kerasft sweep` written into the workspace, its table and plot.
+    from kerasft.sweep import sweep
+
+    qa = ROOT / "data" / "qa_es"
+    sweep(str(ROOT / "configs/quickstart.yaml"), ["lora.rank=2,4", f"model.preset={tiny_preset}", f"data.train={qa}/train.json",
+                                                  f"data.eval={qa}/heldout.json", f"data.validation={qa}/heldout.json",
+                                                  "train.max_steps=2", "data.eval_limit=2", "eval.max_new_tokens=2",
+                                                  "train.plots=false"],
+          out=app.studio.ws.root / "sweeps" / "rank")
+    _tab(page, "Sweeps")
+    page.locator("#sweep_refresh").click()
+    page.locator("#sweep_folder input").first.click()
+    page.get_by_role("option", name="sweeps/rank").click()
+    assert "Rule: highest validation f1" in _wait_text(page, "sweep_summary", r"Rule:")
+    assert "t001" in _text(page, "sweep_table")
+    page.locator("#sweep_plots img").first.wait_for()
+    _shot(page, "06c_sweeps")
 
     # Export: merged Hugging Face safetensors (checked in transformers), with download links.
     _tab(page, "Export")
