@@ -317,6 +317,7 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
                 "tokens_per_second": float(rate),
                 "eta_seconds": float(eta),
                 **{name: float(np.mean(values)) for name, values in step_stats.items()},
+                **device_memory(),
             }
             finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
             if finite and evaluate and (step % cfg.eval_every == 0 or step == steps):
@@ -403,6 +404,17 @@ def train(backbone, data: TokenizedSet, spec: TrainSpec, run_dir: str | Path, *,
         best_eval_loss=stopper.best_loss,
         stopped_early=step < steps,
     )
+
+
+def device_memory() -> dict:
+    """Bytes in use, peak and limit of the first local accelerator (GPU or TPU), for metrics.jsonl and
+    the studio's Training tab; {} on the CPU, whose devices report no memory statistics."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats:
+        return {}
+    return {"device_memory_bytes": int(stats.get("bytes_in_use", 0)),
+            "device_peak_memory_bytes": int(stats.get("peak_bytes_in_use", 0)),
+            "device_memory_limit_bytes": int(stats.get("bytes_limit", 0))}
 
 
 class _EarlyStopping:

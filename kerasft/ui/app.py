@@ -32,6 +32,7 @@ from kerasft.errors import KerasftError
 from kerasft.evaluate.evaluator import headline
 from kerasft.paths import RunDir
 from kerasft.runtime import TARGETS as PLAN_TARGETS
+from kerasft.train.logs import read_metrics
 from kerasft.train.loop import planned_steps
 from kerasft.train.optim import build_schedule
 from kerasft.ui.workspace import (
@@ -637,8 +638,9 @@ def _training_tab(studio: Studio, form: _Form) -> None:
 
 def resources_markdown(studio: Studio, name: str) -> tuple[str, str]:
     """(storage, machine) lines of the Training tab: sizes of RUN_DIR/checkpoints and the run dir and
-    the free disk; CPU and memory of this machine and of the training subprocess (psutil). The
-    trainer reports no accelerator memory, so none is shown."""
+    the free disk; CPU and memory of this machine and of the training subprocess (psutil); the
+    accelerator's memory in use, peak and limit from the run's last metrics.jsonl line (the trainer
+    logs them on GPUs and TPUs; CPU devices report none)."""
     try:
         run_dir = studio.ws.run_dir(name)
     except KerasftError:
@@ -652,7 +654,14 @@ def resources_markdown(studio: Studio, name: str) -> tuple[str, str]:
              f"memory {_size(usage['memory_used'])} / {_size(usage['memory_total'])}"]
     if usage["process_rss"] is not None:
         parts.append(f"training process CPU {usage['process_cpu_percent']:.0f} %, memory {_size(usage['process_rss'])}")
-    parts.append("accelerator memory: not reported by the trainer")
+    last = read_metrics(run_dir.metrics)[-1:] if run_dir.metrics.is_file() else []
+    if last and "device_memory_bytes" in last[0]:
+        record = last[0]
+        parts.append(f"accelerator memory {_size(record['device_memory_bytes'])} / "
+                     f"{_size(record.get('device_memory_limit_bytes', 0))} "
+                     f"(peak {_size(record.get('device_peak_memory_bytes', 0))}, step {record.get('step')})")
+    else:
+        parts.append("accelerator memory: none reported (the run trains on CPU devices, or has not logged a step)")
     return storage, " · ".join(parts)
 
 

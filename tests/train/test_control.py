@@ -76,3 +76,17 @@ def test_a_running_job_saves_changes_lr_stops_and_resumes_with_the_new_rate(tiny
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["learning_rate"] == pytest.approx(1e-3) for r in records[1:])
+
+
+def test_device_memory_is_logged_where_the_device_reports_it(monkeypatch):
+    import kerasft.train.loop as loop
+
+    assert loop.device_memory() == {}  # CPU devices report no memory statistics
+
+    class Device:  # what jax's GPU and TPU devices return
+        def memory_stats(self):
+            return {"bytes_in_use": 3 << 30, "peak_bytes_in_use": 5 << 30, "bytes_limit": 16 << 30, "num_allocs": 9}
+
+    monkeypatch.setattr(loop.jax, "local_devices", lambda: [Device()])
+    assert loop.device_memory() == {"device_memory_bytes": 3 << 30, "device_peak_memory_bytes": 5 << 30,
+                                    "device_memory_limit_bytes": 16 << 30}

@@ -59,7 +59,12 @@ def test_controls_write_requests_for_the_running_job(tmp_path):
                                            {"action": "lr", "value": 3e-4}]
         storage, machine = resources_markdown(studio, "r")
         assert "checkpoints 0 B" in storage and "disk free" in storage
-        assert "training process CPU" in machine and "accelerator memory: not reported" in machine
+        assert "training process CPU" in machine and "accelerator memory: none reported" in machine
+        # On a GPU or TPU the trainer logs its device's memory each step (train.loop.device_memory).
+        run.metrics.write_text(json.dumps({"step": 7, "loss": 1.0, "device_memory_bytes": 3 * 2**30,
+                                           "device_peak_memory_bytes": 5 * 2**30,
+                                           "device_memory_limit_bytes": 16 * 2**30}) + "\n")
+        assert "accelerator memory 3.0 GiB / 16.0 GiB (peak 5.0 GiB, step 7)" in resources_markdown(studio, "r")[1]
         usage = machine_usage(job.process.pid)
         assert usage["process_rss"] > 1_000_000 and 0 < usage["memory_used"] <= usage["memory_total"]
     finally:
