@@ -36,8 +36,8 @@ from kerasft.train.logs import read_metrics
 from kerasft.train.loop import planned_steps
 from kerasft.train.optim import build_schedule
 from kerasft.ui.workspace import (
-    DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, kerasft_argv, latest_checkpoint, machine_usage, peek_columns,
-    read_json, storage_usage, sweep_folders, sweep_view, training_progress,
+    DEFAULT_MAX_UPLOAD_MB, UPLOAD_TYPES, Job, Workspace, gpu_usage, kerasft_argv, latest_checkpoint, machine_usage,
+    peek_columns, read_json, storage_usage, sweep_folders, sweep_view, training_progress,
 )
 
 # The models offered in the Model tab's list: small Gemmas whose architecture kerasft knows
@@ -654,6 +654,9 @@ def resources_markdown(studio: Studio, name: str) -> tuple[str, str]:
              f"memory {_size(usage['memory_used'])} / {_size(usage['memory_total'])}"]
     if usage["process_rss"] is not None:
         parts.append(f"training process CPU {usage['process_cpu_percent']:.0f} %, memory {_size(usage['process_rss'])}")
+    for gpu in gpu_usage():
+        parts.append(f"GPU {gpu['index']} {gpu['utilization_percent']:.0f} % busy, memory {_size(gpu['memory_used'])} / "
+                     f"{_size(gpu['memory_total'])}")
     last = read_metrics(run_dir.metrics)[-1:] if run_dir.metrics.is_file() else []
     if last and "device_memory_bytes" in last[0]:
         record = last[0]

@@ -319,6 +319,30 @@ def machine_usage(pid: int | None = None) -> dict:
     return usage
 
 
+def gpu_usage() -> list[dict]:
+    """Utilisation (percent busy) and memory of each NVIDIA GPU, from `nvidia-smi` (it comes with the
+    driver); [] where there is none or it does not answer within 5 s. JAX reports no utilisation, and
+    TPUs have no such tool on every host, so TPUs are not listed."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gpus = []
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 4 and all(f.replace(".", "", 1).isdigit() for f in fields):
+            index, busy, used, total = fields
+            gpus.append({"index": int(index), "utilization_percent": float(busy),
+                         "memory_used": int(float(used)) << 20, "memory_total": int(float(total)) << 20})
+    return gpus
+
+
 def sweep_folders(root: str | Path) -> list[Path]:
     """Folders under `root` that hold a sweep.json (written by `kerasft sweep`), sorted."""
     return sorted(p.parent for p in Path(root).rglob("sweep.json") if p.is_file())

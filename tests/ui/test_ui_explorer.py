@@ -2,6 +2,7 @@
 files for the running job), the model view, sweeps and the attention command line."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def _running_job(ws: Workspace, name: str) -> Job:
     return Job([sys.executable, "-c", "import time; time.sleep(60)"], ws.log_path(name, "train")).start(cwd=ws.root)
 
 
-def test_controls_write_requests_for_the_running_job(tmp_path):
+def test_controls_write_requests_for_the_running_job(tmp_path, monkeypatch):
     from kerasft.train.control import take_requests
     from kerasft.ui.app import Studio, control_job, resources_markdown
 
@@ -65,6 +66,15 @@ def test_controls_write_requests_for_the_running_job(tmp_path):
                                            "device_peak_memory_bytes": 5 * 2**30,
                                            "device_memory_limit_bytes": 16 * 2**30}) + "\n")
         assert "accelerator memory 3.0 GiB / 16.0 GiB (peak 5.0 GiB, step 7)" in resources_markdown(studio, "r")[1]
+        # A GPU machine: nvidia-smi's answer (a stand-in script first on PATH) is shown per GPU.
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        smi = bin_dir / "nvidia-smi"
+        smi.write_text("#!/bin/sh\necho '0, 87, 20480, 24564'\necho '1, 3, 512, 24564'\n")
+        smi.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        machine = resources_markdown(studio, "r")[1]
+        assert "GPU 0 87 % busy, memory 20.0 GiB / 24.0 GiB" in machine and "GPU 1 3 % busy" in machine
         usage = machine_usage(job.process.pid)
         assert usage["process_rss"] > 1_000_000 and 0 < usage["memory_used"] <= usage["memory_total"]
     finally:
