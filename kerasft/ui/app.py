@@ -858,7 +858,8 @@ def _explore_tab(studio: Studio) -> None:
         with gr.Row():
             source = gr.Textbox("embedded", label="Model (run name or preset)", elem_id="attention_source")
             layer = gr.Number(-1, precision=0, label="Layer (negative counts back)", elem_id="attention_layer")
-            head = gr.Number(None, precision=0, label="Head (empty: every head)", elem_id="attention_head")
+            # A text box: gradio's Number shows an empty value as 0, which would draw head 0 only.
+            head = gr.Textbox("", label="Head (empty: every head)", elem_id="attention_head")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="attention_prompt")
         button = gr.Button("Draw attention", variant="primary", elem_id="attention_button")
         status = gr.Markdown(elem_id="attention_status")
@@ -898,7 +899,10 @@ def attention_argv(ws: Workspace, source: str, prompt: str, layer, head) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"attention-{time.time_ns()}.png"
     argv = kerasft_argv("attention", src, prompt, "--png", str(png), "--layer", str(int(layer if layer is not None else -1)))
-    if head is not None and head != "":
+    head = "" if head is None else str(head).strip()
+    if head:
+        if not head.lstrip("-").isdigit():
+            raise KerasftError(f"attention: head {head!r} is not a whole number (leave it empty for every head)")
         argv += ["--head", str(int(head))]
     return argv, png
 

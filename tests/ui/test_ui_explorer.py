@@ -136,3 +136,7 @@ def test_attention_command_line(tmp_path):
     assert args.src == str(run.root) and args.head == 1 and second != png
     with pytest.raises(KerasftError, match="give a model"):
         attention_argv(ws, "embedded", " ", 0, None)
+    assert "--head" not in attention_argv(ws, "embedded", "x", 0, " ")[0]  # the text box left empty: every head
+    assert attention_argv(ws, "embedded", "x", 0, "2")[0][-2:] == ["--head", "2"]
+    with pytest.raises(KerasftError, match="head 'two' is not a whole number"):
+        attention_argv(ws, "embedded", "x", 0, "two")
