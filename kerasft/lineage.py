@@ -136,14 +136,6 @@ def collect(config: dict, run_dir: str | Path) -> dict:
     }
 
 
-def write(record: dict, path: str | Path) -> None:
-    """Writes the record as indented JSON, atomically (a temp file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read(path: str | Path) -> dict:
     """A run's lineage.json; a one-line error when it is missing or not JSON."""
     path = Path(path)

@@ -7,20 +7,15 @@ into config.yaml, lineage.json or any other file of the run dir:
   with SSL, else 25), KERASFT_SMTP_USER / KERASFT_SMTP_PASSWORD (login, when both are set),
   KERASFT_SMTP_FROM (default kerasft@<hostname>), KERASFT_SMTP_SECURITY: starttls | ssl | none
   (default starttls when a user is set, else none).
-A notification that fails prints one warning line and never fails the run. Stdlib only.
+A notification that fails prints one warning line and never fails the run. Stdlib only; the
+network modules load when a notification is sent (kerasft.config imports this module for its check).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import smtplib
-import socket
-import ssl
 import sys
-import urllib.error
-import urllib.request
-from email.message import EmailMessage
 
 from kerasft.errors import KerasftError
 
@@ -42,6 +37,9 @@ def check_targets(targets, key: str = "train.notify") -> None:
 def notify(targets, event: str, payload: dict) -> list[str]:
     """Sends `payload` (with "event": finished | failed | interrupted) to every target. Returns
     the targets that failed; each failure is also printed as one warning line on stderr."""
+    import smtplib
+    import urllib.error
+
     message = {"event": event, **payload}
     failed = []
     for target in targets:
@@ -58,6 +56,8 @@ def notify(targets, event: str, payload: dict) -> list[str]:
 
 
 def _post(url: str, message: dict) -> None:
+    import urllib.request
+
     body = json.dumps(message, default=str).encode()
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "kerasft"})
@@ -67,6 +67,11 @@ def _post(url: str, message: dict) -> None:
 
 
 def _send_mail(address: str, event: str, message: dict) -> None:
+    import smtplib
+    import socket
+    import ssl
+    from email.message import EmailMessage
+
     host = os.environ.get("KERASFT_SMTP_HOST", "")
     if not host:
         raise KerasftError("KERASFT_SMTP_HOST is not set (mailto: needs an SMTP server)")

@@ -5,6 +5,8 @@ at all. Stdlib only: the CLI, the studio and the model card read run dirs withou
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -136,6 +138,15 @@ class RunDir:
         """Whether `path` looks like a run folder (it has a config, a summary or an adapter)."""
         run = cls(Path(path))
         return run.has_adapter or run.config.is_file() or run.summary.is_file()
+
+
+def write_json(path: str | Path, data) -> None:
+    """Writes `data` as indented UTF-8 JSON through a temporary sibling renamed into place, so a
+    reader (the studio, a resumed sweep, a training loop polling for requests) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kerasft.config import RunConfig, load_config
 from kerasft.errors import KerasftError
-from kerasft.paths import RunDir
+from kerasft.paths import RunDir, write_json
 
 # Metrics where lower is better; every other headline metric (F1, EM, accuracy, BLEU, ...) is
 # maximised.
@@ -126,7 +126,7 @@ def sweep(config_path: str, items: list[str], *, budget: int = 0, metric: str = 
         trial.update(score=_score(result, metric, result_path), status="resumed" if finished else "done",
                      train_loss=_final_loss(cfg.run_dir))
         spec.update(metric=metric, trials=trials)
-        _write_json(state_path, spec)
+        write_json(state_path, spec)
         print(f"sweep: {trial['name']} validation {metric} {trial['score']:.4g}", flush=True)
 
     best = best_trial(trials, metric)
@@ -135,7 +135,7 @@ def sweep(config_path: str, items: list[str], *, budget: int = 0, metric: str = 
     spec["best"] = best["name"]
     spec["test"] = _score_on_test(configs[best["index"]], folder / "best_test.json")
     spec["plots"] = [str(p) for p in sensitivity_plots(trials, axes, metric, folder / "plots")]
-    _write_json(state_path, spec)
+    write_json(state_path, spec)
     (folder / "results.md").write_text(results_table(spec), encoding="utf-8")
     print(results_table(spec), flush=True)
     return spec
@@ -239,8 +239,3 @@ def results_table(spec: dict) -> str:
                      + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in spec["test"].items()))
     return "\n".join(lines) + "\n"
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)

@@ -34,7 +34,7 @@ from kerasft.models.lora import apply_lora, load_adapter, read_adapter_config, s
 from kerasft.models.presets import cache_dir, load_model, resolve_preset
 from kerasft.models.vocab import with_new_tokens
 from kerasft.notify import notify
-from kerasft.paths import RunDir
+from kerasft.paths import RunDir, write_json
 from kerasft.runtime import barrier, init_backend, is_primary, process_count, set_distribution
 from kerasft.train.loop import planned_steps, precompute_reference, score_pairs
 from kerasft.train.loop import TrainSpec
@@ -85,7 +85,7 @@ def run(cfg: RunConfig, *, train: bool = True, evaluate: bool = True, export: bo
         if primary:
             save_config(cfg, run_dir.config)
             write_splits(splits, run_dir.data)  # the exact examples of this run, as JSONL
-            lineage.write(lineage.collect(config_to_dict(cfg), run_dir.root), run_dir.lineage)
+            write_json(run_dir.lineage, lineage.collect(config_to_dict(cfg), run_dir.root))
 
         init_backend(cfg.train.seed)
         with clock("load"):

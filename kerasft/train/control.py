@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from kerasft.errors import KerasftError
-from kerasft.paths import RunDir
+from kerasft.paths import RunDir, write_json
 
 ACTIONS = ("save", "stop", "lr")
 
@@ -47,11 +47,8 @@ def request(run_dir: str | Path, action: str, *, keep: str = "last", value: floa
             raise KerasftError(f"lr {value!r}: the new learning rate must be a number above 0")
         body["value"] = float(value)
     run.control.mkdir(parents=True, exist_ok=True)
-    stamp = f"{time.time_ns():020d}-{os.getpid()}-{action}"
-    path = run.control / f"{stamp}.json"
-    tmp = run.control / f".{stamp}.tmp"
-    tmp.write_text(json.dumps(body) + "\n")
-    os.replace(tmp, path)  # the loop never sees a half-written request
+    path = run.control / f"{time.time_ns():020d}-{os.getpid()}-{action}.json"
+    write_json(path, body)  # the loop never sees a half-written request (its temp name is not *.json)
     return path
 
 
